@@ -1,0 +1,26 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+OUT    ?= out/demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# Pin the CPU build of torch first; an unpinned torch may pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/torchslim demo --out $(OUT)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/pruning.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,15 @@
+"""torchslim: make trained PyTorch models smaller and faster while keeping their accuracy."""
+
+from ._version import __version__
+from .config import Config, config_from_dict
+from .errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
+from .metrics import evaluate, profile
+from .pipeline.train import TrainConfig, train
+from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
+
+__all__ = [
+    "__version__", "Config", "config_from_dict",
+    "TorchslimError", "ConfigError", "DataError", "CheckpointError", "UnsupportedModelError",
+    "evaluate", "profile", "train", "TrainConfig",
+    "Schedule", "UnstructuredPruning", "StructuredPruning",
+]

@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .evaluate import model_device
+
+
+@dataclasses.dataclass
+class Profile:
+    params: int
+    nonzero_params: int
+    macs: int
+    latency_ms: float | None
+    size_bytes: int | None
+    device: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _effective_params(model: nn.Module):
+    """Parameters as the model uses them: ``weight_orig * weight_mask`` for masked layers."""
+    seen = set()
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if name.endswith("_orig"):
+                mask = getattr(module, name[: -len("_orig")] + "_mask", None)
+                if mask is not None:
+                    yield p, p.detach() * mask
+                    seen.add(id(p))
+                    continue
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p, p.detach()
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters); masked weights count as zero."""
+    total = nonzero = 0
+    for p, eff in _effective_params(model):
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(eff).item())
+    return total, nonzero
+
+
+def count_macs(model: nn.Module, example_inputs: tuple) -> int:
+    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter`` (FLOPs / 2)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(*example_inputs)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops() // 2)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, example_inputs: tuple, warmup: int = 5, repeats: int = 30,
+                    min_seconds: float = 0.0) -> float:
+    """Median wall time of one forward pass in milliseconds, after ``warmup`` runs (CUDA-synchronised)."""
+    device = model_device(model)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(warmup):
+            model(*example_inputs)
+        sync()
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - start < min_seconds:
+            t0 = time.perf_counter()
+            model(*example_inputs)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times) * 1e3
+
+
+def saved_size(model: nn.Module, **save_kwargs) -> int:
+    """Bytes of the real ``torchslim.save`` file of ``model``."""
+    from ..export.checkpoint import save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.slim"
+        save(model, path, **save_kwargs)
+        return os.path.getsize(path)
+
+
+def profile(model: nn.Module, example_inputs: tuple, *, latency: bool = True, size: bool = True,
+            repeats: int = 30) -> Profile:
+    """Params, non-zero params, MACs, median latency (ms) and bytes on disk of ``model``.
+
+    ``example_inputs`` are moved to the model's device; latency is measured on that device.
+    """
+    device = model_device(model)
+    example_inputs = tuple(x.to(device) if torch.is_tensor(x) else x for x in example_inputs)
+    params, nonzero = count_params(model)
+    return Profile(
+        params=params,
+        nonzero_params=nonzero,
+        macs=count_macs(model, example_inputs),
+        latency_ms=measure_latency(model, example_inputs, repeats=repeats) if latency else None,
+        size_bytes=saved_size(model) if size else None,
+        device=str(device),
+    )

@@ -1,0 +1,129 @@
+"""The fine-tuning loop shared by every technique that trains (pruning schedules, QAT, distillation)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import Config, check_choice, check_positive
+from ..data import check_loader
+from ..errors import TorchslimError
+from ..metrics.evaluate import evaluate, model_device
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss_fn(outputs, targets, inputs) -> scalar``; inputs let a distillation loss call its teacher."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """How to (fine-)tune: ``epochs`` passes over the training loader (``max_steps`` caps the total)."""
+
+    epochs: float = 1.0
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    max_steps: int | None = None
+    device: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_positive("epochs", self.epochs)
+        check_positive("lr", self.lr)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        check_choice("schedule", self.schedule, ("cosine", "constant", "step"))
+        if self.max_steps is not None:
+            check_positive("max_steps", self.max_steps, integer=True)
+
+
+@dataclasses.dataclass
+class History:
+    loss: list[float] = dataclasses.field(default_factory=list)
+    val_accuracy: list[float] = dataclasses.field(default_factory=list)
+    steps: int = 0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *, val_loader=None,
+          loss_fn: LossFn | None = None, penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+          on_step: Callable[[int, int], None] | None = None, extra_params=()) -> History:
+    """Train ``model`` in place and return its loss / validation history.
+
+    ``penalty(model)`` is added to the loss (e.g. an L1 term on BN scales); ``on_step(step, total_steps)``
+    runs before each optimizer step's forward pass (e.g. to update gradual pruning masks);
+    ``extra_params`` are trained alongside the model's (e.g. a distillation projection).
+    """
+    check_loader(train_loader, "training loader")
+    device = torch.device(config.device) if config.device else default_device()
+    model.to(device)
+    loss_fn = loss_fn or _cross_entropy
+    params = list(model.parameters()) + list(extra_params)
+    optimizer = make_optimizer(params, config)
+    total = max(1, int(math.ceil(config.epochs * len(train_loader))))
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
+    elif config.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, max(1, total // 3), gamma=0.1)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    history = History()
+    model.train()
+    bar = tqdm(total=total, desc="train", disable=not config.progress, leave=False, dynamic_ncols=True)
+    step = 0
+    while step < total:
+        for x, y in train_loader:
+            if step >= total:
+                break
+            if on_step is not None:
+                on_step(step, total)
+            x, y = x.to(device), y.to(device)
+            outputs = model(x)
+            loss = loss_fn(outputs, y, x)
+            if penalty is not None:
+                loss = loss + penalty(model)
+            if not torch.isfinite(loss):
+                raise TorchslimError(f"training diverged at step {step}: loss is {loss.item()}; lower lr "
+                                     f"(now {config.lr}) or check the data for NaN values")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            history.loss.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            epoch_end = step % len(train_loader) == 0 or step == total
+            if val_loader is not None and epoch_end:
+                acc = evaluate(model, val_loader, device)
+                history.val_accuracy.append(acc)
+                bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{acc:.4f}")
+    bar.close()
+    history.steps = step
+    return history
+
+
+__all__ = ["TrainConfig", "History", "train", "default_device", "make_optimizer", "model_device"]

@@ -1,0 +1,98 @@
+"""Pruning configs: what to prune (unstructured / structured), how to score, when (schedule)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import Config, check_choice, check_fraction, check_positive
+from ..errors import ConfigError
+from ..pipeline.train import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(Config):
+    """When pruning happens.
+
+    - ``oneshot``: prune to the target at once, then fine-tune once (if ``finetune`` is set);
+    - ``iterative``: ``steps`` rounds of (prune a further share -> fine-tune), reaching the target at the end;
+    - ``gradual``: sparsity follows the cubic ramp of Zhu & Gupta (2017) during one fine-tuning run, updated
+      ``steps`` times (structured pruning removes channels at those points, fine-tuning in between).
+    """
+
+    kind: str = "oneshot"
+    steps: int = 1
+    finetune: TrainConfig | None = None
+
+    def validate(self) -> None:
+        check_choice("schedule.kind", self.kind, ("oneshot", "iterative", "gradual"))
+        check_positive("schedule.steps", self.steps, integer=True)
+        if self.kind != "oneshot" and self.finetune is None:
+            raise ConfigError(f"schedule.kind={self.kind!r} fine-tunes between steps: set schedule.finetune "
+                              "to a TrainConfig (and pass data= to prune)")
+
+
+def _check_rates(name: str, value, allow_dict: bool = True) -> None:
+    if isinstance(value, dict) and allow_dict:
+        if not value:
+            raise ConfigError(f"{name}: per-layer mapping is empty")
+        for layer, v in value.items():
+            check_fraction(f"{name}[{layer!r}]", v)
+    else:
+        check_fraction(name, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnstructuredPruning(Config):
+    """Zero individual weights of smallest magnitude.
+
+    ``sparsity`` is the fraction of weights to zero: one number (for the whole model when
+    ``scope="global"``, for every layer when ``scope="layer"``) or a mapping {layer name: sparsity}.
+    ``layers`` limits pruning to these layer types (Linear and Conv by default); ``exclude`` names layers
+    (fnmatch patterns) to leave dense.
+    """
+
+    sparsity: float | dict[str, float] = 0.5
+    scope: str = "global"
+    exclude: tuple[str, ...] = ()
+    schedule: Schedule = Schedule()
+
+    def validate(self) -> None:
+        _check_rates("sparsity", self.sparsity)
+        check_choice("scope", self.scope, ("global", "layer"))
+        if isinstance(self.sparsity, dict) and self.scope == "global":
+            object.__setattr__(self, "scope", "layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredPruning(Config):
+    """Remove whole output channels / filters / neurons for real, consistently across coupled layers.
+
+    ``ratio`` is the fraction of channels removed from every prunable group (or {layer name: ratio}).
+    ``importance``: ``l1``/``l2`` weight magnitude, ``taylor`` (|gradient x weight| summed over
+    ``importance_batches`` batches of ``data``) or ``bn_scale`` (|BatchNorm gamma|, network slimming).
+    ``scope="global"`` ranks channels across all groups (normalised per group) instead of per group, with
+    ``ratio`` the overall share and no group losing more than ``max_ratio``.
+    ``round_to`` keeps channel counts multiples of it (hardware friendly). ``bn_penalty`` adds an L1
+    penalty on BN scales during the schedule's fine-tuning (network slimming, Liu et al. 2017).
+    ``exclude`` names layers (fnmatch patterns) whose output channels are kept.
+    """
+
+    ratio: float | dict[str, float] = 0.5
+    importance: str = "l1"
+    scope: str = "layer"
+    max_ratio: float = 0.9
+    round_to: int = 1
+    importance_batches: int = 4
+    bn_penalty: float = 0.0
+    exclude: tuple[str, ...] = ()
+    schedule: Schedule = Schedule()
+
+    def validate(self) -> None:
+        _check_rates("ratio", self.ratio)
+        check_choice("importance", self.importance, ("l1", "l2", "taylor", "bn_scale"))
+        check_choice("scope", self.scope, ("layer", "global"))
+        check_fraction("max_ratio", self.max_ratio)
+        check_positive("round_to", self.round_to, integer=True)
+        check_positive("importance_batches", self.importance_batches, integer=True)
+        if self.bn_penalty < 0:
+            raise ConfigError(f"bn_penalty must be >= 0, got {self.bn_penalty}")
