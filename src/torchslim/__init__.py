@@ -5,11 +5,13 @@ from .config import Config, config_from_dict
 from .errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
 from .metrics import evaluate, profile
 from .pipeline.train import TrainConfig, train
+from .pipeline.runner import Finetune
+from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
 
 __all__ = [
     "__version__", "Config", "config_from_dict",
     "TorchslimError", "ConfigError", "DataError", "CheckpointError", "UnsupportedModelError",
     "evaluate", "profile", "train", "TrainConfig",
-    "Schedule", "UnstructuredPruning", "StructuredPruning",
+    "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "Finetune",
 ]

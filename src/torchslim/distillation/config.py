@@ -1,0 +1,51 @@
+"""Knowledge-distillation config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..config import Config, check_choice, check_fraction, check_positive
+from ..errors import ConfigError
+from ..pipeline.train import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation(Config):
+    """Train a student to mimic a frozen teacher (Hinton et al. 2015; FitNets hints, Romero et al. 2015).
+
+    ``mode="logits"``: loss = ``alpha`` * T^2 * KL(teacher_T || student_T) + (1 - ``alpha``) * cross-entropy
+    on the labels, with T = ``temperature`` (``alpha=1`` needs no labels).
+    ``mode="outputs"``: pure output matching, no labels at all (unlabelled data, embedding models);
+    ``output_loss`` is ``mse`` or ``cosine`` (1 - cosine similarity along dim 1).
+    ``feature_layers`` maps student layer names to teacher layer names whose outputs are matched with MSE
+    (weighted by ``feature_weight``); a learned 1x1 conv / linear projection maps student widths to teacher
+    widths when they differ. ``cache_teacher`` memoises teacher outputs per input sample, which pays off
+    when the same fixed (unaugmented) data set is seen for several epochs.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+    mode: str = "logits"
+    output_loss: str = "mse"
+    feature_layers: dict[str, str] | None = None
+    feature_weight: float = 1.0
+    cache_teacher: bool = False
+    train: TrainConfig = TrainConfig()
+
+    def validate(self) -> None:
+        check_positive("temperature", self.temperature)
+        check_fraction("alpha", self.alpha, allow_one=True)
+        check_choice("mode", self.mode, ("logits", "outputs"))
+        check_choice("output_loss", self.output_loss, ("mse", "cosine"))
+        if isinstance(self.feature_weight, bool) or not isinstance(self.feature_weight, (int, float)) \
+                or self.feature_weight < 0:
+            raise ConfigError(f"feature_weight must be a number >= 0, got {self.feature_weight!r}")
+        if self.feature_layers is not None:
+            if not isinstance(self.feature_layers, dict) or not self.feature_layers:
+                raise ConfigError("feature_layers must be a non-empty mapping {student layer: teacher layer} "
+                                  f"or None, got {self.feature_layers!r}")
+            for s, t in self.feature_layers.items():
+                if not isinstance(s, str) or not isinstance(t, str):
+                    raise ConfigError(f"feature_layers entries must map layer names to layer names, got {s!r}: {t!r}")
+        if not isinstance(self.train, TrainConfig):
+            raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")

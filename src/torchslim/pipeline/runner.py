@@ -1,0 +1,75 @@
+"""Apply a list of technique configs (stages) to a model, measuring after each."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any, Callable
+
+from torch import nn
+
+from ..config import Config
+from ..data import Splits
+from ..errors import ConfigError
+from ..metrics import evaluate
+from ..metrics.profile import saved_size
+from .train import TrainConfig, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Finetune(Config):
+    """A plain fine-tuning stage on the training split."""
+
+    train: TrainConfig = TrainConfig()
+
+
+StageFn = Callable[[nn.Module, Config, Splits, tuple], nn.Module]
+
+
+def _prune_stage(model: nn.Module, config: Config, data: Splits, example_inputs: tuple) -> nn.Module:
+    from ..pruning import prune
+
+    return prune(model, config, example_inputs=example_inputs, data=data.train, val_data=data.val)
+
+
+def _finetune_stage(model: nn.Module, config: Config, data: Splits, example_inputs: tuple) -> nn.Module:
+    model = copy.deepcopy(model)
+    train(model, data.train, config.train, val_loader=data.val)
+    return model
+
+
+def stage_handlers() -> dict[str, StageFn]:
+    """Config type name -> function applying it as a pipeline stage."""
+    return {
+        "UnstructuredPruning": _prune_stage,
+        "StructuredPruning": _prune_stage,
+        "Finetune": _finetune_stage,
+    }
+
+
+def apply_stage(model: nn.Module, config: Config, data: Splits, example_inputs: tuple) -> nn.Module:
+    """Return a new model: ``model`` with one technique ``config`` applied."""
+    handlers = stage_handlers()
+    name = type(config).__name__
+    if name not in handlers:
+        raise ConfigError(f"no pipeline stage for config {name}; stages: {sorted(handlers)}")
+    return handlers[name](model, config, data, example_inputs)
+
+
+def run_stages(model: nn.Module, stages: list[tuple[str, Config]], data: Splits, example_inputs: tuple,
+               log: Callable[[str], None] = print) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Apply ``stages`` in order; each record holds the config, test accuracy, bytes on disk and time."""
+    records = []
+    for name, config in stages:
+        log(f"stage {name}: {type(config).__name__}")
+        t0 = time.perf_counter()
+        model = apply_stage(model, config, data, example_inputs)
+        seconds = time.perf_counter() - t0
+        acc = evaluate(model, data.test)
+        size = saved_size(model)
+        records.append({"name": name, "config": config.to_dict(), "accuracy": acc, "size_bytes": size,
+                        "seconds": seconds})
+        log(f"  accuracy {acc:.4f}  bytes on disk {size:,}  ({seconds:.1f} s)")
+    return model, records
+

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from torchslim.data import default_data_dir
+
+    d = Path(os.environ.get("TORCHSLIM_DATA_DIR", default_data_dir()))
+    if not (d / "mnist").is_dir():
+        pytest.skip(f"shared datasets not found at {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def digits_data():
+    from torchslim.data import digits
+
+    return digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_lenet5(digits_data):
+    """A LeNet-5 trained briefly on digits (shared by tests; copy before modifying)."""
+    from torchslim import TrainConfig, train
+    from torchslim.models import LeNet5
+
+    torch.manual_seed(0)
+    model = LeNet5()
+    train(model, digits_data.train, TrainConfig(epochs=4, lr=2e-3, progress=False))
+    return model.eval()
