@@ -88,6 +88,17 @@ def measure_latency(model: nn.Module, example_inputs: tuple, warmup: int = 5, re
     return statistics.median(times) * 1e3
 
 
+def compare_latency(models: dict[str, nn.Module], example_inputs: tuple, rounds: int = 3,
+                    repeats: int = 20) -> dict[str, float]:
+    """Latency (ms) of several models measured side by side: rounds interleave the models so that machine
+    noise hits all alike, and each model keeps its best round's median."""
+    best = {name: float("inf") for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            best[name] = min(best[name], measure_latency(model, example_inputs, repeats=repeats))
+    return best
+
+
 def saved_size(model: nn.Module, **save_kwargs) -> int:
     """Bytes of the real ``torchslim.save`` file of ``model``."""
     from ..export.checkpoint import save

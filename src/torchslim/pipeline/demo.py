@@ -11,7 +11,7 @@ import torch
 from ..data import digits
 from ..errors import TorchslimError
 from ..export.checkpoint import load, save
-from ..metrics import evaluate
+from ..metrics import compare_latency, evaluate
 from ..models import LeNet5
 from ..pruning import Schedule, StructuredPruning, UnstructuredPruning
 from ..report import build_report, measure, write_report
@@ -50,12 +50,14 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
     train(model, data.train, TrainConfig(epochs=4 if quick else 12, lr=2e-3), val_loader=data.val)
     model.cpu()
     log(f"  trained in {time.perf_counter() - t0:.1f} s")
-    baseline = measure(model, example, data.test)
+    baseline = measure(model, example, data.test, latency=False)
     log(f"  baseline accuracy {baseline['accuracy']:.4f}, {baseline['size_bytes']:,} bytes on disk")
 
     compressed_model, stages = run_stages(model, demo_stages(quick), data, example, log=log)
     compressed_model.cpu()
-    compressed = measure(compressed_model, example, data.test)
+    compressed = measure(compressed_model, example, data.test, latency=False)
+    latency = compare_latency({"baseline": model, "compressed": compressed_model}, example)
+    baseline["latency_ms"], compressed["latency_ms"] = latency["baseline"], latency["compressed"]
     report = build_report(model_name="lenet5", dataset="digits", device=str(default_device()),
                           baseline=baseline, compressed=compressed, stages=stages, checkpoint=ckpt.name)
     save(compressed_model, ckpt, history=[s["config"] for s in stages],

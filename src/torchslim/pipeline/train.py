@@ -92,7 +92,8 @@ def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     history = History()
     model.train()
-    bar = tqdm(total=total, desc="train", disable=not config.progress, leave=False, dynamic_ncols=True)
+    # disable=None: bars on a terminal, silence in logs and CI.
+    bar = tqdm(total=total, desc="train", disable=None if config.progress else True, leave=False, dynamic_ncols=True)
     step = 0
     while step < total:
         for x, y in train_loader:

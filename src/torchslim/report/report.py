@@ -15,9 +15,12 @@ from ..metrics import evaluate, profile
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes")
 
 
-def measure(model: nn.Module, example_inputs: tuple, loader) -> dict[str, Any]:
-    """The report's metric block for ``model``: accuracy on ``loader`` plus its profile."""
-    p = profile(model, example_inputs)
+def measure(model: nn.Module, example_inputs: tuple, loader, latency: bool = True) -> dict[str, Any]:
+    """The report's metric block for ``model``: accuracy on ``loader`` plus its profile.
+
+    With ``latency=False`` the latency is left None, for the caller to measure side by side with
+    ``metrics.compare_latency`` (latencies taken minutes apart on a shared machine do not compare)."""
+    p = profile(model, example_inputs, latency=latency)
     return {"accuracy": evaluate(model, loader), "params": p.params, "nonzero_params": p.nonzero_params,
             "macs": p.macs, "latency_ms": p.latency_ms, "size_bytes": p.size_bytes}
 
@@ -57,6 +60,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs should look like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
