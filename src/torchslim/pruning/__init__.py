@@ -9,9 +9,13 @@ from torch import nn
 from ..errors import ConfigError
 from .config import Schedule, StructuredPruning, UnstructuredPruning
 from .schedule import run_structured, run_unstructured
-from .unstructured import layer_sparsity, make_permanent
+from .graph import build_groups
+from .importance import bn_l1_penalty
+from .structured import masked_like, structured_prune
+from .unstructured import layer_sparsity, make_permanent, unstructured_prune
 
-__all__ = ["prune", "UnstructuredPruning", "StructuredPruning", "Schedule", "layer_sparsity", "make_permanent"]
+__all__ = ["prune", "UnstructuredPruning", "StructuredPruning", "Schedule", "layer_sparsity", "make_permanent",
+           "structured_prune", "unstructured_prune", "masked_like", "build_groups", "bn_l1_penalty"]
 
 
 def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning, *, example_inputs: tuple | None = None,

@@ -11,6 +11,10 @@ from .config import Schedule, StructuredPruning, UnstructuredPruning
 from .unstructured import magnitude_masks, apply_masks, prunable_layers, unstructured_prune
 
 
+# Share of a gradual run during which sparsity ramps up; the rest recovers at the final sparsity.
+RAMP_SHARE = 0.5
+
+
 def cubic(progress: float) -> float:
     """Share of the final sparsity reached at ``progress`` in [0, 1]: 1 - (1 - progress)^3."""
     return 1.0 - (1.0 - min(max(progress, 0.0), 1.0)) ** 3
@@ -65,7 +69,7 @@ def _gradual_unstructured(model: nn.Module, config: UnstructuredPruning, data, v
     state = {"next": 0}
 
     def on_step(step: int, total: int) -> None:
-        ramp_end = max(1, int(0.75 * total))
+        ramp_end = max(1, int(RAMP_SHARE * total))
         while state["next"] < len(targets) and step >= state["next"] * ramp_end // len(targets):
             share = targets[state["next"]]
             apply_masks(layers, magnitude_masks(layers, _scale(config.sparsity, share), config.scope))

@@ -1,0 +1,584 @@
+"""Channel-dependency groups, found by tracing the model with ``torch.fx``.
+
+A *group* is a set of coupled channel slots that can only be removed together: a conv's output channels
+(dim 0 of its weight and bias), the BatchNorm after it, the input channels (dim 1) of every layer that
+reads them, every other producer summed into them by a residual add, the matching slice of a
+``torch.cat`` and the ``H*W`` input features per channel of a Linear after ``flatten``.
+
+How it works: each tensor in the traced graph carries a *layout* of its channel dimension, a list of
+segments, each pointing into a *channel space* (a union-find node) with ``n`` slots of ``rep``
+consecutive indices. A producer (Conv, Linear) opens a new space; elementwise ops unite the spaces of
+their operands; ``cat`` concatenates segments; ``flatten`` multiplies ``rep``. Anything the tracer does
+not understand blocks the spaces it touches (with the reason), so a group is either pruned consistently
+or left alone, never corrupted.
+
+Pruning through LayerNorm is supported but, unlike BatchNorm, changes the statistics of the remaining
+channels, so the pruned model is then not exactly the original with those channels zeroed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import operator
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from ..errors import UnsupportedModelError
+
+__all__ = ["Member", "Group", "build_groups", "trace_model"]
+
+# Reason kinds; only "unsupported" is worth a warning (the others are by design or asked for).
+OUTPUT, INPUT, UNSUPPORTED, EXCLUDED = "output", "input", "unsupported", "excluded"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One tensor slice of a group: channel slot ``k`` is indices ``offset + k*rep ... offset + (k+1)*rep - 1``
+    of dim ``dim`` of ``<module>.<param>``. ``param == ""`` marks a layer with no per-channel tensor
+    whose channel count (``num_features``/``normalized_shape``) still changes. ``role`` is ``"out"`` (a
+    layer's output channels), ``"in"`` (a layer's input channels) or ``"norm"`` (a per-channel op)."""
+
+    module: str
+    param: str
+    dim: int
+    offset: int
+    rep: int
+    role: str
+
+    def describe(self) -> str:
+        where = f"{self.module}.{self.param}" if self.param else f"{self.module} (channel count)"
+        extra = f", offset {self.offset}" if self.offset else ""
+        extra += f", {self.rep} indices per channel" if self.rep != 1 else ""
+        return f"{where} dim {self.dim} [{self.role}{extra}]"
+
+
+@dataclasses.dataclass
+class Group:
+    """Coupled channels pruned together. ``leader`` is the first layer (in execution order) whose output
+    channels belong to the group; ``reasons`` lists ``(kind, why)`` pairs that make it unprunable."""
+
+    leader: str
+    size: int
+    members: list[Member]
+    reasons: list[tuple[str, str]]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+    @property
+    def reason(self) -> str:
+        """Why the group is not pruned ("" when it is prunable)."""
+        return "; ".join(dict.fromkeys(why for _, why in self.reasons))
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(m.module for m in self.members))
+
+    def details(self) -> str:
+        """Readable multi-line description: the layers and dims involved and why it is skipped, if it is."""
+        state = "prunable" if self.prunable else f"NOT prunable: {self.reason}"
+        lines = [f"group led by {self.leader!r} ({self.size} channels), {state}"]
+        lines += [f"  {m.describe()}" for m in self.members]
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps excluded modules opaque, so excluding an untraceable submodule lets the rest be traced."""
+
+    def __init__(self, exclude: tuple[str, ...]):
+        super().__init__()
+        self.exclude = exclude
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (super().is_leaf_module(m, module_qualified_name)
+                or (bool(module_qualified_name) and _matches(module_qualified_name, self.exclude) is not None))
+
+
+def trace_model(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` and record tensor shapes from one eval-mode run on ``example_inputs``.
+
+    The GraphModule shares ``model``'s submodules; the run changes no state (eval mode, no grad).
+    """
+    name = type(model).__name__
+    try:
+        tracer = _Tracer(tuple(exclude))
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, name)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
+        raise UnsupportedModelError(
+            f"structured pruning could not trace {name} with torch.fx: {type(exc).__name__}: {exc}. "
+            "The forward must be symbolically traceable (no Python control flow on tensor values, no "
+            "data-dependent shapes). Put the offending submodule in exclude= (it is then kept whole and "
+            "treated as opaque) or rewrite it to be traceable.") from exc
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"running traced {name} on example_inputs failed: {type(exc).__name__}: {exc}. Pass "
+            "example_inputs=(a batch the model accepts,)") from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return gm
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seg:
+    space: int
+    n: int
+    rep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    dim: int
+    segs: tuple[_Seg, ...]
+
+    @property
+    def width(self) -> int:
+        return sum(s.n * s.rep for s in self.segs)
+
+    def with_offsets(self) -> Iterator[tuple[int, _Seg]]:
+        off = 0
+        for s in self.segs:
+            yield off, s
+            off += s.n * s.rep
+
+    def signature(self) -> tuple:
+        return tuple((s.n, s.rep) for s in self.segs)
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_SPATIAL_MODULES: dict[type, int] = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, operator.neg,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.neg, torch.abs,
+    torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+}
+_ELEMENTWISE_METHODS = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "relu", "relu_", "sigmoid",
+    "tanh", "clamp", "clamp_", "contiguous", "clone", "detach", "float", "half", "double", "to", "type_as",
+}
+_SPATIAL_FUNCTIONS: dict[Callable, int] = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+class _Builder:
+    """Walks the traced graph once, building channel spaces, their members and blocking reasons."""
+
+    def __init__(self, gm: fx.GraphModule, exclude: tuple[str, ...] = ()):
+        self.gm = gm
+        self.exclude = exclude
+        self.parent: list[int] = []
+        self.sizes: list[int] = []
+        self.members: list[list[tuple[int, Member]]] = []
+        self.reasons: list[list[tuple[str, str]]] = []
+        self.layouts: dict[fx.Node, _Layout] = {}
+        self.order = 0
+        self.shared = self._shared_modules()
+
+    # -- union-find over channel spaces --------------------------------------------------------
+    def new_space(self, n: int, reason: tuple[str, str] | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.sizes.append(n)
+        self.members.append([])
+        self.reasons.append([reason] if reason else [])
+        return len(self.parent) - 1
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if b < a:  # keep the oldest space as root so the group's leader is its first producer
+            a, b = b, a
+        self.parent[b] = a
+        self.members[a] += self.members[b]
+        self.reasons[a] += self.reasons[b]
+        self.members[b], self.reasons[b] = [], []
+
+    def block(self, layout: _Layout | None, kind: str, why: str) -> None:
+        if layout is not None:
+            for s in layout.segs:
+                self.reasons[self.find(s.space)].append((kind, why))
+
+    def add(self, space: int, member: Member) -> None:
+        self.members[self.find(space)].append((self.order, member))
+
+    def fixed(self, n: int, dim: int, kind: str, why: str) -> _Layout:
+        return _Layout(dim, (_Seg(self.new_space(n, (kind, why)), n, 1),))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _shared_modules(self) -> set[str]:
+        """Modules called more than once or sharing a parameter with another module (tied weights)."""
+        calls = Counter(n.target for n in self.gm.graph.nodes if n.op == "call_module")
+        owners: dict[int, set[str]] = {}
+        for target in calls:
+            for p in self.gm.get_submodule(target).parameters():
+                owners.setdefault(id(p), set()).add(target)
+        shared = {t for t, c in calls.items() if c > 1}
+        for names in owners.values():
+            if len(names) > 1:
+                shared |= names
+        return shared
+
+    @staticmethod
+    def shape(node: Any) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+    @staticmethod
+    def inputs(node: fx.Node) -> list[fx.Node]:
+        found: list[fx.Node] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+        return list(dict.fromkeys(found))
+
+    def describe(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"module {node.target!r} ({type(self.gm.get_submodule(node.target)).__name__})"
+        if node.op == "call_method":
+            return f"method .{node.target}() (node {node.name!r})"
+        return f"function {getattr(node.target, '__name__', node.target)} (node {node.name!r})"
+
+    def unknown(self, node: fx.Node, why: str | None = None, kind: str = UNSUPPORTED) -> None:
+        why = why or f"{self.describe(node)} is not understood by the channel tracer"
+        for n in self.inputs(node):
+            self.block(self.layouts.get(n), kind, why)
+
+    def require(self, node: Any, dim: int, who: str) -> _Layout:
+        """The layout of ``node`` along ``dim``; a fixed one if it has none or its channels are elsewhere."""
+        layout = self.layouts.get(node)
+        if layout is not None and layout.dim == dim:
+            return layout
+        if layout is not None:
+            self.block(layout, UNSUPPORTED, f"{who} works along dim {dim}, not the channel dim {layout.dim}")
+        shape = self.shape(node)
+        return self.fixed(shape[dim], dim, INPUT, "channels come from the model input, a constant or an "
+                          "untraced op")
+
+    # -- the walk --------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.order += 1
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            if node.op == "output":
+                for n in self.inputs(node):
+                    self.block(self.layouts.get(n), OUTPUT, "feeds the model output")
+                continue
+            if "tensor_meta" not in node.meta:
+                continue  # sizes, dims, shapes: no tensor, no channels
+            if any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node)) \
+                    or self.shape(node) is None:
+                excluded = node.op == "call_module" and _matches(node.target, self.exclude)
+                self.unknown(node, f"{self.describe(node)} takes or returns a tuple of tensors"
+                             + (" (excluded)" if excluded else ""), EXCLUDED if excluded else UNSUPPORTED)
+                continue
+            if node.op == "call_module":
+                self.visit_module(node, self.gm.get_submodule(node.target))
+            elif node.op == "call_function":
+                self.visit_function(node)
+            else:
+                self.visit_method(node)
+
+    def visit_module(self, node: fx.Node, mod: nn.Module) -> None:
+        name = node.target
+        x = node.args[0] if node.args else None
+        if name in self.shared:
+            self.unknown(node, f"module {name!r} is called more than once or shares weights with another "
+                               "layer; its channels are kept")
+        elif isinstance(mod, _CONV):
+            self.conv(node, mod, x)
+        elif isinstance(mod, nn.Linear):
+            self.linear(node, mod, x)
+        elif isinstance(mod, _BATCHNORM):
+            self.per_channel(node, x, 1, [p for p in ("weight", "bias", "running_mean", "running_var")
+                                          if getattr(mod, p, None) is not None])
+        elif isinstance(mod, nn.LayerNorm):
+            self.layer_norm(node, mod, x)
+        elif isinstance(mod, nn.PReLU):
+            if mod.num_parameters == 1:
+                self.elementwise(node)
+            else:
+                self.per_channel(node, x, 1, ["weight"])
+        elif isinstance(mod, _ELEMENTWISE_MODULES):
+            self.elementwise(node)
+        elif type(mod) in _SPATIAL_MODULES:
+            self.spatial(node, x, _SPATIAL_MODULES[type(mod)])
+        elif isinstance(mod, nn.Upsample):
+            self.spatial(node, x, len(self.shape(x)) - 2)
+        elif isinstance(mod, nn.Flatten):
+            self.flatten(node, x, mod.start_dim, mod.end_dim)
+        elif _matches(name, self.exclude):
+            self.unknown(node, f"its channels reach excluded module {name!r} (pattern "
+                               f"{_matches(name, self.exclude)!r}), which is kept whole", EXCLUDED)
+        else:
+            self.unknown(node)
+
+    def visit_function(self, node: fx.Node) -> None:
+        f = node.target
+        x = node.args[0] if node.args else None
+        if f in _ELEMENTWISE_FUNCTIONS:
+            self.elementwise(node)
+        elif f in _SPATIAL_FUNCTIONS:
+            self.spatial(node, x, _SPATIAL_FUNCTIONS[f])
+        elif f is F.interpolate:
+            self.spatial(node, x, len(self.shape(x)) - 2)
+        elif f in _CAT:
+            self.cat(node, list(_arg(node, 0, "tensors")), _arg(node, 1, "dim", 0))
+        elif f is torch.flatten:
+            self.flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        elif f is torch.reshape:
+            self.reshape(node, x)
+        elif getattr(f, "__name__", None) in _REDUCTIONS and getattr(torch, f.__name__, None) is f:
+            self.reduce(node, x)
+        else:
+            self.unknown(node)
+
+    def visit_method(self, node: fx.Node) -> None:
+        m = node.target
+        x = node.args[0]
+        if m in _ELEMENTWISE_METHODS:
+            self.elementwise(node)
+        elif m in ("view", "reshape"):
+            self.reshape(node, x)
+        elif m == "flatten":
+            self.flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
+        elif m in _REDUCTIONS:
+            self.reduce(node, x)
+        else:
+            self.unknown(node)
+
+    # -- op rules --------------------------------------------------------------------------------
+    def conv(self, node: fx.Node, mod: nn.Module, x: fx.Node) -> None:
+        name, who = node.target, f"conv {node.target!r}"
+        layout = self.require(x, 1, who)
+        params = ["weight"] + (["bias"] if mod.bias is not None else [])
+        if mod.groups == 1:
+            for off, s in layout.with_offsets():
+                self.add(s.space, Member(name, "weight", 1, off, s.rep, "in"))
+            space = self.new_space(mod.out_channels)
+            for p in params:
+                self.add(space, Member(name, p, 0, 0, 1, "out"))
+            self.layouts[node] = _Layout(1, (_Seg(space, mod.out_channels, 1),))
+        elif mod.groups == mod.in_channels:
+            # Depthwise: input channel c alone makes outputs c*k .. c*k+k-1, so they share its slot.
+            k = mod.out_channels // mod.in_channels
+            segs = []
+            for off, s in layout.with_offsets():
+                for p in params:
+                    self.add(s.space, Member(name, p, 0, off * k, s.rep * k, "out"))
+                segs.append(_Seg(s.space, s.n, s.rep * k))
+            self.layouts[node] = _Layout(1, tuple(segs))
+        else:
+            why = (f"grouped conv {name!r} (groups={mod.groups}) couples channels group-wise; only groups=1 "
+                   "and depthwise convs are pruned")
+            self.block(layout, UNSUPPORTED, why)
+            self.layouts[node] = self.fixed(mod.out_channels, 1, UNSUPPORTED, why)
+            self.add(self.layouts[node].segs[0].space, Member(name, "weight", 0, 0, 1, "out"))
+
+    def linear(self, node: fx.Node, mod: nn.Linear, x: fx.Node) -> None:
+        name = node.target
+        layout = self.require(x, len(self.shape(x)) - 1, f"linear {name!r}")
+        for off, s in layout.with_offsets():
+            self.add(s.space, Member(name, "weight", 1, off, s.rep, "in"))
+        space = self.new_space(mod.out_features)
+        for p in ["weight"] + (["bias"] if mod.bias is not None else []):
+            self.add(space, Member(name, p, 0, 0, 1, "out"))
+        self.layouts[node] = _Layout(len(self.shape(node)) - 1, (_Seg(space, mod.out_features, 1),))
+
+    def per_channel(self, node: fx.Node, x: fx.Node, dim: int, params: list[str]) -> None:
+        """BatchNorm-like layer: one value per channel along ``dim``; records the channel count even
+        without any per-channel tensor so ``num_features`` stays right."""
+        layout = self.require(x, dim, f"{node.target!r}")
+        for off, s in layout.with_offsets():
+            for p in params or [""]:
+                self.add(s.space, Member(node.target, p, 0, off, s.rep, "norm"))
+        self.layouts[node] = layout
+
+    def layer_norm(self, node: fx.Node, mod: nn.LayerNorm, x: fx.Node) -> None:
+        layout, nd = self.layouts.get(x), len(self.shape(x))
+        first = nd - len(mod.normalized_shape)
+        if layout is None or layout.dim < first:
+            self.layouts[node] = layout  # normalises within each channel
+            return
+        if layout.dim > first:
+            self.unknown(node, f"LayerNorm {node.target!r} normalises over the channel dim together with "
+                               "preceding dims")
+            return
+        params = [p for p in ("weight", "bias") if getattr(mod, p, None) is not None]
+        self.per_channel(node, x, first, params)
+
+    def elementwise(self, node: fx.Node) -> None:
+        out_nd = len(self.shape(node))
+        tensors = [n for n in self.inputs(node) if self.shape(n) is not None]
+        laid = [(n, self.layouts[n]) for n in tensors if n in self.layouts]
+        if not laid:
+            return
+        dims = {lay.dim + out_nd - len(self.shape(n)) for n, lay in laid}
+        if len(dims) > 1:
+            return self.unknown(node, f"{self.describe(node)} combines tensors whose channels lie on "
+                                      "different dims")
+        dim = dims.pop()
+        ref = laid[0][1]
+        for n in tensors:
+            if n in self.layouts:
+                continue
+            s = self.shape(n)
+            k = dim - (out_nd - len(s))
+            if k >= 0 and s[k] != 1:
+                return self.unknown(node, f"{self.describe(node)} mixes the channels with tensor {n.name!r} "
+                                          "that spans them but is not produced by a traced layer")
+        if any(lay.signature() != ref.signature() for _, lay in laid[1:]) or self.shape(node)[dim] != ref.width:
+            return self.unknown(node, f"{self.describe(node)} combines differently concatenated channels")
+        for _, lay in laid[1:]:
+            for a, b in zip(ref.segs, lay.segs):
+                self.union(a.space, b.space)
+        self.layouts[node] = _Layout(dim, ref.segs)
+
+    def spatial(self, node: fx.Node, x: fx.Node, spatial_dims: int) -> None:
+        layout = self.layouts.get(x)
+        if layout is None:
+            return
+        if layout.dim >= len(self.shape(x)) - spatial_dims:
+            return self.unknown(node, f"{self.describe(node)} pools or resizes along the channel dim")
+        self.layouts[node] = layout
+
+    def cat(self, node: fx.Node, parts: list, dim: int) -> None:
+        nd = len(self.shape(node))
+        dim %= nd
+        if not any(p in self.layouts for p in parts):
+            return
+        if any(p in self.layouts and self.layouts[p].dim != dim for p in parts):
+            return self.elementwise(node)  # concatenating along another dim: operands share channels
+        segs: list[_Seg] = []
+        for p in parts:
+            lay = self.layouts.get(p) or self.fixed(self.shape(p)[dim], dim, INPUT, "concatenated with "
+                                                    "channels from the model input or an untraced op")
+            segs += lay.segs
+        self.layouts[node] = _Layout(dim, tuple(segs))
+
+    def flatten(self, node: fx.Node, x: fx.Node, start: int, end: int) -> None:
+        layout, shape = self.layouts.get(x), self.shape(x)
+        if layout is None:
+            return
+        nd = len(shape)
+        start, end = start % nd, end % nd
+        if layout.dim < start:
+            self.layouts[node] = layout
+        elif layout.dim > end:
+            self.layouts[node] = _Layout(layout.dim - (end - start), layout.segs)
+        elif layout.dim == start:
+            # Channel c becomes prod(shape[start+1:end+1]) consecutive features.
+            m = math.prod(shape[start + 1:end + 1])
+            self.layouts[node] = _Layout(start, tuple(_Seg(s.space, s.n, s.rep * m) for s in layout.segs))
+        else:
+            self.unknown(node, f"{self.describe(node)} flattens the channel dim into a preceding dim")
+
+    def reshape(self, node: fx.Node, x: fx.Node) -> None:
+        src, dst = self.shape(x), self.shape(node)
+        if src == dst:
+            if x in self.layouts:
+                self.layouts[node] = self.layouts[x]
+            return
+        for start in range(len(src)):
+            for end in range(start + 1, len(src)):
+                merged = src[:start] + (math.prod(src[start:end + 1]),) + src[end + 1:]
+                layout = self.layouts.get(x)
+                if merged == dst and (layout is None or not start < layout.dim <= end):
+                    return self.flatten(node, x, start, end)
+        self.unknown(node, f"{self.describe(node)} reshapes {list(src)} -> {list(dst)}, which is not a "
+                           "flatten; the channel tracer cannot follow it")
+
+    def reduce(self, node: fx.Node, x: fx.Node) -> None:
+        layout, nd = self.layouts.get(x), len(self.shape(x))
+        if layout is None:
+            return
+        dims = _arg(node, 1, "dim")
+        keepdim = _arg(node, 2, "keepdim", False)
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            return self.unknown(node, f"{self.describe(node)} reduces over the channel dim")
+        dims = {d % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+        if layout.dim in dims:
+            return self.unknown(node, f"{self.describe(node)} reduces over the channel dim")
+        shift = 0 if keepdim else sum(d < layout.dim for d in dims)
+        self.layouts[node] = _Layout(layout.dim - shift, layout.segs)
+
+    # -- result ----------------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        out = []
+        for root in range(len(self.parent)):
+            if self.find(root) != root:
+                continue
+            members = [m for _, m in sorted(self.members[root], key=lambda om: om[0])]
+            producers = [m for m in members if m.role == "out"]
+            if not producers:
+                continue  # e.g. the model input's channels: nothing to remove
+            out.append(Group(producers[0].module, self.sizes[root], members, list(self.reasons[root])))
+        order = {name: i for i, name in enumerate(n.target for n in self.gm.graph.nodes if n.op == "call_module")}
+        out.sort(key=lambda g: order.get(g.leader, len(order)))
+        return out
+
+
+def build_groups(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...] = ()) -> list[Group]:
+    """Trace ``model`` and return its channel-dependency groups in execution order of their leaders.
+
+    Groups feeding the model output, touching an op the tracer does not understand, or containing a
+    layer (output channels or per-channel op) that matches an ``exclude`` fnmatch pattern are returned
+    with ``reasons`` set (``prunable`` False). Raises UnsupportedModelError when the model cannot be traced.
+    """
+    gm = trace_model(model, example_inputs, tuple(exclude))
+    builder = _Builder(gm, tuple(exclude))
+    builder.run()
+    groups = builder.groups()
+    for g in groups:
+        for m in g.members:
+            pattern = _matches(m.module, tuple(exclude)) if m.role != "in" else None
+            if pattern is not None:
+                g.reasons.append((EXCLUDED, f"{m.module!r} matches exclude pattern {pattern!r}"))
+                break
+    return groups

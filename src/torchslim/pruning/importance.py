@@ -1,0 +1,153 @@
+"""Per-channel importance of channel-dependency groups, and the BN L1 penalty of network slimming.
+
+Every score is a tensor of ``group.size`` values (higher = keep), aggregated over all coupled tensors of
+the group (Torch-Pruning style) and divided by its mean so that groups are comparable in global ranking.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, DataError, UnsupportedModelError
+from ..metrics.evaluate import model_device
+from .graph import Group, Member
+
+__all__ = ["group_importance", "bn_l1_penalty", "METHODS"]
+
+METHODS = ("l1", "l2", "taylor", "bn_scale")
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+def _tensor(model: nn.Module, member: Member) -> torch.Tensor | None:
+    if not member.param:
+        return None
+    t = getattr(model.get_submodule(member.module), member.param, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _slots(t: torch.Tensor, member: Member, n: int) -> torch.Tensor:
+    """``t`` restricted to the member's slice, as (n slots, everything belonging to each slot)."""
+    part = t.narrow(member.dim, member.offset, n * member.rep).movedim(member.dim, 0)
+    return part.reshape(n, -1)
+
+
+def _magnitude(model: nn.Module, group: Group, power: int) -> torch.Tensor:
+    score = torch.zeros(group.size)
+    for m in group.members:
+        # Weights carry the importance; biases and running stats would mix in unrelated scales.
+        if m.param != "weight":
+            continue
+        t = _tensor(model, m)
+        if t is not None:
+            score += _slots(t.detach().float().abs().pow(power), m, group.size).sum(1).cpu()
+    return score
+
+
+def _bn_scale(model: nn.Module, group: Group) -> torch.Tensor:
+    members = [m for m in group.members
+               if m.param == "weight" and isinstance(model.get_submodule(m.module), _BN)]
+    if not members:
+        raise UnsupportedModelError(
+            f"importance='bn_scale' needs a BatchNorm layer with affine weights in every pruned group, but "
+            f"this one has none:\n{group.details()}\nUse importance='l1' or add the group's leader "
+            f"{group.leader!r} to exclude=.")
+    score = torch.zeros(group.size)
+    for m in members:
+        score += _slots(_tensor(model, m).detach().float().abs(), m, group.size).sum(1).cpu()
+    return score
+
+
+def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: LossFn | None,
+            batches: int) -> list[torch.Tensor]:
+    """|sum over each channel's weights of grad * weight| per batch, summed over batches and members
+    (Molchanov et al. 2019). Runs in eval mode so BN statistics and dropout stay untouched."""
+    if data is None:
+        raise ConfigError("importance='taylor' needs data= (a loader of (inputs, targets) batches)")
+    loss_fn = loss_fn or _cross_entropy
+    params = {(m.module, m.param): _tensor(model, m) for g in groups for m in g.members}
+    params = {k: p for k, p in params.items() if isinstance(p, nn.Parameter)}
+    saved = {p: (p.grad, p.requires_grad) for p in model.parameters()}
+    modes = {mod: mod.training for mod in model.modules()}
+    scores = [torch.zeros(g.size) for g in groups]
+    device = model_device(model)
+    seen = 0
+    try:
+        model.eval()
+        for p in params.values():
+            p.requires_grad_(True)
+        for batch in data:
+            if seen >= batches:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise DataError("taylor importance expects (inputs, targets) batches from data=, got "
+                                f"{type(batch).__name__}")
+            x, y = batch[0].to(device), batch[1].to(device)
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss_fn(model(x), y, x).backward()
+            for g, score in zip(groups, scores):
+                for m in g.members:
+                    p = params.get((m.module, m.param))
+                    if p is not None and p.grad is not None:
+                        prod = (p.detach() * p.grad).float()
+                        score += _slots(prod, m, g.size).sum(1).abs().cpu()
+            seen += 1
+    finally:
+        for p, (grad, requires_grad) in saved.items():
+            p.grad = grad
+            p.requires_grad_(requires_grad)
+        for mod, training in modes.items():
+            mod.training = training
+    if seen == 0:
+        raise DataError("taylor importance: data= yielded no batches")
+    return scores
+
+
+def _normalise(score: torch.Tensor) -> torch.Tensor:
+    mean = score.mean()
+    return score / mean if mean > 0 else score
+
+
+def group_importance(model: nn.Module, groups: list[Group], method: str, *, data: Iterable | None = None,
+                     loss_fn: LossFn | None = None, batches: int = 4) -> list[torch.Tensor]:
+    """One mean-normalised score per channel for each group (higher = more important).
+
+    ``method``: ``l1``/``l2`` (sum of |w| / w^2 over every coupled weight), ``taylor`` (needs ``data``,
+    batches of ``(inputs, targets)``; ``loss_fn(outputs, targets, inputs)``, cross-entropy by default)
+    or ``bn_scale`` (|gamma| of the group's BatchNorm layers).
+    """
+    if method in ("l1", "l2"):
+        scores = [_magnitude(model, g, 1 if method == "l1" else 2) for g in groups]
+    elif method == "bn_scale":
+        scores = [_bn_scale(model, g) for g in groups]
+    elif method == "taylor":
+        scores = _taylor(model, groups, data, loss_fn, batches)
+    else:
+        raise ConfigError(f"importance must be one of {list(METHODS)}, got {method!r}")
+    return [_normalise(s) for s in scores]
+
+
+def bn_l1_penalty(model: nn.Module, strength: float) -> Callable[[nn.Module], torch.Tensor]:
+    """``penalty(model) = strength * sum |gamma|`` over BatchNorm layers, for ``train(penalty=...)``
+    (network slimming, Liu et al. 2017): it drives unimportant channels' scales towards zero."""
+    if strength < 0:
+        raise ConfigError(f"bn_penalty strength must be >= 0, got {strength}")
+    if not any(isinstance(m, _BN) and m.weight is not None for m in model.modules()):
+        raise UnsupportedModelError(f"bn_penalty needs BatchNorm layers with affine weights, but "
+                                    f"{type(model).__name__} has none; set bn_penalty=0")
+
+    def penalty(m: nn.Module) -> torch.Tensor:
+        gammas = [mod.weight.abs().sum() for mod in m.modules() if isinstance(mod, _BN) and mod.weight is not None]
+        return strength * torch.stack(gammas).sum()
+
+    return penalty

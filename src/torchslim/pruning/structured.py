@@ -1,0 +1,272 @@
+"""Structured pruning: remove whole channels / neurons for real, consistently across coupled layers.
+
+``structured_prune`` traces the model into channel-dependency groups (``graph.py``), scores each group's
+channels (``importance.py``), picks the channels to keep and slices every coupled parameter, buffer and
+layer attribute, leaving a smaller dense model of the same classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import math
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, TorchslimError, UnsupportedModelError
+from .config import StructuredPruning
+from .graph import UNSUPPORTED, Group, Member, build_groups
+from .importance import LossFn, group_importance
+
+__all__ = ["structured_prune", "plan_keep", "apply_keep", "masked_like"]
+
+
+def _check_model(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            layer = name or type(model).__name__
+            if pname.endswith("_orig"):
+                raise UnsupportedModelError(
+                    f"layer {layer!r} carries an unstructured pruning mask ({pname}); apply structured pruning "
+                    "before unstructured pruning, or call torch.nn.utils.prune.remove(module, "
+                    f"{pname[:-5]!r}) first")
+            if not torch.isfinite(p.detach()).all():
+                raise TorchslimError(f"layer {layer!r} has NaN/inf values in {pname!r}; channel importance "
+                                     "would be meaningless. Fix or retrain the model first.")
+
+
+def _group_ratios(groups: list[Group], ratio: float | dict[str, float]) -> list[float]:
+    """Each group's ratio: the float, or the mapping's entry for the group's leader (exact name first,
+    then fnmatch pattern; unlisted groups are not pruned)."""
+    if not isinstance(ratio, dict):
+        return [float(ratio)] * len(groups)
+    leaders = [g.leader for g in groups]
+    unknown = [k for k in ratio if k not in leaders and not fnmatch.filter(leaders, k)]
+    if unknown:
+        raise ConfigError(f"ratio names layer(s) {unknown} that lead no channel group; a group's ratio is set "
+                          f"by its leading layer, one of {leaders}")
+    out = []
+    for leader in leaders:
+        if leader in ratio:
+            out.append(float(ratio[leader]))
+        else:
+            out.append(next((float(v) for k, v in ratio.items() if fnmatch.fnmatchcase(leader, k)), 0.0))
+    return out
+
+
+def _round_keep(n: int, keep: int, round_to: int) -> int:
+    """Channels to keep: at least 1, rounded up to a multiple of ``round_to`` (never above ``n``)."""
+    keep = max(1, keep)
+    if round_to > 1:
+        keep = math.ceil(keep / round_to) * round_to
+    return min(n, keep)
+
+
+def _top(score: torch.Tensor, keep: int) -> list[int]:
+    order = torch.argsort(score, descending=True, stable=True)
+    return sorted(order[:keep].tolist())
+
+
+def plan_keep(groups: list[Group], scores: list[torch.Tensor], ratios: list[float], config: StructuredPruning
+              ) -> list[list[int]]:
+    """Channel indices to keep per group (all of them when a group is left alone).
+
+    ``scope="layer"`` removes ``floor(ratio * n)`` channels per group; ``scope="global"`` removes the
+    ``ratio`` share of all channels with the lowest normalised scores, at most ``max_ratio`` per group.
+    """
+    if config.scope == "layer":
+        return [_top(s, _round_keep(g.size, g.size - math.floor(r * g.size), config.round_to))
+                for g, s, r in zip(groups, scores, ratios)]
+    total = sum(g.size for g in groups)
+    target = math.floor(ratios[0] * total) if groups else 0
+    caps = [min(math.floor(config.max_ratio * g.size), g.size - 1) for g in groups]
+    flat = torch.cat(scores) if scores else torch.zeros(0)
+    owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)]) if groups else torch.zeros(0)
+    removed = [0] * len(groups)
+    done = 0
+    for idx in torch.argsort(flat, stable=True).tolist():
+        if done >= target:
+            break
+        i = int(owner[idx])
+        if removed[i] < caps[i]:
+            removed[i] += 1
+            done += 1
+    return [_top(s, _round_keep(g.size, g.size - r, config.round_to)) for g, s, r in zip(groups, scores, removed)]
+
+
+def _member_size(module: nn.Module, param: str, dim: int) -> int:
+    if not param:
+        return module.num_features if hasattr(module, "num_features") else module.normalized_shape[dim]
+    return getattr(module, param).shape[dim]
+
+
+def apply_keep(model: nn.Module, groups: list[Group], keeps: list[list[int]]) -> None:
+    """Slice every member tensor of each group down to its kept channels and fix layer attributes.
+
+    All groups' masks are combined first so that a tensor shared by several groups (a conv reading a
+    ``torch.cat``) is sliced once with its original offsets.
+    """
+    masks: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for g, keep in zip(groups, keeps):
+        if len(keep) == g.size:
+            continue
+        removed = torch.ones(g.size, dtype=torch.bool)
+        removed[keep] = False
+        slots = removed.nonzero().flatten()
+        for m in g.members:
+            module = model.get_submodule(m.module)
+            dims = masks.setdefault((m.module, m.param), {})
+            if m.dim not in dims:
+                dims[m.dim] = torch.ones(_member_size(module, m.param, m.dim), dtype=torch.bool)
+            idx = m.offset + slots[:, None] * m.rep + torch.arange(m.rep)[None, :]
+            dims[m.dim][idx.flatten()] = False
+    counts: dict[str, int] = {}
+    for (mname, pname), dims in masks.items():
+        module = model.get_submodule(mname)
+        counts[mname] = int(next(iter(dims.values())).sum())
+        if not pname:
+            continue
+        old = getattr(module, pname)
+        new = old.detach()
+        for dim, keep_mask in dims.items():
+            new = new.index_select(dim, keep_mask.nonzero().flatten().to(new.device))
+        # A fresh contiguous copy: strided views of the old tensor would keep it alive and run slower.
+        fmt = (torch.channels_last if new.dim() == 4 and not old.is_contiguous()
+               and old.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        new = new.contiguous(memory_format=fmt).clone(memory_format=fmt)
+        if pname in module._parameters:
+            module._parameters[pname] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            module._buffers[pname] = new
+    for mname, count in counts.items():
+        _update_attributes(model.get_submodule(mname), count)
+
+
+def _update_attributes(module: nn.Module, count: int) -> None:
+    """Make the layer's size attributes match its sliced tensors (``count``: its per-channel size)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        w = module.weight
+        if module.groups > 1 and module.groups == module.in_channels:  # depthwise: k outputs per input
+            k = module.out_channels // module.in_channels
+            module.out_channels = w.shape[0]
+            module.in_channels = module.groups = w.shape[0] // k
+        else:
+            module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (count,) + tuple(module.normalized_shape[1:])
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = count
+    elif hasattr(module, "num_features"):
+        module.num_features = count
+
+
+def _output_shapes(model: nn.Module, example_inputs: tuple) -> list[tuple[int, ...]]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    shapes: list[tuple[int, ...]] = []
+
+    def collect(obj) -> None:
+        if torch.is_tensor(obj):
+            shapes.append(tuple(obj.shape))
+        elif isinstance(obj, (tuple, list)):
+            for o in obj:
+                collect(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                collect(o)
+
+    collect(out)
+    return shapes
+
+
+def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs: tuple, data: Iterable | None = None,
+                     loss_fn: LossFn | None = None, ratio: float | dict[str, float] | None = None) -> dict:
+    """Remove channels of ``model`` IN PLACE as ``config`` says and return a summary.
+
+    ``ratio`` overrides ``config.ratio`` (a float, or {leading layer name: ratio}); ``example_inputs``
+    is a tuple of tensors used to trace the model; ``data`` (``(inputs, targets)`` batches) and
+    ``loss_fn(outputs, targets, inputs)`` feed ``importance="taylor"``.
+
+    Returns ``{"groups": n, "pruned_groups": n, "removed_channels": {leader: [before, after]},
+    "kept": {leader: [kept channel indices]}, "members": {leader: [coupled tensor slices as dicts]},
+    "skipped": [{"group": leader, "reason": why}]}`` (plain data: JSON-serialisable).
+    Groups skipped because of an op the tracer does not understand also raise a warning.
+    """
+    if not isinstance(config, StructuredPruning):
+        raise ConfigError(f"structured_prune takes a StructuredPruning config, got {type(config).__name__}")
+    if ratio is not None:
+        config = config.replace(ratio=ratio)  # validates the override
+    if config.scope == "global" and isinstance(config.ratio, dict):
+        raise ConfigError("scope='global' ranks channels across groups with one overall ratio; use "
+                          "scope='layer' for a per-layer ratio mapping")
+    example_inputs = tuple(example_inputs)
+    _check_model(model)
+    before_shapes = _output_shapes(model, example_inputs)
+    groups = build_groups(model, example_inputs, config.exclude)
+
+    skipped = []
+    for g in groups:
+        if g.prunable:
+            continue
+        skipped.append({"group": g.leader, "reason": g.reason})
+        if any(kind == UNSUPPORTED for kind, _ in g.reasons):
+            warnings.warn(f"structured pruning leaves the channels of {g.leader!r} unpruned: {g.reason}",
+                          stacklevel=2)
+    ratios = _group_ratios(groups, config.ratio)
+    chosen = [(g, r) for g, r in zip(groups, ratios) if g.prunable and r > 0 and g.size > 1]
+    todo = [g for g, _ in chosen]
+    scores = group_importance(model, todo, config.importance, data=data, loss_fn=loss_fn,
+                              batches=config.importance_batches) if todo else []
+    keeps = plan_keep(todo, scores, [r for _, r in chosen], config)
+    apply_keep(model, todo, keeps)
+
+    try:
+        after_shapes = _output_shapes(model, example_inputs)
+    except Exception as exc:  # a bug in the tracer's rules must not pass silently
+        raise TorchslimError(f"the pruned model no longer runs ({type(exc).__name__}: {exc}); please report "
+                             "this, and put the layers involved in exclude= to work around it") from exc
+    if after_shapes != before_shapes:
+        raise TorchslimError(f"structured pruning changed the model's output shapes {before_shapes} -> "
+                             f"{after_shapes}; please report this and use exclude= on the output layers")
+
+    pruned = [(g, k) for g, k in zip(todo, keeps) if len(k) < g.size]
+    return {
+        "groups": len(groups),
+        "pruned_groups": len(pruned),
+        "removed_channels": {g.leader: [g.size, len(k)] for g, k in pruned},
+        "kept": {g.leader: k for g, k in pruned},
+        "members": {g.leader: [dataclasses.asdict(m) for m in g.members] for g, _ in pruned},
+        "skipped": skipped,
+    }
+
+
+def masked_like(original: nn.Module, summary: dict) -> nn.Module:
+    """A copy of the unpruned ``original`` with the channels ``summary`` removed zeroed where they are
+    produced (weight rows and bias of each producer, gamma and beta of each BatchNorm in the group).
+
+    In eval mode it computes what the pruned model computes (up to float rounding) as long as removed
+    channels stay zero downstream (ReLU-like activations, no LayerNorm over channels): a correctness check.
+    """
+    masked = copy.deepcopy(original)
+    for leader, keep in summary["kept"].items():
+        members = [Member(**m) for m in summary["members"][leader]]
+        removed = sorted(set(range(summary["removed_channels"][leader][0])) - set(keep))
+        for m in members:
+            if m.role in ("out", "norm") and m.param in ("weight", "bias") and removed:
+                t = getattr(masked.get_submodule(m.module), m.param)
+                idx = torch.tensor([m.offset + k * m.rep + j for k in removed for j in range(m.rep)])
+                with torch.no_grad():
+                    t.index_fill_(m.dim, idx.to(t.device), 0.0)
+    return masked
