@@ -44,11 +44,16 @@ def _effective_params(model: nn.Module):
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters); masked weights count as zero."""
+    """(parameters, non-zero parameters); masked weights count as zero, and quantized weights held as
+    integer code buffers (2-D or more, e.g. ``weight_codes``) count as parameters."""
     total = nonzero = 0
     for p, eff in _effective_params(model):
         total += p.numel()
         nonzero += int(torch.count_nonzero(eff).item())
+    for b in model.buffers():
+        if b.dim() >= 2 and not b.dtype.is_floating_point and b.dtype != torch.bool:
+            total += b.numel()
+            nonzero += int(torch.count_nonzero(b).item())
     return total, nonzero
 
 
