@@ -9,10 +9,18 @@ from .pipeline.train import TrainConfig, train
 from .pipeline.runner import Finetune
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
+from .quantization import (QAT, BinaryWeights, DynamicQuantization, Float8, MixedPrecision, StaticQuantization,
+                           TernaryWeights, WeightOnly, WeightSharing, quantize)
+from .distillation import Distillation, distill
+from .lowrank import CP, SVD, Tucker, decompose
+from .export.onnx import export_onnx
 
 __all__ = [
     "__version__", "Config", "config_from_dict",
     "TorchslimError", "ConfigError", "DataError", "CheckpointError", "UnsupportedModelError",
     "save", "load", "read_manifest", "evaluate", "profile", "train", "TrainConfig",
     "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "Finetune",
+    "quantize", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
+    "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",
+    "distill", "Distillation", "decompose", "SVD", "Tucker", "CP", "export_onnx",
 ]

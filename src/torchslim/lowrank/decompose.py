@@ -1,0 +1,432 @@
+"""``decompose``: replace Linear / Conv2d layers by low-rank sequences, choosing ranks per layer."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import Splits, check_loader
+from ..errors import ConfigError, DataError
+from ..metrics.evaluate import model_device
+from .config import CP, SVD, Tucker
+from .cp import cp_conv, cp_max_rank, cp_params
+from .svd import energy_rank, linear_svd, svd_linear, svd_max_rank, svd_params
+from .tucker import tucker_conv, tucker_energy_ranks, tucker_max_ranks, tucker_params, tucker_rank_grid
+
+Rank = Any  # int (SVD, CP) or (in_rank, out_rank) (Tucker)
+
+
+class _Method:
+    """What differs between SVD, Tucker-2 and CP: the layer type, costs, rank grids and the factorisation."""
+
+    name = ""
+    layer_type: type = nn.Module
+    rank_field = "rank"
+
+    def __init__(self, config):
+        self.config = config
+
+    def unsupported(self, layer: nn.Module) -> str | None:
+        if type(layer) is not self.layer_type:
+            return (f"{type(layer).__name__} is a subclass of {self.layer_type.__name__} (e.g. quantization-aware "
+                    "or a custom layer) whose behaviour the plain decomposed layers would lose; decompose "
+                    "before preparing/converting it")
+        return None
+
+    def params(self, layer: nn.Module, rank: Rank) -> int:
+        raise NotImplementedError
+
+    def macs(self, layer: nn.Module, rank: Rank, shapes: tuple) -> int:
+        raise NotImplementedError
+
+    def original_macs(self, layer: nn.Module, shapes: tuple) -> int:
+        raise NotImplementedError
+
+    def max_rank(self, layer: nn.Module) -> Rank:
+        raise NotImplementedError
+
+    def grid(self, layer: nn.Module) -> list[Rank]:
+        raise NotImplementedError
+
+    def energy_rank(self, layer: nn.Module, energy: float) -> Rank:
+        raise NotImplementedError
+
+    def build(self, layer: nn.Module, rank: Rank) -> tuple[nn.Module, float]:
+        raise NotImplementedError
+
+    def explicit_rank(self, value: Any) -> Rank:
+        return int(value)
+
+    def too_large(self, layer: nn.Module, rank: Rank) -> bool:
+        return rank > self.max_rank(layer)
+
+    def report_rank(self, rank: Rank) -> Any:
+        return rank
+
+
+class _SVDMethod(_Method):
+    name = "svd"
+    layer_type = nn.Linear
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._usv: dict[int, tuple] = {}
+
+    def _factors(self, layer):
+        if id(layer) not in self._usv:
+            self._usv[id(layer)] = linear_svd(layer)
+        return self._usv[id(layer)]
+
+    def params(self, layer, rank):
+        return svd_params(layer, rank)
+
+    def original_macs(self, layer, shapes):
+        tokens = _numel(shapes[0]) // layer.in_features
+        return tokens * layer.in_features * layer.out_features
+
+    def macs(self, layer, rank, shapes):
+        tokens = _numel(shapes[0]) // layer.in_features
+        return tokens * rank * (layer.in_features + layer.out_features)
+
+    def max_rank(self, layer):
+        return svd_max_rank(layer)
+
+    def grid(self, layer):
+        return list(range(1, svd_max_rank(layer) + 1))
+
+    def energy_rank(self, layer, energy):
+        return energy_rank(self._factors(layer)[1], energy)
+
+    def build(self, layer, rank):
+        return svd_linear(layer, rank, self._factors(layer))
+
+
+def _conv_macs_out(shapes: tuple) -> int:
+    out = shapes[1]
+    return out[-2] * out[-1]
+
+
+class _TuckerMethod(_Method):
+    name = "tucker"
+    layer_type = nn.Conv2d
+    rank_field = "ranks"
+
+    def unsupported(self, layer):
+        if layer.groups != 1:
+            return (f"grouped convolution (groups={layer.groups}): Tucker-2 needs a dense Cout x Cin kernel; "
+                    "left as is")
+        return super().unsupported(layer)
+
+    def params(self, layer, rank):
+        return tucker_params(layer, rank)
+
+    def original_macs(self, layer, shapes):
+        kh, kw = layer.kernel_size
+        return layer.out_channels * layer.in_channels * kh * kw * _conv_macs_out(shapes)
+
+    def macs(self, layer, rank, shapes):
+        r_in, r_out = rank
+        kh, kw = layer.kernel_size
+        hw_in = shapes[0][-2] * shapes[0][-1]
+        hw_out = _conv_macs_out(shapes)
+        return layer.in_channels * r_in * hw_in + r_in * r_out * kh * kw * hw_out + r_out * layer.out_channels * hw_out
+
+    def max_rank(self, layer):
+        return tucker_max_ranks(layer)
+
+    def grid(self, layer):
+        return tucker_rank_grid(layer)
+
+    def energy_rank(self, layer, energy):
+        return tucker_energy_ranks(layer, energy)
+
+    def build(self, layer, rank):
+        return tucker_conv(layer, rank, self.config.n_iter_max)
+
+    def explicit_rank(self, value):
+        return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+    def too_large(self, layer, rank):
+        max_in, max_out = self.max_rank(layer)
+        return rank[0] > max_in or rank[1] > max_out
+
+    def report_rank(self, rank):
+        return list(rank)
+
+
+class _CPMethod(_Method):
+    name = "cp"
+    layer_type = nn.Conv2d
+
+    def unsupported(self, layer):
+        if layer.groups != 1:
+            return (f"grouped convolution (groups={layer.groups}): CP needs a dense Cout x Cin kernel; left as is")
+        return super().unsupported(layer)
+
+    def params(self, layer, rank):
+        return cp_params(layer, rank)
+
+    def original_macs(self, layer, shapes):
+        kh, kw = layer.kernel_size
+        return layer.out_channels * layer.in_channels * kh * kw * _conv_macs_out(shapes)
+
+    def macs(self, layer, rank, shapes):
+        kh, kw = layer.kernel_size
+        h_in, w_in = shapes[0][-2:]
+        h_out, w_out = shapes[1][-2:]
+        return rank * (layer.in_channels * h_in * w_in + kh * h_out * w_in + kw * h_out * w_out
+                       + layer.out_channels * h_out * w_out)
+
+    def max_rank(self, layer):
+        return cp_max_rank(layer)
+
+    def grid(self, layer):
+        return list(range(1, cp_max_rank(layer) + 1))
+
+    def build(self, layer, rank):
+        c = self.config
+        return cp_conv(layer, rank, c.n_iter_max, c.tol, c.seed)
+
+
+_METHODS = {SVD: _SVDMethod, Tucker: _TuckerMethod, CP: _CPMethod}
+
+
+def _numel(shape: tuple) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _record_shapes(model: nn.Module, names: list[str], example_inputs: tuple) -> dict[str, tuple]:
+    """Per-sample (input shape, output shape) of each named layer on ``example_inputs``."""
+    shapes: dict[str, tuple] = {}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            model(*[x.to(device) if torch.is_tensor(x) else x for x in example_inputs])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+class _Scanner:
+    """Accuracy of (a private copy of) the original model on a few fixed batches, with one layer swapped
+    for a candidate: each layer's sensitivity is measured alone, so drops of several layers roughly add up."""
+
+    def __init__(self, model: nn.Module, loader, batches: int):
+        self.model = copy.deepcopy(model)
+        self.device = model_device(model)
+        self.batches = []
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise DataError("the max_drop sensitivity scan measures accuracy: data must yield (x, y) batches")
+            self.batches.append((batch[0].to(self.device), batch[1].to(self.device)))
+        self.baseline = self.accuracy()
+
+    @torch.no_grad()
+    def accuracy(self) -> float:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            correct = total = 0
+            for x, y in self.batches:
+                correct += (self.model(x).argmax(1) == y).sum().item()
+                total += y.numel()
+        finally:
+            self.model.train(was_training)
+        return correct / max(total, 1)
+
+    def drop_with(self, name: str, candidate: nn.Module) -> float:
+        original = self.model.get_submodule(name)
+        _set_module(self.model, name, candidate)
+        try:
+            return self.baseline - self.accuracy()
+        finally:
+            _set_module(self.model, name, original)
+
+
+def decompose(model: nn.Module, config: SVD | Tucker | CP, example_inputs: tuple | None = None,
+              data=None) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """Return a low-rank copy of ``model`` (the original is left untouched) and a per-layer report.
+
+    Decomposed layers become ``nn.Sequential`` of plain ``nn.Linear`` / ``nn.Conv2d``. The report maps
+    every candidate layer name to ``{"method", "rank", "params_before", "params_after", "macs_before",
+    "macs_after", "error", "skipped"}``: ``error`` is the relative (Frobenius) reconstruction error of the
+    kernel, ``skipped`` None or the reason the layer was left alone; MACs (per sample) are None without
+    ``example_inputs`` (or ``data``, whose first sample is then used). ``data`` (a loader of ``(x, y)`` or
+    :class:`~torchslim.data.Splits`, whose ``val`` split is used) is required by ``max_drop``.
+    """
+    method_cls = _METHODS.get(type(config))
+    if method_cls is None:
+        raise ConfigError(f"decompose expects an SVD, Tucker or CP config, got {type(config).__name__}")
+    method = method_cls(config)
+    loader = data.val if isinstance(data, Splits) else data
+    if loader is not None:
+        check_loader(loader, "decomposition data")
+    if config.selection == "sensitivity" and loader is None:
+        raise ConfigError(f"{type(config).__name__}(max_drop=...) scans each layer's accuracy: pass data= "
+                          "(a loader of (x, y) batches)")
+    if example_inputs is None and loader is not None:
+        first = next(iter(loader))
+        example_inputs = ((first[0] if isinstance(first, (tuple, list)) else first)[:1],)
+
+    new = copy.deepcopy(model)
+    candidates = [(n, m) for n, m in new.named_modules() if n and isinstance(m, method.layer_type)]
+    names = [n for n, _ in candidates]
+    rank_value = getattr(config, method.rank_field)
+    if isinstance(rank_value, dict):  # a typo in a layer name must not pass silently
+        unknown = sorted(set(rank_value) - set(names))
+        if unknown:
+            raise ConfigError(f"{method.rank_field} names layer(s) {unknown} that are not "
+                              f"{method.layer_type.__name__} layers of the model; candidates: {names}")
+    shapes = _record_shapes(new, names, example_inputs) if example_inputs is not None and names else {}
+    scanner = _Scanner(model, loader, config.scan_batches) if config.selection == "sensitivity" else None
+
+    report: dict[str, dict[str, Any]] = {}
+    bar = tqdm(candidates, desc=f"decompose ({method.name})", disable=not config.progress or len(candidates) < 2,
+               leave=False, dynamic_ncols=True)
+    for name, layer in bar:
+        report[name], module = _decompose_layer(name, layer, method, shapes.get(name), scanner)
+        if module is not None:
+            _set_module(new, name, module)
+    bar.close()
+    return new, report
+
+
+def _decompose_layer(name: str, layer: nn.Module, method: _Method, shapes: tuple | None,
+                     scanner: _Scanner | None) -> tuple[dict[str, Any], nn.Module | None]:
+    """The report entry of one layer and its replacement (None when the layer is left alone)."""
+    config = method.config
+    params_before = sum(p.numel() for p in layer.parameters())
+    macs_before = method.original_macs(layer, shapes) if shapes else None
+    entry: dict[str, Any] = {"method": method.name, "rank": None, "params_before": params_before,
+                             "params_after": params_before, "macs_before": macs_before, "macs_after": macs_before,
+                             "error": None, "skipped": None}
+
+    def skip(reason: str) -> tuple[dict[str, Any], None]:
+        entry["skipped"] = reason
+        return entry, None
+
+    if config.layers and not _matches(name, config.layers):
+        return skip("not selected by config.layers")
+    if _matches(name, config.exclude):
+        return skip("excluded by config.exclude")
+    reason = method.unsupported(layer)
+    if reason:
+        return skip(reason)
+
+    def cost(rank: Rank) -> tuple[int, int | None]:
+        return method.params(layer, rank), method.macs(layer, rank, shapes) if shapes else None
+
+    def saves(rank: Rank) -> bool:
+        p, m = cost(rank)
+        return p < params_before and (m is None or m < macs_before)
+
+    built: tuple[nn.Module, float] | None = None
+    rank_value = getattr(config, method.rank_field)
+    if config.selection == "rank":
+        value = rank_value.get(name) if isinstance(rank_value, dict) else rank_value
+        if value is None:
+            return skip(f"no {method.rank_field} given for this layer")
+        rank = method.explicit_rank(value)
+        if method.too_large(layer, rank):
+            msg = (f"{method.rank_field} {method.report_rank(rank)} exceeds the maximum "
+                   f"{method.report_rank(method.max_rank(layer))} for this layer")
+            if isinstance(rank_value, dict):  # asked for this layer by name: an error, not a skip
+                raise ConfigError(f"layer {name!r}: {msg}; give a smaller {method.rank_field}")
+            return skip(msg)
+    elif config.selection == "energy":
+        rank = method.energy_rank(layer, config.energy)
+    elif config.selection == "ratio":
+        grid = method.grid(layer)
+        fitting = [r for r in grid if method.params(layer, r) <= config.ratio * params_before]
+        if not fitting:
+            return skip(f"ratio {config.ratio} unreachable: the smallest rank needs "
+                        f"{method.params(layer, grid[0])} of {params_before} params")
+        rank = fitting[-1]
+    else:
+        saving = [r for r in method.grid(layer) if saves(r)]
+        if not saving:
+            return skip("no rank saves parameters and MACs")
+        rank, built, drop = _scan(scanner, method, name, layer, saving, config.max_drop)
+        if rank is None:
+            return skip(f"sensitive: even rank {method.report_rank(saving[-1])} drops accuracy by {drop:.4f} "
+                        f"> max_drop {config.max_drop}")
+        entry["accuracy_drop"] = drop
+
+    params_after, macs_after = cost(rank)
+    entry["rank"] = method.report_rank(rank)
+    if config.require_saving and not saves(rank):
+        what = f"{params_after} params vs {params_before}"
+        if macs_before is not None:
+            what += f", {macs_after} MACs vs {macs_before}"
+        return skip(f"no saving at rank {method.report_rank(rank)}: {what}")
+    module, error = built if built is not None else method.build(layer, rank)
+    entry.update(params_after=params_after, macs_after=macs_after, error=error)
+    return entry, module
+
+
+def _scan(scanner: _Scanner, method: _Method, name: str, layer: nn.Module, ranks: list, max_drop: float):
+    """Binary search (accuracy grows with rank) for the smallest rank whose drop is <= ``max_drop``."""
+    tried: dict[int, tuple[float, tuple[nn.Module, float]]] = {}
+
+    def drop_at(i: int) -> float:
+        if i not in tried:
+            built = method.build(layer, ranks[i])
+            tried[i] = (scanner.drop_with(name, built[0]), built)
+        return tried[i][0]
+
+    hi = len(ranks) - 1
+    if drop_at(hi) > max_drop:
+        return None, None, drop_at(hi)
+    lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if drop_at(mid) <= max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    return ranks[lo], tried[lo][1], tried[lo][0]
+
+
+def summarize(report: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Totals over a decomposition report: layers decomposed / skipped, parameters before and after."""
+    done = [n for n, e in report.items() if e["skipped"] is None]
+    return {
+        "decomposed": done,
+        "skipped": {n: e["skipped"] for n, e in report.items() if e["skipped"] is not None},
+        "params_before": sum(e["params_before"] for e in report.values()),
+        "params_after": sum(e["params_after"] for e in report.values()),
+    }
+
+
+__all__ = ["decompose", "summarize"]
