@@ -2,18 +2,34 @@
 
 from ._version import __version__
 from .config import Config, config_from_dict
-from .errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
+from .distillation import Distillation, distill
+from .errors import (
+                           CheckpointError,
+                           ConfigError,
+                           DataError,
+                           TorchslimError,
+                           UnsupportedModelError,
+)
 from .export.checkpoint import load, read_manifest, save
+from .export.onnx import export_onnx
+from .lowrank import CP, SVD, Tucker, decompose
 from .metrics import evaluate, profile
-from .pipeline.train import TrainConfig, train
 from .pipeline.runner import Finetune
+from .pipeline.train import TrainConfig, train
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
-from .quantization import (QAT, BinaryWeights, DynamicQuantization, Float8, MixedPrecision, StaticQuantization,
-                           TernaryWeights, WeightOnly, WeightSharing, quantize)
-from .distillation import Distillation, distill
-from .lowrank import CP, SVD, Tucker, decompose
-from .export.onnx import export_onnx
+from .quantization import (
+                           QAT,
+                           BinaryWeights,
+                           DynamicQuantization,
+                           Float8,
+                           MixedPrecision,
+                           StaticQuantization,
+                           TernaryWeights,
+                           WeightOnly,
+                           WeightSharing,
+                           quantize,
+)
 
 __all__ = [
     "__version__", "Config", "config_from_dict",

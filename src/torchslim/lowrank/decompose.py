@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from typing import Any
 
@@ -13,10 +12,17 @@ from tqdm.auto import tqdm
 from ..data import Splits, check_loader
 from ..errors import ConfigError, DataError
 from ..metrics.evaluate import model_device
+from ..utils import copy_model
 from .config import CP, SVD, Tucker
 from .cp import cp_conv, cp_max_rank, cp_params
 from .svd import energy_rank, linear_svd, svd_linear, svd_max_rank, svd_params
-from .tucker import tucker_conv, tucker_energy_ranks, tucker_max_ranks, tucker_params, tucker_rank_grid
+from .tucker import (
+    tucker_conv,
+    tucker_energy_ranks,
+    tucker_max_ranks,
+    tucker_params,
+    tucker_rank_grid,
+)
 
 Rank = Any  # int (SVD, CP) or (in_rank, out_rank) (Tucker)
 
@@ -241,7 +247,7 @@ class _Scanner:
     for a candidate: each layer's sensitivity is measured alone, so drops of several layers roughly add up."""
 
     def __init__(self, model: nn.Module, loader, batches: int):
-        self.model = copy.deepcopy(model)
+        self.model = copy_model(model)
         self.device = model_device(model)
         self.batches = []
         for i, batch in enumerate(loader):
@@ -299,7 +305,7 @@ def decompose(model: nn.Module, config: SVD | Tucker | CP, example_inputs: tuple
         first = next(iter(loader))
         example_inputs = ((first[0] if isinstance(first, (tuple, list)) else first)[:1],)
 
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     candidates = [(n, m) for n, m in new.named_modules() if n and isinstance(m, method.layer_type)]
     names = [n for n, _ in candidates]
     rank_value = getattr(config, method.rank_field)

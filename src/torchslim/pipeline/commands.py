@@ -38,7 +38,6 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
                   save_kw: dict | None = None) -> dict[str, Any]:
     """The report's metric block: ``metric_fn`` on ``loader`` (under the key ``accuracy``) plus the profile."""
     from ..metrics import profile
-
     from ..metrics.profile import saved_size
 
     p = profile(model, example_inputs, size=False)
@@ -149,7 +148,13 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     from ..metrics.profile import saved_size
     from . import distributed
     from .guard import run_guarded
-    from .recipe import build_data, build_model, check_against_model, metric_function, save_kwargs
+    from .recipe import (
+        build_data,
+        build_model,
+        check_against_model,
+        metric_function,
+        save_kwargs,
+    )
     from .train import default_device
 
     if not isinstance(recipe, Recipe):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from ..data import Splits
 from ..errors import ConfigError
 from ..metrics import evaluate
 from ..metrics.profile import saved_size
+from ..utils import copy_model
 from .train import TrainConfig, train
 
 
@@ -52,11 +52,11 @@ def _distill_stage(model, config, data: Splits, example_inputs: tuple, teacher) 
     if teacher is None:
         raise ConfigError("a Distillation stage needs a teacher: run it in a pipeline (the uncompressed "
                           "original is the teacher) or call torchslim.distill(student, teacher, ...) directly")
-    return distill(copy.deepcopy(model), teacher, data, config)
+    return distill(copy_model(model), teacher, data, config)
 
 
 def _finetune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     train(model, data.train, config.train, val_loader=data.val)
     return model
 

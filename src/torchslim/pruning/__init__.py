@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils import copy_model
 from .config import Schedule, StructuredPruning, UnstructuredPruning
-from .schedule import run_structured, run_unstructured
 from .graph import build_groups
 from .importance import bn_l1_penalty
+from .schedule import run_structured, run_unstructured
 from .structured import masked_like, structured_prune
 from .unstructured import layer_sparsity, make_permanent, unstructured_prune
 
@@ -27,7 +26,7 @@ def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning, *, 
     ``val_data`` is evaluated after each fine-tuning epoch.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     if isinstance(config, UnstructuredPruning):
         run_unstructured(model, config, data, val_data)
     elif isinstance(config, StructuredPruning):

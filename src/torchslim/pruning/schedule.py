@@ -8,8 +8,12 @@ from ..data import check_loader
 from ..errors import ConfigError
 from ..pipeline.train import train
 from .config import Schedule, StructuredPruning, UnstructuredPruning
-from .unstructured import magnitude_masks, apply_masks, prunable_layers, unstructured_prune
-
+from .unstructured import (
+    apply_masks,
+    magnitude_masks,
+    prunable_layers,
+    unstructured_prune,
+)
 
 # Share of a gradual run during which sparsity ramps up; the rest recovers at the final sparsity.
 RAMP_SHARE = 0.5

@@ -7,7 +7,6 @@ layer attribute, leaving a smaller dense model of the same classes.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import math
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..utils import copy_model
 from .config import StructuredPruning
 from .graph import UNSUPPORTED, Group, Member, build_groups
 from .importance import LossFn, group_importance
@@ -259,7 +259,7 @@ def masked_like(original: nn.Module, summary: dict) -> nn.Module:
     In eval mode it computes what the pruned model computes (up to float rounding) as long as removed
     channels stay zero downstream (ReLU-like activations, no LayerNorm over channels): a correctness check.
     """
-    masked = copy.deepcopy(original)
+    masked = copy_model(original)
     for leader, keep in summary["kept"].items():
         members = [Member(**m) for m in summary["members"][leader]]
         removed = sorted(set(range(summary["removed_channels"][leader][0])) - set(keep))

@@ -16,8 +16,16 @@ from ..errors import ConfigError
 from . import modules  # noqa: F401  (registers quantized modules and the intpack encoding)
 from .lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary
 from .mixed import MixedPrecision, apply_mixed_precision, quantize_mixed
-from .ptq import (DynamicQuantization, Float8, StaticQuantization, WeightOnly, apply_dynamic, apply_fp8,
-                  apply_static, apply_weight_only)
+from .ptq import (
+    DynamicQuantization,
+    Float8,
+    StaticQuantization,
+    WeightOnly,
+    apply_dynamic,
+    apply_fp8,
+    apply_static,
+    apply_weight_only,
+)
 from .qat import QAT, apply_qat, calibrate, convert, prepare_qat
 from .sharing import WeightSharing, apply_weight_sharing
 from .spec import QuantSpec

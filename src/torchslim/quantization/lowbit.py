@@ -19,8 +19,18 @@ from torch import nn
 from ..config import Config, check_choice, check_positive
 from ..errors import ConfigError
 from ..pipeline.train import TrainConfig
-from .qat import (ACTIVATION_BITS, WEIGHT_BITS, LayerQuant, _check_patterns, _UNSUPPORTED_CHOICES, check_bits,
-                  first_last, prepare_qat, quantizable_layers, run_qat)
+from .qat import (
+    _UNSUPPORTED_CHOICES,
+    ACTIVATION_BITS,
+    WEIGHT_BITS,
+    LayerQuant,
+    _check_patterns,
+    check_bits,
+    first_last,
+    prepare_qat,
+    quantizable_layers,
+    run_qat,
+)
 
 __all__ = ["BinaryWeights", "TernaryWeights", "apply_binary", "apply_ternary", "apply_lowbit"]
 

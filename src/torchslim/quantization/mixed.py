@@ -35,8 +35,20 @@ from ..data import check_loader
 from ..errors import ConfigError, DataError
 from ..pipeline.train import TrainConfig
 from .modules import to_qat_module
-from .qat import WEIGHT_BITS, ACTIVATION_BITS, LayerQuant, _check_patterns, _UNSUPPORTED_CHOICES, check_bits, \
-    calibrate, convert, copy_model, prepare, quantizable_layers, run_qat
+from .qat import (
+    _UNSUPPORTED_CHOICES,
+    ACTIVATION_BITS,
+    WEIGHT_BITS,
+    LayerQuant,
+    _check_patterns,
+    calibrate,
+    check_bits,
+    convert,
+    copy_model,
+    prepare,
+    quantizable_layers,
+    run_qat,
+)
 
 __all__ = ["MixedPrecision", "MixedPrecisionPlan", "measure_sensitivity", "allocate_bits",
            "mixed_precision_plan", "quantize_mixed", "apply_mixed_precision"]

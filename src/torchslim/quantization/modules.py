@@ -30,7 +30,14 @@ from torch.nn.utils import prune as torch_prune
 
 from ..config import config_from_dict
 from ..errors import TorchslimError
-from .fake import BinaryQuantizer, FakeQuantize, LSQQuantizer, MinMaxQuantizer, Quantizer, TernaryQuantizer
+from .fake import (
+    BinaryQuantizer,
+    FakeQuantize,
+    LSQQuantizer,
+    MinMaxQuantizer,
+    Quantizer,
+    TernaryQuantizer,
+)
 from .spec import QuantSpec
 
 __all__ = [

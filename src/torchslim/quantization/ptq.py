@@ -27,12 +27,25 @@ from torch.nn.utils import prune as torch_prune
 
 from ..config import Config, check_choice, check_positive
 from ..errors import ConfigError, DataError, UnsupportedModelError
-from ..export.onnx import _export_copy, array, deepcopy_model, ort_session, to_onnx_proto
+from ..export.onnx import (
+    _export_copy,
+    array,
+    deepcopy_model,
+    ort_session,
+    to_onnx_proto,
+)
 from .backends import STATIC_BACKENDS
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported
 from .backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
-from .backends.onnxrt import (OrtQuantizedModel, calibrate_graph, exclude_node_names, float_compute_nodes,
-                              global_pool_rewrite, measure_sessions, quantize_graph)
+from .backends.onnxrt import (
+    OrtQuantizedModel,
+    calibrate_graph,
+    exclude_node_names,
+    float_compute_nodes,
+    global_pool_rewrite,
+    measure_sessions,
+    quantize_graph,
+)
 from .backends.weight_only import WEIGHT_ONLY_BITS, WeightOnlyLinear
 from .observers import OBSERVERS, make_observer
 from .spec import QuantSpec

@@ -14,7 +14,6 @@ or raise ``UnsupportedModelError`` with ``unsupported="raise"``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import warnings
@@ -22,14 +21,26 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
 from ..config import Config, check_choice, check_positive
 from ..data import check_loader
 from ..errors import ConfigError, DataError, UnsupportedModelError
 from ..pipeline.train import TrainConfig, train
-from .fake import BinaryQuantizer, LSQQuantizer, MinMaxQuantizer, Quantizer, TernaryQuantizer
-from .modules import CONVERTED_MODULES, FLOAT_TO_QAT, QAT_MODULES, to_converted_module, to_qat_module
+from ..utils import copy_model
+from .fake import (
+    BinaryQuantizer,
+    LSQQuantizer,
+    MinMaxQuantizer,
+    Quantizer,
+    TernaryQuantizer,
+)
+from .modules import (
+    CONVERTED_MODULES,
+    FLOAT_TO_QAT,
+    QAT_MODULES,
+    to_converted_module,
+    to_qat_module,
+)
 from .spec import SUPPORTED_BITS, QuantSpec
 
 __all__ = [
@@ -231,20 +242,6 @@ def first_last(names: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also works right after training a pruned model.
-
-    ``torch.nn.utils.prune`` caches ``weight = weight_orig * weight_mask`` as a plain attribute, which is a
-    non-leaf tensor after a forward pass with autograd, and deepcopy refuses those. The cache is
-    recomputed (same values, without autograd history) before copying.
-    """
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                setattr(module, hook._tensor_name, hook.apply_mask(module))
-    return copy.deepcopy(model)
-
-
 def prepare(model: nn.Module, plan: dict[str, LayerQuant], *, inplace: bool = False) -> nn.Module:
     """Return ``model`` (a deep copy unless ``inplace``) with the layers in ``plan`` swapped for their
     fake-quant wrappers, ready to train."""

@@ -12,7 +12,6 @@ whichever is smaller per layer, relative indices for the pruned positions) and t
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import warnings
@@ -29,6 +28,7 @@ from ..errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..export import coding  # noqa: F401  (registers the "huffman" and "ans" checkpoint encodings)
 from ..export.checkpoint import register_module
 from ..pipeline.train import TrainConfig, train
+from ..utils import copy_model
 
 __all__ = ["WeightSharing", "apply_weight_sharing", "SharedLinear", "SharedConv1d", "SharedConv2d",
            "SharedConv3d", "SharedWeight", "kmeans_codebook", "sharing_summary", "MAX_BITS"]
@@ -248,18 +248,6 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed:
 # Applying it
 
 
-def _copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies pruned models: ``torch.nn.utils.prune`` caches the masked
-    weight as a non-leaf tensor attribute, which deepcopy refuses; a detached copy goes in its place
-    (the next forward recomputes it anyway)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
 def shareable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Linear and Conv layers of ``model`` by name, minus those matching an ``exclude`` pattern."""
     return {name: m for name, m in model.named_modules()
@@ -292,7 +280,7 @@ def apply_weight_sharing(model: nn.Module, config: WeightSharing, *, data=None, 
     if config.finetune is not None:
         check_loader(data, "data (needed for centroid fine-tuning: WeightSharing.finetune is set)")
     if not inplace:
-        model = _copy_model(model)
+        model = copy_model(model)
     targets = _targets(model, config)
     for name, bits in targets.items():
         module = model.get_submodule(name)

@@ -33,7 +33,13 @@ from ..config import Config
 from ..errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, load_recipe
 from .pareto import OBJECTIVE_LABELS, choose, pareto_front, plot_pareto
-from .sensitivity import Knob, build_knobs, knob_sensitivity, search_spaces, stage_configs
+from .sensitivity import (
+    Knob,
+    build_knobs,
+    knob_sensitivity,
+    search_spaces,
+    stage_configs,
+)
 
 __all__ = ["search", "SearchResult", "Problem", "Evaluation", "open_storage", "lagrangian_path", "StorageError"]
 
@@ -428,13 +434,25 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     When no setting meets the budget, the report shows the best one found and says so (``feasible`` False);
     ``budget.met`` in the report is False also when the chosen model misses the budget on the test split."""
     from ..export.checkpoint import load, save
-    from ..pipeline.commands import (budget_markdown, budget_summary, check_outputs, measure_block, publish,
-                                     _warn_if_missed, _model_name)
-    from ..pipeline.recipe import build_data, build_model, check_against_model, metric_function, save_kwargs
+    from ..pipeline.commands import (
+        _model_name,
+        _warn_if_missed,
+        budget_markdown,
+        budget_summary,
+        check_outputs,
+        measure_block,
+        publish,
+    )
+    from ..pipeline.distributed import launched
+    from ..pipeline.recipe import (
+        build_data,
+        build_model,
+        check_against_model,
+        metric_function,
+        save_kwargs,
+    )
     from ..pipeline.train import default_device
     from ..report import build_report
-
-    from ..pipeline.distributed import launched
 
     if launched():
         raise ConfigError("run the search as one process, not under torchrun: it parallelises over trials "

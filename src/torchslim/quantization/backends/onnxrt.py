@@ -233,7 +233,11 @@ def quantize_graph(model, observers: dict[str, Observer], *, fmt: str = "qdq", p
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     try:
-        from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+        from onnxruntime.quantization.calibrate import (
+            CalibrationMethod,
+            TensorData,
+            TensorsData,
+        )
         from onnxruntime.quantization.onnx_quantizer import ONNXQuantizer
         from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
         from onnxruntime.quantization.quant_utils import QuantizationMode, QuantType
