@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
-from unittest import mock
+from typing import Any, Callable
 
 import torch
 
@@ -139,25 +136,9 @@ def quick_plans(steps: int = 30) -> tuple[dict[str, TrainConfig], dict[str, dict
 # Saving with a restricted set of encodings
 
 
-@contextmanager
-def _only_encodings(names: tuple[str, ...] | None) -> Iterator[dict[str, Any]]:
-    """Keyword arguments for ``checkpoint.save`` that restrict it to ``names``."""
-    if names is None:
-        yield {}
-    elif "encodings" in inspect.signature(ckpt.save).parameters:
-        yield {"encodings": names}
-    else:
-        # Until checkpoint.save accepts encodings= (requested from the checkpoint's owner), hide the
-        # other registered encodings for the duration of this one call.
-        kept = {k: v for k, v in ckpt._ENCODINGS.items() if k in names or k == "dense"}
-        with mock.patch.dict(ckpt._ENCODINGS, kept, clear=True):
-            yield {}
-
-
 def save_checkpoint(model: torch.nn.Module, path: Path, encodings: tuple[str, ...] | None, **kwargs) -> Path:
     """``torchslim`` checkpoint of ``model`` using only ``encodings`` (all registered when None)."""
-    with _only_encodings(encodings) as extra:
-        return ckpt.save(model, path, overwrite=True, **extra, **kwargs)
+    return ckpt.save(model, path, overwrite=True, encodings=encodings, **kwargs)
 
 
 def file_accounting(path: Path) -> dict[str, Any]:

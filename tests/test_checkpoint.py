@@ -503,3 +503,23 @@ def test_builtin_module_specs_rebuild_exactly(module):
     rebuilt = codec.from_args(json.loads(json.dumps(args)))
     assert type(rebuilt) is type(module) and ckpt._plain(codec.to_args(rebuilt)) == args
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
+
+
+def test_encodings_can_be_restricted(tmp_path):
+    import pytest as _pytest
+    from torch.nn.utils import prune as torch_prune
+
+    import torchslim
+    from torchslim.export.checkpoint import read_manifest, save
+    from torchslim.models import LeNet300
+
+    torch.manual_seed(0)
+    model = LeNet300()
+    layers = [(model.fc1, "weight"), (model.fc2, "weight"), (model.fc3, "weight")]
+    torch_prune.global_unstructured(layers, pruning_method=torch_prune.L1Unstructured, amount=0.9)
+    save(model, tmp_path / "b.slim", encodings=("bitmask",))
+    used = {e["encoding"] for e in read_manifest(tmp_path / "b.slim")["tensors"].values()}
+    assert used == {"dense", "bitmask"}
+    with _pytest.raises(torchslim.TorchslimError, match="unknown encoding"):
+        save(model, tmp_path / "c.slim", encodings=("zip",))
+    assert not (tmp_path / "c.slim").exists()

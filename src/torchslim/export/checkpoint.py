@@ -24,7 +24,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Sequence, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import safetensors.torch
@@ -139,7 +139,8 @@ def register_module(cls: type, to_args: Callable[[nn.Module], dict[str, Any]],
 
 def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[..., nn.Module] | None = None,
          factory_kwargs: dict[str, Any] | None = None, history: list[dict] | None = None,
-         metrics: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+         metrics: dict[str, Any] | None = None, overwrite: bool = False,
+         encodings: Sequence[str] | None = None) -> Path:
     """Write ``model`` to a single ``.slim`` file at ``path`` and return the path.
 
     The architecture is recorded as ``type(model)`` plus ``model.init_kwargs`` (torchslim's models
@@ -147,7 +148,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     ``factory_kwargs``. Modules whose type or shape differs from what the factory builds (structured
     pruning, low-rank factors) are recorded too. ``torch.nn.utils.prune`` masks are folded into the
     weights and re-applied by :func:`load`; ``model`` itself is not modified. The file is written
-    atomically and an existing file is only replaced with ``overwrite=True``.
+    atomically and an existing file is only replaced with ``overwrite=True``. ``encodings`` limits the
+    registered tensor encodings save may choose from (``"dense"`` is always allowed); by default each
+    tensor gets the smallest of all.
     """
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"save: expected an nn.Module, got {type(model).__name__}")
@@ -177,10 +180,16 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     specs = _diff_modules(model, fresh)
     _check_rebuild(fresh, on_meta, specs, state, factory_path)
 
+    allowed = None
+    if encodings is not None:
+        unknown = sorted(set(encodings) - set(_ENCODINGS))
+        if unknown:
+            raise TorchslimError(f"unknown encoding(s) {unknown}; registered: {sorted(_ENCODINGS)}")
+        allowed = {"dense", *encodings}
     entries: dict[str, dict[str, Any]] = {}
     stored: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        entry, parts = _encode_tensor(name, tensor)
+        entry, parts = _encode_tensor(name, tensor, allowed)
         entries[name] = entry
         for part, value in parts.items():
             key = _stored_name(name, part)
@@ -563,9 +572,12 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _encode_tensor(name: str, tensor: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _encode_tensor(name: str, tensor: torch.Tensor, allowed: set[str] | None = None
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     best: tuple[int, str, dict[str, torch.Tensor], dict[str, Any]] | None = None
     for enc_name, enc in _ENCODINGS.items():
+        if allowed is not None and enc_name not in allowed:
+            continue
         out = enc.encode(tensor)
         if out is None:
             continue

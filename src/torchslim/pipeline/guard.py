@@ -56,6 +56,9 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
 
     With ``max_drop`` set, a segment whose result scores below ``baseline_val - max_drop`` is handled as
     ``guard.policy`` says. ``describe(model)`` adds report fields (test accuracy, bytes on disk) to each record.
+    ``apply(model, config, data, example_inputs, teacher=...)`` applies one stage (default
+    :func:`~torchslim.pipeline.runner.apply_stage`); ``model``, the uncompressed original, is the teacher of
+    distillation stages.
     """
     from ..search.sensitivity import soften
     from .runner import apply_stage
@@ -71,7 +74,7 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
         attempts: list[dict[str, Any]] = []
         factor = 1.0
         while True:
-            out, recs = _run_segment(current, seg, configs, data, example_inputs, metric_fn, apply, log)
+            out, recs = _run_segment(current, seg, configs, data, example_inputs, metric_fn, apply, log, model)
             val = recs[-1]["val_accuracy"]
             attempts.append({"configs": [c.to_dict() for c in configs], "val_accuracy": val})
             if floor is None or val >= floor:
@@ -119,13 +122,13 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
 
 
 def _run_segment(model: nn.Module, seg: list[StageSpec], configs: list[Config], data, example_inputs: tuple,
-                 metric_fn: Callable, apply: Callable, log: Callable[[str], None]
+                 metric_fn: Callable, apply: Callable, log: Callable[[str], None], teacher: nn.Module
                  ) -> tuple[nn.Module, list[dict[str, Any]]]:
     records = []
     for stage, config in zip(seg, configs):
         log(f"stage {stage.name}: {type(config).__name__}")
         t0 = time.perf_counter()
-        model = apply(model, config, data, example_inputs)
+        model = apply(model, config, data, example_inputs, teacher=teacher)
         seconds = time.perf_counter() - t0
         val = float(metric_fn(model, data.val))
         log(f"  val {val:.4f}  ({seconds:.1f} s)")

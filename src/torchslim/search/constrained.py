@@ -68,9 +68,10 @@ class Evaluation:
 
 
 class Problem:
-    """Everything a trial needs: the baseline (never modified), the data, the stages, the knobs, the metric and
-    the objective. ``evaluate`` is deterministic for given values: the RNG and the training loader's shuffling
-    are reset before each run."""
+    """Everything a trial needs: the baseline (never modified; the teacher of distillation stages), the data, the
+    stages, the knobs, the metric and the objective. ``evaluate`` is deterministic for given values: the RNG and
+    the training loader's shuffling are reset before each run. ``apply`` defaults to
+    :func:`~torchslim.pipeline.runner.apply_stage`."""
 
     def __init__(self, recipe: Recipe, baseline: nn.Module, data, *, objective: str, metric_fn: Callable,
                  save_kw: dict | None = None, apply: Callable | None = None, latency_repeats: int = 30):
@@ -123,7 +124,7 @@ class Problem:
         for stage, config in zip(self.stages, self.configs(values)):
             t0 = time.perf_counter()
             if config is not None:
-                model = self.apply(model, config, self.data, self.example_inputs)
+                model = self.apply(model, config, self.data, self.example_inputs, teacher=self.baseline)
             rec = {"name": stage.name, "config": None if config is None else config.to_dict(),
                    "val_accuracy": float(self.metric_fn(model, self.data.val)),
                    "size_bytes": saved_size(model, **self.save_kw), "seconds": time.perf_counter() - t0}

@@ -449,7 +449,7 @@ def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], 
             continue
         config = spaces[type(config).__name__].oneshot(config)
         try:
-            compressed = apply(model, config, data, example_inputs)
+            compressed = apply(model, config, data, example_inputs, teacher=model)
         except (ConfigError, UnsupportedModelError) as exc:
             raise ConfigError(f"one-shot scan of {knob.name} at {value}: {exc}") from None
         error, metric = score(compressed)
