@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _quant_ptq import section_ptq  # noqa: E402
 from _common import environment, parse_args, print_table, write_json  # noqa: E402
 
 from torchslim import TrainConfig, train  # noqa: E402
@@ -164,9 +165,8 @@ def section_mixed(ctx: Context) -> dict:
     }}
 
 
-# The PTQ section (ptq.py / backends) goes here: append ("ptq", section_ptq) with
-# ``def section_ptq(ctx: Context) -> dict`` returning {"rows": [...], "targets": {...}} like the ones above.
 SECTIONS: list[tuple[str, Callable[[Context], dict]]] = [
+    ("ptq", section_ptq),  # static/dynamic/weight-only PTQ, int8 speed, ONNX export (benchmarks/_quant_ptq.py)
     ("qat4", section_qat4),
     ("ternary", section_ternary),
     ("binary", section_binary),
