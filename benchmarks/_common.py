@@ -14,8 +14,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(name: str, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(name: str, description: str, argv: list[str] | None = None,
+               sections: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description)
+    if sections:
+        parser.add_argument("--only", nargs="+", choices=sections, default=None,
+                            help="run only these sections and merge them into an existing OUT/NAME.json")
     parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes at most")
     parser.add_argument("--data-dir", default=None, help="folder holding mnist/ (default ../shared/datasets)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="output folder")

@@ -1,4 +1,4 @@
-"""Command line: ``torchslim demo --out DIR``."""
+"""Command line: ``torchslim demo | compress | sensitivity | search``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     demo.set_defaults(func=_demo)
+    from .pipeline.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -3,14 +3,13 @@
 The model is captured with ``torch.export`` and translated by ``torch.onnx``'s exporter (which folds
 BatchNorm into the preceding convolution in eval mode); models ``torch.export`` cannot capture fall back to
 the TorchScript exporter. Pruning masks are folded into the weights of a copy first, and a statically
-quantized model (:class:`~torchslim.quantization.backends.onnxrt.OrtQuantizedModel`) writes its own
+quantized model (:class:`~torchslim.quantization.backends.onnxrt.QuantizedGraphModel`) writes its own
 quantized (QDQ or QOperator) graph. Files are written atomically and checked with ``onnx.checker``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
@@ -26,9 +25,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import DataError, TorchslimError
+from ..utils import copy_model
 
 __all__ = ["export_onnx", "onnx_agreement", "to_onnx_proto", "Agreement", "OnnxExportError", "OnnxExistsError",
-           "ort_session", "deepcopy_model"]
+           "ort_session"]
 
 
 class OnnxExportError(TorchslimError):
@@ -175,22 +175,9 @@ def _check_exportable_modules(model: nn.Module) -> None:
                                   f"{reason}")
 
 
-def deepcopy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies pruned models without touching them: ``torch.nn.utils.prune`` caches
-    the masked weight as a non-leaf tensor attribute, which deepcopy refuses; the copy gets a detached one."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                cached = getattr(module, hook._tensor_name, None)
-                if torch.is_tensor(cached) and not cached.is_leaf:
-                    memo[id(cached)] = cached.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
 def _export_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy with ``torch.nn.utils.prune`` masks folded into the weights."""
-    model = deepcopy_model(model).eval()
+    model = copy_model(model).eval()
     for module in model.modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):

@@ -4,8 +4,8 @@ low-bit, and fp8 on CUDA. One config and one ``apply_*`` function per technique;
 
 - :class:`StaticQuantization` -> :func:`apply_static`: Conv-BN folding, export to ONNX, calibration of every
   activation with a torchslim observer, an int8 graph (weights int8 per channel, activations uint8, ReLU
-  folded into the producer) run by ONNX Runtime's integer kernels; ``backend="auto"`` measures the QDQ and
-  QOperator forms side by side and keeps the faster.
+  folded into the producer) run by integer kernels; ``backend="auto"`` measures ONNX Runtime (QDQ and
+  QOperator forms) and PyTorch's onednn/x86 engines side by side and keeps the fastest.
 - :class:`DynamicQuantization` -> :func:`apply_dynamic`: Linear / LSTM / GRU with int8 weights, activations
   quantized per call (PyTorch's fbgemm/oneDNN kernels).
 - :class:`WeightOnly` -> :func:`apply_weight_only`: int8/int4/int2 grouped weights for Linear layers.
@@ -27,23 +27,19 @@ from torch.nn.utils import prune as torch_prune
 
 from ..config import Config, check_choice, check_positive
 from ..errors import ConfigError, DataError, UnsupportedModelError
-from ..export.onnx import (
-    _export_copy,
-    array,
-    deepcopy_model,
-    ort_session,
-    to_onnx_proto,
-)
+from ..utils import copy_model
+from ..export.onnx import _export_copy, array, ort_session, to_onnx_proto
 from .backends import STATIC_BACKENDS
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported
 from .backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
 from .backends.onnxrt import (
-    OrtQuantizedModel,
+    QuantizedGraphModel,
     calibrate_graph,
     exclude_node_names,
     float_compute_nodes,
     global_pool_rewrite,
-    measure_sessions,
+    make_runner,
+    measure_runners,
     quantize_graph,
 )
 from .backends.weight_only import WEIGHT_ONLY_BITS, WeightOnlyLinear
@@ -76,8 +72,10 @@ class StaticQuantization(Config):
 
     ``observer`` picks how each activation's range is calibrated on ``calibration_batches`` batches
     (``minmax``, ``moving_average``, ``percentile`` at ``percentile``%, ``mse``, ``entropy``). Weights are
-    int8 symmetric, per output channel when ``per_channel``. ``backend``: ``auto`` (measure ``ort_qdq`` and
-    ``ort_qop`` on the example batch and keep the faster), or one of them. The model's inputs are calibrated
+    int8 symmetric, per output channel when ``per_channel``. ``backend``: ``auto`` (time every available
+    backend side by side on the example batch and keep the fastest), or one of ``ort_qdq`` / ``ort_qop``
+    (ONNX Runtime, QDQ or QOperator graph) and ``torch_onednn`` / ``torch_x86`` (PyTorch's quantized
+    kernels). The model's inputs are calibrated
     with ``input_observer`` (``minmax`` by default: clipping an input loses information no later layer can
     recover; ``None`` uses ``observer``). ``exclude`` keeps matching layers
     (fnmatch on module names) in float. Ops without an int8 kernel stay in float; ``on_unsupported`` says
@@ -187,13 +185,14 @@ class Float8(Config):
 
 
 def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_data=None, example_inputs=None,
-                 data=None, val_data=None) -> OrtQuantizedModel:
+                 data=None, val_data=None) -> QuantizedGraphModel:
     """Statically quantize a copy of ``model`` to int8, calibrated on ``calibration_data`` (a loader of
     ``(inputs, targets)`` or of input tensors; ``data`` is used when it is None).
 
-    Returns an :class:`OrtQuantizedModel`: call it with float tensors, get float outputs, computed by
-    ONNX Runtime's int8 kernels. ``example_inputs`` (default: the first calibration batch) is what the
-    model is traced and the backends are timed with.
+    Returns a :class:`QuantizedGraphModel`: call it with float tensors, get float outputs, computed by
+    integer kernels (ONNX Runtime's or PyTorch's, whichever ``config.backend`` names or ``auto`` measured
+    fastest). ``example_inputs`` (default: the first calibration batch) is what the model is traced and the
+    backends are timed with.
     """
     if not isinstance(config, StaticQuantization):
         raise ConfigError(f"apply_static takes a StaticQuantization config, got {type(config).__name__}")
@@ -225,27 +224,33 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
     float_layers = float_compute_nodes(qdq, excluded)
     _report_float(float_layers, config.on_unsupported, "StaticQuantization",
                   "they run as dequantize -> float op -> quantize")
-    candidates = {"ort_qdq": qdq}
-    if config.backend in ("auto", "ort_qop"):
-        candidates["ort_qop"] = quantize_graph(proto, observers, fmt="qop", per_channel=config.per_channel,
-                                               exclude_nodes=excluded)
-    if config.backend != "auto":
-        candidates = {config.backend: candidates[config.backend]}
-    inputs = tuple(array(t) for t in example)
-    latency = measure_sessions({k: v.SerializeToString() for k, v in candidates.items()}, inputs) \
-        if len(candidates) > 1 else {}
-    chosen = min(latency, key=latency.get) if latency else next(iter(candidates))
+    wanted = STATIC_BACKENDS if config.backend == "auto" else (config.backend,)
+    qop = None
+    if any(b != "ort_qdq" for b in wanted):
+        qop = quantize_graph(proto, observers, fmt="qop", per_channel=config.per_channel, exclude_nodes=excluded)
+    graphs, runners, skipped = {}, {}, {}
+    for backend in wanted:
+        graph = qdq if backend == "ort_qdq" else qop
+        try:
+            runners[backend] = make_runner(backend, graph)
+            graphs[backend] = graph
+        except UnsupportedModelError as exc:  # e.g. an op PyTorch's int8 kernels lack: measure the others
+            if config.backend != "auto":
+                raise
+            skipped[backend] = str(exc)
+    latency = measure_runners(runners, example) if len(runners) > 1 else {}
+    chosen = min(latency, key=latency.get) if latency else next(iter(runners))
     info = {
         "observer": config.observer, "input_observer": config.input_observer or config.observer,
         "per_channel": config.per_channel, "weights": "int8 symmetric",
         "activations": "uint8 affine", "conv_bn_folded": folded, "calibration_batches": len(batches),
         "float_layers": float_layers, "excluded_layers": sorted(set(config.exclude)),
-        "backend_latency_ms": {k: round(v, 4) for k, v in latency.items()},
-        "check": _agreement(proto, candidates[chosen], inputs),
-        # FlopCounterMode cannot see inside ONNX Runtime: record the float model's work for profiles.
+        "backend_latency_ms": {k: round(v, 4) for k, v in latency.items()}, "backends_skipped": skipped,
+        "check": _agreement(proto, runners[chosen], example),
+        # FlopCounterMode cannot see inside the integer kernels: record the float model's work for profiles.
         "macs_per_sample": _macs_per_sample(float_model, example),
     }
-    return OrtQuantizedModel.from_onnx(candidates[chosen], backend=chosen, info=info)
+    return QuantizedGraphModel.from_onnx(graphs[chosen], backend=chosen, info=info)
 
 
 def calibration_batches(data, limit: int) -> list[tuple[torch.Tensor, ...]]:
@@ -301,13 +306,12 @@ def _folded_copy(model: nn.Module) -> tuple[nn.Module, str]:
         return model, "onnx exporter"
 
 
-def _agreement(float_proto, quant_proto, inputs: tuple[np.ndarray, ...]) -> dict[str, float]:
+def _agreement(float_proto, runner, example: tuple) -> dict[str, float]:
     """Float vs int8 outputs on the example batch (a sanity check recorded with the model)."""
     ref = ort_session(float_proto.SerializeToString())
-    got = ort_session(quant_proto.SerializeToString())
-    names = [i.name for i in ref.get_inputs()]
-    a = ref.run(None, dict(zip(names, inputs)))[0]
-    b = got.run(None, dict(zip([i.name for i in got.get_inputs()], inputs)))[0]
+    a = ref.run(None, dict(zip([i.name for i in ref.get_inputs()], (array(t) for t in example))))[0]
+    b = runner(*example)
+    b = (b[0] if isinstance(b, tuple) else b).numpy()
     out = {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_output": float(np.abs(a).max())}
     if a.ndim >= 2:
         out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).mean())
@@ -354,7 +358,7 @@ def _inside(name: str, parents: Iterable[str]) -> bool:
 def _convert(model: nn.Module, choose, exclude: tuple[str, ...], what: str, policy: str, how: str
              ) -> tuple[nn.Module, list[str]]:
     """Replace every layer ``choose(name, module)`` returns a module for; report weighted layers left float."""
-    model = deepcopy_model(model)
+    model = copy_model(model)
     for module in model.modules():  # refresh pruned weights (the cached value can be one step stale)
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, torch_prune.BasePruningMethod):

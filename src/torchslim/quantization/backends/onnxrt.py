@@ -1,5 +1,6 @@
-"""ONNX Runtime int8 backend: calibrate a float ONNX graph with torchslim's observers, write the quantized
-graph (QDQ or QOperator) with those exact scales, and run it as an ``nn.Module``.
+"""Static int8 graphs: calibrate a float ONNX graph with torchslim's observers, write the quantized graph
+(QDQ or QOperator) with those exact scales, and run it as an ``nn.Module`` on ONNX Runtime's integer kernels
+(or, through :mod:`.torch_int8`, on PyTorch's).
 
 The graph writing itself is ONNX Runtime's quantizer (bias quantization, ReLU folding, per-channel weights);
 torchslim supplies every activation's scale and zero point through its tensor overrides, so the observer
@@ -26,8 +27,8 @@ from ...errors import ConfigError, DataError, TorchslimError, UnsupportedModelEr
 from ...export.onnx import ort_session
 from ..observers import Observer
 
-__all__ = ["OrtQuantizedModel", "calibrate_graph", "quantize_graph", "float_compute_nodes", "layer_names",
-           "global_pool_rewrite", "measure_sessions", "exclude_node_names",
+__all__ = ["QuantizedGraphModel", "calibrate_graph", "quantize_graph", "float_compute_nodes", "layer_names",
+           "global_pool_rewrite", "measure_runners", "make_runner", "OrtRunner", "exclude_node_names",
            "FORMATS", "PASS_THROUGH_OPS"]
 
 FORMATS = ("qdq", "qop")
@@ -307,13 +308,49 @@ _DTYPES = {np.dtype(k): v for k, v in ((np.float32, torch.float32), (np.float16,
                                        (np.bool_, torch.bool))}
 
 
-class OrtQuantizedModel(nn.Module):
-    """A quantized model executed by ONNX Runtime: float tensors in, float tensors out.
+class OrtRunner:
+    """Runs a graph in an ONNX Runtime CPU session: torch tensors in, torch tensors out."""
 
-    The graph structure is kept as serialized bytes (``graph``) and every initializer (int8 weights,
-    int32 biases, scales, zero points) as a frozen parameter under ``tensors``, so checkpoints store the
-    integer weights as tensors. ``info`` records the backend, observer, float-kept layers and measured
-    latencies. The ONNX Runtime session is built lazily and uses ``torch.get_num_threads()`` threads.
+    def __init__(self, model, threads: int | None = None):
+        self.session = ort_session(model.SerializeToString(), threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, *inputs: torch.Tensor):
+        if len(inputs) != len(self.inputs):
+            raise TorchslimError(f"the quantized model takes {len(self.inputs)} input(s) {self.inputs}, "
+                                 f"got {len(inputs)}")
+        feed = {}
+        for name, x in zip(self.inputs, inputs):
+            if not torch.is_tensor(x):
+                raise TorchslimError(f"input {name!r} must be a tensor, got {type(x).__name__}")
+            x = x.detach().cpu()
+            feed[name] = np.ascontiguousarray((x.float() if x.is_floating_point() else x).numpy())
+        outs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def make_runner(backend: str, model) -> Callable[..., Any]:
+    """A callable running quantized graph ``model`` on ``backend`` (``ort_qdq``/``ort_qop``: ONNX Runtime;
+    ``torch_onednn``/``torch_x86``: PyTorch's quantized kernels, which need the QOperator form)."""
+    if backend.startswith("ort_"):
+        return OrtRunner(model, torch.get_num_threads())
+    from .torch_int8 import ENGINES, TorchInt8Program
+
+    if backend in ENGINES:
+        return TorchInt8Program(model, backend)
+    raise ConfigError(f"unknown int8 backend {backend!r}; choose one of ort_qdq, ort_qop, {', '.join(ENGINES)}")
+
+
+class QuantizedGraphModel(nn.Module):
+    """A statically quantized model: a quantized ONNX graph run by integer kernels, float tensors in and out.
+
+    ``backend`` says which kernels: ONNX Runtime (``ort_qdq``, ``ort_qop``) or PyTorch's quantized CPU
+    engines (``torch_onednn``, ``torch_x86``, lowered from the QOperator graph). The graph structure is kept
+    as serialized bytes (``graph``) and every initializer (int8 weights, int32 biases, scales, zero points)
+    as a frozen parameter under ``tensors``, so checkpoints store the integer weights as tensors and a
+    loaded model is lowered to its backend again. ``info`` records the observer, float-kept layers and
+    the latencies measured when the backend was chosen. The runner is built lazily (ONNX Runtime with
+    ``torch.get_num_threads()`` threads).
     """
 
     onnx_unsupported = None  # export writes this model's own graph (see to_onnx)
@@ -336,11 +373,11 @@ class OrtQuantizedModel(nn.Module):
             used.add(key)
             self._names.append((name, key))
             self.tensors[key] = nn.Parameter(torch.zeros(shape, dtype=getattr(torch, dtype)), requires_grad=False)
-        self._session = None
-        self._session_threads = 0
+        self._runner = None
+        self._runner_threads = 0
 
     @classmethod
-    def from_onnx(cls, model, backend: str = "ort_qdq", info: dict[str, Any] | None = None) -> "OrtQuantizedModel":
+    def from_onnx(cls, model, backend: str = "ort_qdq", info: dict[str, Any] | None = None) -> "QuantizedGraphModel":
         """Wrap a quantized ``onnx.ModelProto``."""
         from onnx import numpy_helper
 
@@ -369,61 +406,48 @@ class OrtQuantizedModel(nn.Module):
             model.graph.initializer.append(numpy_helper.from_array(self.tensors[key].detach().cpu().numpy(), name))
         return model
 
-    def _get_session(self):
+    def _get_runner(self):
         threads = torch.get_num_threads()
-        if self._session is None or self._session_threads != threads:
-            self._session = ort_session(self.to_onnx().SerializeToString(), threads)
-            self._session_threads = threads
-            self._inputs = [i.name for i in self._session.get_inputs()]
-        return self._session
+        if self._runner is None or (self.backend.startswith("ort_") and self._runner_threads != threads):
+            self._runner = make_runner(self.backend, self.to_onnx())
+            self._runner_threads = threads
+        return self._runner
 
     def forward(self, *inputs: torch.Tensor):
-        sess = self._get_session()
-        if len(inputs) != len(self._inputs):
-            raise TorchslimError(f"{type(self).__name__} takes {len(self._inputs)} input(s) {self._inputs}, "
-                                 f"got {len(inputs)}")
         device = inputs[0].device if inputs and torch.is_tensor(inputs[0]) else torch.device("cpu")
-        feed = {}
-        for name, x in zip(self._inputs, inputs):
-            if not torch.is_tensor(x):
-                raise TorchslimError(f"input {name!r} must be a tensor, got {type(x).__name__}")
-            x = x.detach().cpu()
-            feed[name] = np.ascontiguousarray((x.float() if x.is_floating_point() else x).numpy())
-        outs = [torch.from_numpy(o).to(device) for o in sess.run(None, feed)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        out = self._get_runner()(*(x.detach().cpu() if torch.is_tensor(x) else x for x in inputs))
+        if isinstance(out, tuple):
+            return tuple(o.to(device) for o in out)
+        return out.to(device)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._session = None  # rebuilt from the loaded tensors on the next call
+        self._runner = None  # rebuilt from the loaded tensors on the next call
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
-        self._session = None
+        self._runner = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_session"] = None  # sessions cannot be copied or pickled; rebuilt on demand
+        state["_runner"] = None  # sessions and packed weights cannot be copied or pickled; rebuilt on demand
         return state
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, graph_bytes={self.graph.numel()}, tensors={len(self._names)}"
 
 
-def measure_sessions(candidates: dict[str, bytes], inputs: tuple[np.ndarray, ...], *, rounds: int = 12,
-                     warmup: int = 2) -> dict[str, float]:
-    """Median latency (ms) of each candidate graph on ``inputs``, measured round-robin (side by side)."""
-    sessions = {}
-    for name, blob in candidates.items():
-        sess = ort_session(blob)
-        feed = dict(zip([i.name for i in sess.get_inputs()], inputs))
-        sessions[name] = (sess, feed)
+def measure_runners(runners: dict[str, Callable[..., Any]], inputs: tuple[torch.Tensor, ...], *, rounds: int = 12,
+                    warmup: int = 2) -> dict[str, float]:
+    """Median latency (ms) of each runner on ``inputs``, measured round-robin (side by side)."""
+    for run in runners.values():
         for _ in range(warmup):
-            sess.run(None, feed)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+            run(*inputs)
+    times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
-        for name, (sess, feed) in sessions.items():
+        for name, run in runners.items():
             t0 = time.perf_counter()
-            sess.run(None, feed)
+            run(*inputs)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
@@ -440,8 +464,8 @@ def exclude_node_names(model, patterns: Iterable[str]) -> list[str]:
 def _register() -> None:
     from ...export.checkpoint import register_module
 
-    register_module(OrtQuantizedModel, lambda m: copy.deepcopy(m.init_kwargs),
-                    lambda a: OrtQuantizedModel(**a))
+    register_module(QuantizedGraphModel, lambda m: copy.deepcopy(m.init_kwargs),
+                    lambda a: QuantizedGraphModel(**a))
 
 
 _register()
