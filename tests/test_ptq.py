@@ -125,22 +125,25 @@ def test_static_resnet_folds_bn_and_quantizes_residual_adds():
     assert (q(x) - ref).abs().max() < 0.1 * ref.abs().max()
 
 
-@pytest.mark.parametrize("backend", ["torch_onednn", "torch_x86"])
-def test_pytorch_int8_lowering_matches_onnx_runtime(trained_lenet5, digits_data, backend, tmp_path):
-    from torchslim.quantization.backends.torch_int8 import engine_available
+def test_pytorch_int8_lowering_matches_onnx_runtime(trained_lenet5, digits_data, tmp_path):
+    from torchslim.quantization.backends.torch_int8 import ENGINES, engine_available
 
-    if not engine_available(backend):
-        pytest.skip(f"{backend} is not in this PyTorch build")
+    backends = [b for b in ENGINES if engine_available(b)]
+    if not backends:
+        pytest.skip("this PyTorch build has no quantized CPU engine")
     x = digits_data.example_inputs(64)[0]
     calib = [b for b, _ in zip((b[0] for b in digits_data.train), range(2))]
-    q = apply_static(trained_lenet5, StaticQuantization(backend=backend, calibration_batches=2), calibration_data=calib)
-    reference = QuantizedGraphModel.from_onnx(q.to_onnx(), backend="ort_qop")  # same graph, ONNX Runtime kernels
-    out, ref = q(x), reference(x)
-    step = float(next(v for k, v in q.tensors.items() if k.endswith("linear_1_scale")))
-    assert (out - ref).abs().max() <= 2 * step + 1e-6  # integer kernels agree to within rounding
-    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.98
-    back = load(save(q, tmp_path / "torch_int8.slim"))
-    assert back.backend == backend and torch.equal(back(x), out)
+    ref = apply_static(trained_lenet5, StaticQuantization(backend="ort_qop", calibration_batches=2),
+                       calibration_data=calib)
+    expected = ref(x)
+    step = float(next(v for k, v in ref.tensors.items() if k.endswith("linear_1_scale")))  # output step
+    for backend in backends:  # the same QOperator graph on PyTorch's kernels
+        lowered = QuantizedGraphModel.from_onnx(ref.to_onnx(), backend=backend)
+        out = lowered(x)
+        assert (out - expected).abs().max() <= 2 * step + 1e-6  # integer kernels agree to within rounding
+        assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.98
+        back = load(save(lowered, tmp_path / f"{backend}.slim"))
+        assert back.backend == backend and torch.equal(back(x), out)
 
 
 class _Tanh(nn.Module):

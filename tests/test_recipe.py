@@ -220,8 +220,8 @@ def test_custom_factories_next_to_the_recipe_run_end_to_end(tmp_path):
     report = run_recipe(RECIPES / "custom_model.yaml", tmp_path / "custom", log=lambda s: None)
     assert report["model"] == "my_model:build"
     sparsity = report["stages"][0]["config"]["sparsity"]
-    assert sparsity == {"1": 0.9, "3": 0.8, "5": 0.5}
-    assert report["ratios"]["nonzero_params"] > 3
+    assert sparsity == {"1": 0.8, "3": 0.8, "5": 0.3}
+    assert report["ratios"]["nonzero_params"] > 2 and report["budget"]["met_val"]
     from torchslim.export.checkpoint import load
 
     model = load(tmp_path / "custom" / "model.slim")

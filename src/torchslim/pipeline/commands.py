@@ -382,7 +382,7 @@ def demo_recipe_text(quick: bool = False) -> str:
                 if "WeightSharing" in stage_types() else "")
     return (
         "name: lenet5-digits-search-demo\n"
-        f"model: {{builtin: lenet5, train: {{epochs: {4 if quick else 12}, lr: 2.0e-3, progress: false}}}}\n"
+        f"model: {{builtin: lenet5, train: {{epochs: {4 if quick else 10}, lr: 2.0e-3, progress: false}}}}\n"
         "data: {builtin: digits, kwargs: {val_fraction: 0.25}}\n"
         "metric: accuracy\n"
         "budget: {max_accuracy_drop: 0.01}\n"

@@ -233,8 +233,8 @@ def open_storage(url: str):
         except ImportError:
             driver = parsed.get_driver_name()
             raise StorageError(f"storage {_redact(url)} needs the Python driver {driver!r} (SQLAlchemy dialect "
-                               f"{backend}+{driver}), which is not installed: e.g. pip install psycopg2-binary for "
-                               "PostgreSQL, pymysql for MySQL (mysql+pymysql://...)") from None
+                               f"{backend}+{driver}), which is not installed: pip install it, or name an installed "
+                               "driver in the URL (e.g. postgresql+psycopg2://..., mysql+pymysql://...)") from None
         except Exception as exc:
             # Two processes creating the tables of a new database at once: the loser retries and finds them.
             if "already exists" in str(exc) and attempt < 2:

@@ -177,10 +177,10 @@ def calibrate_graph(model, batches: Iterable[tuple[np.ndarray, ...]], make_obser
     ``make_observer(layer_description)`` builds an observer (``make_input_observer`` for the graph inputs,
     when given); the result maps tensor name -> observer. ``progress`` shows a bar on a terminal.
     """
-    make_input_observer = make_input_observer or make_observer
     import onnx
     from tqdm.auto import tqdm
 
+    make_input_observer = make_input_observer or make_observer
     aug = copy.deepcopy(model)
     existing = {o.name for o in aug.graph.output}
     producers = {o: n for n in aug.graph.node for o in n.output}
