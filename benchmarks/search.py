@@ -70,15 +70,23 @@ def capped(recipe, steps: int):
     return recipe.replace(stages=stages)
 
 
-def baseline_model(data, args) -> torch.nn.Module:
+def baseline_model(data, args, work: Path) -> tuple[torch.nn.Module, str]:
+    """LeNet-5 trained on MNIST, cached in ``work`` (delete the file to retrain)."""
+    from torchslim.export.checkpoint import load, save
+
+    epochs = 1 if args.quick else 3
+    cache = work / f"baseline-lenet5-mnist-{epochs}ep{'-quick' if args.quick else ''}.slim"
+    if cache.is_file():
+        print(f"reusing the trained baseline {cache}")
+        return load(cache).eval(), str(cache)
     torch.manual_seed(0)
     model = LeNet5()
-    epochs = 1 if args.quick else 3
     print(f"training LeNet-5 on MNIST ({epochs} epochs)")
     t0 = time.perf_counter()
     train(model, data.train, TrainConfig(epochs=epochs, lr=2e-3, progress=False))
     print(f"  {time.perf_counter() - t0:.0f} s, test accuracy {evaluate(model, data.test):.4f}")
-    return model.eval()
+    save(model, cache, overwrite=True)
+    return model.eval(), "trained now"
 
 
 def hand_section(model, data, args, work: Path) -> list[dict]:
@@ -97,7 +105,7 @@ def hand_section(model, data, args, work: Path) -> list[dict]:
         t0 = time.perf_counter()
         try:
             rep = run_recipe(recipe, work / path.stem, model=model, data=data, max_accuracy_drop=BUDGET,
-                             log=lambda s: None)
+                             overwrite=True, log=lambda s: None)
         except Exception as exc:  # report the failure, keep benchmarking the others
             row.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
             rows.append(row)
@@ -244,10 +252,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     result: dict = {"environment": environment(args), "budget_points": 100 * BUDGET, "steps_per_training_run": args.steps}
     data = mnist(args.data_dir, subset=6000 if args.quick else None)
-    model = baseline_model(data, args)
-    result["baseline"] = {"val": evaluate(model, data.val), "test": evaluate(model, data.test)}
-
     work = ROOT / "out" / "benchmark_search"  # reports and checkpoints of every run (git-ignored)
+    work.mkdir(parents=True, exist_ok=True)
+    model, origin = baseline_model(data, args, work)
+    result["baseline"] = {"val": evaluate(model, data.val), "test": evaluate(model, data.test), "origin": origin}
+
     print(f"\n== example hand recipes at a {100 * BUDGET:.1f}-point budget (compress, guard rails on)")
     hand = hand_section(model, data, args, work / "hand")
     result["hand_recipes"] = hand
