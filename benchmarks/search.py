@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     args = parse_args("search", __doc__, argv)
     args.steps = 60 if args.quick else 300
     os.environ.setdefault("TQDM_DISABLE", "1")
-    result: dict = {"environment": environment(args), "budget_points": 100 * BUDGET, "steps_per_training_run": args.steps}
+    result: dict = {"environment": environment(args), "budget_points": 100 * BUDGET,
+                    "steps_per_training_run": args.steps}
     data = mnist(args.data_dir, subset=6000 if args.quick else None)
     work = ROOT / "out" / "benchmark_search"  # reports and checkpoints of every run (git-ignored)
     work.mkdir(parents=True, exist_ok=True)

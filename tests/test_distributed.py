@@ -102,9 +102,9 @@ stages:
   - {name: prune, type: UnstructuredPruning, sparsity: 0.9, check: false}
   - {name: finetune, type: Finetune, train: {epochs: 6, lr: 1.0e-3, progress: false}}
 """)
-    r = search(recipe, tmp_path / "out", strategy="optuna", trials=14, workers=2, log=lambda s: None,
+    r = search(recipe, tmp_path / "out", strategy="optuna", trials=20, workers=2, log=lambda s: None,
                progress=False)
-    assert r.n_complete >= 14 and not r.report["search"]["worker_errors"]
+    assert r.n_complete >= 20 and not r.report["search"]["worker_errors"]
     import optuna
 
     study = optuna.load_study(study_name=r.study_name, storage=f"sqlite:///{tmp_path / 'out' / 'search.db'}")

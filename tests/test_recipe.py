@@ -156,7 +156,8 @@ stages:
     data = build_data(recipe)
     # 1000 epochs would take an hour: the error must come first.
     with pytest.raises(RecipeError, match=r"r.yaml:7: stages\[0\].sparsity\['fc9'\]: no layer 'fc9' in the model "
-                                          r"for sparsity \(did you mean 'fc\d'\?\); layers: \['conv1', 'conv2', 'fc1', 'fc2'\]"):
+                                          r"for sparsity \(did you mean 'fc\d'\?\); "
+                                          r"layers: \['conv1', 'conv2', 'fc1', 'fc2'\]"):
         build_model(recipe, data, check=True)
 
 

@@ -269,3 +269,14 @@ def test_bad_storage_and_contradictions_fail_before_work(tmp_path):
     frozen = tiny(tmp_path, search_line="search: false", name="frozen.yaml")
     with pytest.raises(ConfigError, match="nothing to search: no stage of .* has a searchable field"):
         search(frozen, tmp_path / "g", **QUIET)
+
+
+def test_sensitivity_accepts_a_pruned_model_that_has_trained():
+    from torchslim import UnstructuredPruning, prune
+    from torchslim.data import digits
+
+    data = digits(image_size=8)
+    model = prune(LeNet300(in_features=64), UnstructuredPruning(0.5))
+    model(torch.randn(2, 1, 8, 8)).sum().backward()  # leaves a non-leaf masked weight cached on the layers
+    res = sensitivity(model, data, sparsities=(0.6,), bits=(4,), layers=["fc3"], progress=False)
+    assert len(res.rows) == 2 and hasattr(model.fc1, "weight_mask")  # the user's model keeps its masks

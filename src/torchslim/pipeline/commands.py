@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError, TorchslimError
@@ -116,7 +115,8 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
             draw(tmp / name)
         md = render_markdown(report, "accuracy_vs_size.png")
         title, _, rest = md.partition("\n")
-        md = title + "\n\n" + (banner + "\n" if banner else "") + rest + ("\n" + extra_markdown if extra_markdown else "")
+        md = (title + "\n\n" + (banner + "\n" if banner else "") + rest
+              + ("\n" + extra_markdown if extra_markdown else ""))
         (tmp / "report.md").write_text(md)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         names = [p.name for p in tmp.iterdir() if p.name != "report.json"] + ["report.json"]
@@ -153,6 +153,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         build_model,
         check_against_model,
         metric_function,
+        reseed,
         save_kwargs,
     )
     from .train import default_device
@@ -170,7 +171,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     else:
         check_against_model(recipe, model, example)
     save_kw = save_kwargs(recipe, model)
-    torch.manual_seed(recipe.seed)
+    reseed(data, recipe.seed)
     baseline_val = float(metric_fn(model, data.val))
     baseline = measure_block(model, example, data.test, metric_fn, save_kw)
     log(f"baseline: {recipe.metric} {baseline_val:.4f} (val), {baseline['accuracy']:.4f} (test), "
@@ -257,7 +258,9 @@ def _compress(args: argparse.Namespace) -> int:
     out = args.out or _default_out(path, "compress")
     with distributed.process_group(), warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)
-        report = run_recipe(recipe, out, overwrite=args.overwrite, max_accuracy_drop=args.max_accuracy_drop)
+        # Under torchrun every process runs the pipeline in lockstep; one of them talks.
+        log = print if distributed.is_main_process() else (lambda s: None)
+        report = run_recipe(recipe, out, overwrite=args.overwrite, max_accuracy_drop=args.max_accuracy_drop, log=log)
     if not distributed.is_main_process():
         return 0
     _print_summary(report, out)
@@ -337,7 +340,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``compress``, ``sensitivity`` and ``search`` to the ``torchslim`` command line."""
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("recipe", nargs="?", help="recipe YAML file")
-        p.add_argument("--recipe", dest="recipe_opt", metavar="RECIPE", help="recipe YAML file (same as the positional)")
+        p.add_argument("--recipe", dest="recipe_opt", metavar="RECIPE",
+                       help="recipe YAML file (same as the positional)")
         p.add_argument("--out", help="output folder (default out/<recipe>-<command>)")
         p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
         p.add_argument("--validate-only", action="store_true", help="check the recipe and stop")

@@ -78,7 +78,8 @@ def _init(timeout_s: float = 1800) -> bool:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:
         raise TorchslimError(f"cannot join the {backend} process group (rank {rank()} of {world_size()}, "
-                             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}): "
+                             f"MASTER_ADDR={os.environ.get('MASTER_ADDR')}, "
+                             f"MASTER_PORT={os.environ.get('MASTER_PORT')}): "
                              f"{exc}; check that every node reaches the master address and port") from None
     return True
 

@@ -41,7 +41,7 @@ from .train import TrainConfig
 
 __all__ = ["Recipe", "ModelSpec", "DataSpec", "StageSpec", "BudgetSpec", "GuardSpec", "SearchSpec", "RecipeError",
            "load_recipe", "parse_recipe", "recipe_from_dict", "check_against_model", "import_callable",
-           "build_model", "build_data", "metric_function", "save_kwargs", "stage_families", "stage_types",
+           "build_model", "build_data", "metric_function", "save_kwargs", "reseed", "stage_families", "stage_types",
            "load_techniques"]
 
 Loc = tuple  # a location in the recipe: ("stages", 1, "sparsity")
@@ -800,7 +800,11 @@ def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *
     from .train import train
 
     spec = recipe.model
-    torch.manual_seed(recipe.seed)  # initial weights and training are reproducible from the recipe's seed
+    # Initial weights and training are reproducible from the recipe's seed.
+    if data is not None:
+        reseed(data, recipe.seed)
+    else:
+        torch.manual_seed(recipe.seed)
     if spec.checkpoint is not None:
         model = load(recipe.resolve_path(spec.checkpoint))
     elif spec.builtin is not None:
@@ -858,6 +862,19 @@ def metric_function(recipe: Recipe) -> Callable[[nn.Module, Any], float]:
         return float(fn(model, loader))
 
     return metric
+
+
+def reseed(data, seed: int) -> None:
+    """Seed torch and the training loader's shuffling, so that a run depends on the seed only (not on what
+    used the data before in this process)."""
+    import torch
+
+    torch.manual_seed(seed)
+    loader = data.train
+    gens = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
+    for i, g in enumerate(gens):
+        if isinstance(g, torch.Generator) and g not in gens[:i]:
+            g.manual_seed(seed)
 
 
 def save_kwargs(recipe: Recipe, model: nn.Module) -> dict[str, Any]:

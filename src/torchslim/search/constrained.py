@@ -13,7 +13,6 @@ without repeating finished trials, and several processes or machines can work on
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, load_recipe
+from ..utils import copy_model
 from .pareto import OBJECTIVE_LABELS, choose, pareto_front, plot_pareto
 from .sensitivity import (
     Knob,
@@ -90,9 +90,6 @@ class Problem:
         self.example_inputs = data.example_inputs(recipe.example_batch)
         self.stages: tuple[StageSpec, ...] = recipe.stages
         self.knobs: list[Knob] = build_knobs(self.stages, self.baseline, self.example_inputs)
-        loader = data.train
-        gens = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)]
-        self._generators = [g for i, g in enumerate(gens) if isinstance(g, torch.Generator) and g not in gens[:i]]
 
     def objective_value(self, model: nn.Module) -> float:
         from ..metrics.profile import count_macs, measure_latency, saved_size
@@ -104,11 +101,11 @@ class Problem:
         return float(measure_latency(model, self.example_inputs, repeats=self.latency_repeats))
 
     def _reset_rng(self) -> None:
+        from ..pipeline.recipe import reseed
+
         # Results must depend on the setting only (not on what ran before in this process): resumed and
         # parallel searches compare trials measured in different processes.
-        torch.manual_seed(self.recipe.seed)
-        for g in self._generators:
-            g.manual_seed(self.recipe.seed)
+        reseed(self.data, self.recipe.seed)
 
     def configs(self, values: dict[str, float]) -> list[Config | None]:
         return stage_configs(self.stages, self.knobs, values)
@@ -119,7 +116,7 @@ class Problem:
         from ..metrics.profile import saved_size
 
         self._reset_rng()
-        model = copy.deepcopy(self.baseline)
+        model = copy_model(self.baseline)
         records = []
         for stage, config in zip(self.stages, self.configs(values)):
             t0 = time.perf_counter()
@@ -219,7 +216,8 @@ def open_storage(url: str):
     if backend == "sqlite":
         db = parsed.database
         if db and db != ":memory:" and not Path(db).parent.is_dir():
-            raise StorageError(f"storage {url}: folder {Path(db).parent} does not exist; create it or choose another path")
+            raise StorageError(f"storage {url}: folder {Path(db).parent} does not exist; create it or choose "
+                               "another path")
         engine = {"connect_args": {"timeout": 60}}
     else:
         engine = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
@@ -305,7 +303,7 @@ def _fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Call
     state = {"new": 0}
     log(f"fast search: {len(path)} settings from most to least aggressive; bisection needs about "
         f"{max(1, math.ceil(math.log2(len(path) + 1)))} evaluations")
-    bar = tqdm(desc="search (fast)", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(desc="search (fast)", disable=None if progress else True, leave=False, dynamic_ncols=True)
 
     def metric_at(i: int) -> float:
         values = path[i]
@@ -487,7 +485,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     baseline_path = out / f"baseline-{recipe.key()}.slim"
     if model is not None:
         check_against_model(recipe, model, example)
-        baseline = copy.deepcopy(model).cpu().eval()
+        baseline = copy_model(model).cpu().eval()
     elif baseline_path.is_file():
         log(f"reusing the baseline model of this recipe: {baseline_path}")
         baseline = load(baseline_path).eval()
@@ -516,7 +514,8 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     else:
         differs = [k for k, v in meta.items() if stored.get(k) != v]
         if differs:
-            raise StorageError(f"study {name!r} in {_redact(url)} was measured with a different {' and '.join(differs)} "
+            raise StorageError(f"study {name!r} in {_redact(url)} was measured with a different "
+                               f"{' and '.join(differs)} "
                                "(its trials would not compare); pass another --study-name or storage, or delete it")
     log(f"search: {len(problem.knobs)} knobs, objective {s['objective']}, strategy {s['strategy']}, baseline "
         f"{recipe.metric} {baseline_val:.4f} (val), floor {floor:.4f}; study {name!r} in {_redact(url)} "
@@ -587,13 +586,15 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
                           metric=recipe.metric, budget=budget, search=summary, recipe=recipe.to_dict())
     banner, section = budget_markdown(budget)
     if not feasible:
-        banner = (f"> **BUDGET MISSED: no setting tried meets it.** The best found scores {chosen['metric']:.4f} on val "
+        banner = (f"> **BUDGET MISSED: no setting tried meets it.** The best found scores {chosen['metric']:.4f} "
+                  "on val "
                   f"(floor {floor:.4f}); shown below.\n" + (banner + "\n" if banner.startswith(">") else ""))
 
     def draw(path: Path) -> None:
         plot_pareto(points, front, chosen, floor=floor, baseline={"metric": baseline_val, "objective": baseline_obj},
                     objective=s["objective"], path=path, test_metric=compressed["accuracy"],
-                    title=f"{_model_name(recipe)} on {data.name}: {recipe.metric} vs {OBJECTIVE_LABELS[s['objective']]}")
+                    title=f"{_model_name(recipe)} on {data.name}: "
+                          f"{recipe.metric} vs {OBJECTIVE_LABELS[s['objective']]}")
 
     publish(out, report=report, model=final, history=[r["config"] for r in ev.stages if r["config"]],
             save_kw=save_kw, extra_markdown=section + _search_markdown(summary, problem.knobs, s["objective"]),

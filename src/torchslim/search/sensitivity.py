@@ -11,7 +11,6 @@ sparsity and against weight bit width, each layer alone, without fine-tuning.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import fnmatch
 import json
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, config_types
 from ..errors import ConfigError, UnsupportedModelError
+from ..utils import copy_model
 
 __all__ = ["FieldSpace", "TypeSpace", "Knob", "search_spaces", "build_knobs", "stage_configs", "soften",
            "knob_sensitivity", "sensitivity", "SensitivityResult", "output_error"]
@@ -441,7 +441,7 @@ def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], 
     result: dict[str, Any] = {"baseline": {"metric": base_metric, "objective": float(objective_fn(model))},
                               "knobs": {k.name: [] for k in knobs}}
     points = [(k, v) for k in knobs for v in k.grid]
-    bar = tqdm(points, desc="sensitivity", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(points, desc="sensitivity", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for knob, value in bar:
         stage = stages[knob.stage]
         config = stage_configs([stage], [dataclasses.replace(knob, stage=0)], {knob.name: value})[0]
@@ -534,7 +534,8 @@ class SensitivityResult:
         paths = {"json": out / "sensitivity.json", "markdown": out / "sensitivity.md", "plot": out / "sensitivity.png"}
         self.plot(paths["plot"])
         atomic_write_bytes(paths["json"], (json.dumps(self.to_dict(), indent=2) + "\n").encode())
-        atomic_write_bytes(paths["markdown"], (self.to_markdown() + f"\n![sensitivity]({paths['plot'].name})\n").encode())
+        md = self.to_markdown() + f"\n![sensitivity]({paths['plot'].name})\n"
+        atomic_write_bytes(paths["markdown"], md.encode())
         return paths
 
 
@@ -573,7 +574,7 @@ def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0
     for s in sparsities:
         if not 0 <= s < 1:
             raise ConfigError(f"sparsities must satisfy 0 <= s < 1, got {s}")
-    work = make_permanent(copy.deepcopy(model)).eval()
+    work = make_permanent(copy_model(model)).eval()
     targets = prunable_layers(work)
     if layers:
         targets = {n: m for n, m in targets.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
@@ -591,7 +592,8 @@ def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0
     baseline = score()[0]
     rows: list[dict[str, Any]] = []
     plan = [(n, "sparsity", s) for n in targets for s in sparsities] + [(n, "bits", b) for n in targets for b in bits]
-    for name, kind, value in tqdm(plan, desc="sensitivity", disable=not progress, leave=False, dynamic_ncols=True):
+    bar = tqdm(plan, desc="sensitivity", disable=None if progress else True, leave=False, dynamic_ncols=True)
+    for name, kind, value in bar:
         layer = targets[name]
         original = layer.weight.data.clone()
         try:
