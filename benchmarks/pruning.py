@@ -1,7 +1,8 @@
-"""Pruning benchmark: the demo's compression targets and real structured speed-ups.
+"""Pruning benchmark: LeNet-5 pruning pipeline targets and real structured speed-ups.
 
 Targets (foundation issue):
-- demo: accuracy drop <= 1.0 point, non-zero parameters >= 8x fewer, bytes on disk >= 4x smaller;
+- recipes/lenet5_structured_unstructured.yaml (the first demo): accuracy drop <= 1.0 point, non-zero parameters
+  >= 8x fewer, bytes on disk >= 4x smaller;
 - SmallResNet, structured 50% channels: MACs >= 2.5x fewer, CPU latency (batch 64) >= 1.8x lower,
   pruned outputs equal to the masked original (max abs diff < 1e-5) before fine-tuning.
 """
@@ -23,18 +24,21 @@ from _common import environment, parse_args, print_table, write_json  # noqa: E4
 import torchslim  # noqa: E402
 from torchslim.metrics import count_macs, count_params, measure_latency  # noqa: E402
 from torchslim.models import SmallMobileNet, SmallResNet  # noqa: E402
-from torchslim.pipeline.demo import run_demo  # noqa: E402
+from torchslim.pipeline.commands import run_recipe  # noqa: E402
 from torchslim.pruning.structured import structured_prune, masked_like  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "lenet5_structured_unstructured.yaml"
 
 
 def demo_section(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        report = run_demo(Path(tmp) / "demo", quick=args.quick, log=lambda s: None)
+        report = run_recipe(RECIPE, Path(tmp) / "out", log=lambda s: None)
         seconds = time.perf_counter() - t0
     r = report["ratios"]
     drop_points = 100 * report["accuracy_drop"]
     return {
+        "recipe": RECIPE.name,
         "baseline_accuracy": report["baseline"]["accuracy"],
         "compressed_accuracy": report["compressed"]["accuracy"],
         "accuracy_drop_points": drop_points,
@@ -92,7 +96,7 @@ def structured_section(name: str, model: nn.Module, args) -> dict:
 def main(argv=None) -> int:
     args = parse_args("pruning", __doc__, argv)
     result = {"environment": environment(args)}
-    print("== demo (LeNet-5 on digits: structured + unstructured pruning with fine-tuning)")
+    print(f"== {RECIPE.name} (LeNet-5 on digits: structured + unstructured pruning with fine-tuning)")
     demo = demo_section(args)
     result["demo"] = demo
     print_table([{"target": k, "value": v["value"], "met": v["met"]} for k, v in demo["targets"].items()],

@@ -247,18 +247,3 @@ def test_example_recipes_are_valid(path):
     assert recipe.stages
     if path.name.startswith("lenet5_") or path.name == "custom_model.yaml":  # ours: each states its budget
         assert recipe.budget.max_accuracy_drop is not None
-
-
-def test_search_demo_quick(tmp_path):
-    from torchslim.pipeline.commands import run_search_demo
-
-    out = tmp_path / "demo"
-    rep = run_search_demo(out, quick=True, log=lambda s: None)
-    assert rep["search"]["strategy"] == "fast" and rep["budget"]["max_accuracy_drop"] == 0.01
-    assert rep["ratios"]["size"] > 2
-    # Quick mode barely fine-tunes, so whether a setting meets the budget varies; the report must say which.
-    assert (rep["search"]["chosen"]["metric"] >= rep["search"]["floor"]) == rep["budget"]["feasible_found"]
-    for name in ("report.json", "report.md", "pareto.png", "accuracy_vs_size.png", "model.slim"):
-        assert (out / name).is_file()
-    with pytest.raises(TorchslimError, match="exists; pass --overwrite"):
-        run_search_demo(out, quick=True, log=lambda s: None)

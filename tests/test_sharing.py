@@ -88,6 +88,27 @@ def test_shared_layers_match_dense_layers():
     assert torch.allclose(dense(x), shared(x), atol=1e-6)
 
 
+def test_inference_decodes_once_and_follows_every_change():
+    layer = apply_weight_sharing(_pruned(nn.Sequential(nn.Linear(20, 7)), 0.5), WeightSharing(bits=3))[0].eval()
+    x = torch.randn(4, 20)
+
+    def dense(book, codes):
+        return torch.nn.functional.linear(x, torch.nn.functional.pad(book, (1, 0))[codes.long()], layer.bias)
+
+    with torch.no_grad():
+        assert layer.weight is layer.weight  # decoded once, not per call
+        layer.codebook.data.mul_(2)  # an edit the version counter does not see: caught by value
+        assert torch.equal(layer(x), dense(layer.codebook, layer.codes))
+        codes = layer.codes.clone()
+        codes[codes > 0] = 1
+        layer.set_sharing(layer.codebook, codes)
+        assert torch.equal(layer(x), dense(layer.codebook, codes))
+        layer.load_state_dict({**layer.state_dict(), "codes": torch.zeros_like(codes)})
+        assert torch.equal(layer(x), layer.bias.expand(4, 7))
+    layer.train()
+    assert layer.weight.requires_grad and layer.weight is not layer.weight  # training always decodes afresh
+
+
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
 def test_shared_conv_padding_modes(mode):
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, padding_mode=mode)

@@ -9,23 +9,22 @@ from .errors import TorchslimError
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .pipeline.commands import EXIT_BUDGET_MISSED, print_summary
     from .pipeline.demo import run_demo
 
     report = run_demo(args.out, seed=args.seed, overwrite=args.overwrite, quick=args.quick)
-    r = report["ratios"]
-    print(f"\naccuracy {report['baseline']['accuracy']:.4f} -> {report['compressed']['accuracy']:.4f} "
-          f"(drop {100 * report['accuracy_drop']:.2f} points)")
-    print(f"non-zero params {r['nonzero_params']:.1f}x fewer, MACs {r['macs']:.1f}x fewer, "
-          f"bytes on disk {r['size']:.1f}x smaller, latency {r['latency']:.2f}x")
-    print(f"report: {args.out}/report.md")
+    print_summary(report, args.out)
+    if not report["budget"]["met"]:
+        print("torchslim: BUDGET MISSED; the report shows the best setting found", file=sys.stderr)
+        return EXIT_BUDGET_MISSED
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make trained PyTorch models smaller and faster.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train LeNet-5 on the bundled digits data, compress it, write a report")
-    demo.add_argument("--out", default="out/demo", help="output folder (report.json, report.md, model.slim)")
+    demo = sub.add_parser("demo", help="train LeNet-5 on the bundled digits data, search the smallest model within 1 point, report")
+    demo.add_argument("--out", default="out/demo", help="output folder (report.json, report.md, plots, model.slim)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")

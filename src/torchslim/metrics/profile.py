@@ -98,10 +98,15 @@ def compare_latency(models: dict[str, nn.Module], example_inputs: tuple, rounds:
     """Latency (ms) of several models measured side by side: rounds interleave the models so that machine
     noise hits all alike, and each model keeps its best round's median."""
     best = {name: float("inf") for name in models}
+    inputs = {name: _to_device(example_inputs, model_device(m)) for name, m in models.items()}
     for _ in range(rounds):
         for name, model in models.items():
-            best[name] = min(best[name], measure_latency(model, example_inputs, repeats=repeats))
+            best[name] = min(best[name], measure_latency(model, inputs[name], repeats=repeats))
     return best
+
+
+def _to_device(example_inputs: tuple, device: torch.device) -> tuple:
+    return tuple(x.to(device) if torch.is_tensor(x) else x for x in example_inputs)
 
 
 def saved_size(model: nn.Module, **save_kwargs) -> int:
@@ -121,7 +126,7 @@ def profile(model: nn.Module, example_inputs: tuple, *, latency: bool = True, si
     ``example_inputs`` are moved to the model's device; latency is measured on that device.
     """
     device = model_device(model)
-    example_inputs = tuple(x.to(device) if torch.is_tensor(x) else x for x in example_inputs)
+    example_inputs = _to_device(example_inputs, device)
     params, nonzero = count_params(model)
     return Profile(
         params=params,

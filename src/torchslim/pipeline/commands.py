@@ -1,5 +1,5 @@
 """``torchslim compress``, ``torchslim sensitivity`` and ``torchslim search``, the recipe runner behind
-``compress`` and the search demo.
+``compress``.
 
 Exit codes: 0 success; 2 bad input or another torchslim error (``cli.main``); 3 the result misses the accuracy
 budget (outputs are written and say so).
@@ -22,8 +22,8 @@ from torch import nn
 from ..errors import ConfigError, TorchslimError
 from .recipe import Recipe, load_recipe
 
-__all__ = ["add_commands", "run_recipe", "run_search_demo", "measure_block", "budget_summary", "publish",
-           "EXIT_BUDGET_MISSED"]
+__all__ = ["add_commands", "run_recipe", "print_summary", "measure_block", "side_by_side_latency", "budget_summary",
+           "publish", "EXIT_BUDGET_MISSED"]
 
 EXIT_BUDGET_MISSED = 3
 OUTPUT_NAMES = ("report.json", "report.md", "model.slim")
@@ -35,14 +35,25 @@ OUTPUT_NAMES = ("report.json", "report.md", "model.slim")
 
 def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Callable,
                   save_kw: dict | None = None) -> dict[str, Any]:
-    """The report's metric block: ``metric_fn`` on ``loader`` (under the key ``accuracy``) plus the profile."""
+    """The report's metric block: ``metric_fn`` on ``loader`` (under the key ``accuracy``) plus the profile.
+
+    ``latency_ms`` is left None: ``side_by_side_latency`` fills it for the baseline and the compressed model
+    together, so that machine noise hits both alike."""
     from ..metrics import profile
     from ..metrics.profile import saved_size
 
-    p = profile(model, example_inputs, size=False)
-
+    p = profile(model, example_inputs, size=False, latency=False)
     return {"accuracy": float(metric_fn(model, loader)), "params": p.params, "nonzero_params": p.nonzero_params,
-            "macs": p.macs, "latency_ms": p.latency_ms, "size_bytes": saved_size(model, **(save_kw or {}))}
+            "macs": p.macs, "latency_ms": None, "size_bytes": saved_size(model, **(save_kw or {}))}
+
+
+def side_by_side_latency(baseline_block: dict, baseline: nn.Module, compressed_block: dict, compressed: nn.Module,
+                         example_inputs: tuple) -> None:
+    """Fill ``latency_ms`` of both blocks from one interleaved measurement."""
+    from ..metrics import compare_latency
+
+    lat = compare_latency({"baseline": baseline, "compressed": compressed}, example_inputs)
+    baseline_block["latency_ms"], compressed_block["latency_ms"] = lat["baseline"], lat["compressed"]
 
 
 def budget_summary(max_drop: float | None, metric: str, baseline_val: float, final_val: float,
@@ -184,6 +195,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
                          max_drop=max_drop, guard=recipe.guard, describe=describe, log=log)
     final = result.model.cpu()
     compressed = measure_block(final, example, data.test, metric_fn, save_kw)
+    side_by_side_latency(baseline, model, compressed, final, example)
     budget = budget_summary(max_drop, recipe.metric, baseline_val, result.final_val, baseline["accuracy"],
                             compressed["accuracy"])
     from ..report import build_report
@@ -263,19 +275,21 @@ def _compress(args: argparse.Namespace) -> int:
         report = run_recipe(recipe, out, overwrite=args.overwrite, max_accuracy_drop=args.max_accuracy_drop, log=log)
     if not distributed.is_main_process():
         return 0
-    _print_summary(report, out)
+    print_summary(report, out)
     if report["budget"].get("met") is False:
         _stderr(f"torchslim: BUDGET MISSED; see {out}/report.md")
         return EXIT_BUDGET_MISSED
     return 0
 
 
-def _print_summary(report: dict[str, Any], out: str | Path) -> None:
+def print_summary(report: dict[str, Any], out: str | Path) -> None:
+    """The few lines a command prints at the end: metric, size, MACs and latency against the baseline."""
     r = report["ratios"]
     print(f"\n{report.get('metric', 'accuracy')} {report['baseline']['accuracy']:.4f} -> "
           f"{report['compressed']['accuracy']:.4f} on test (drop {100 * report['accuracy_drop']:.2f} points)")
     print(f"bytes on disk {report['baseline']['size_bytes']:,} -> {report['compressed']['size_bytes']:,} "
-          f"({r['size']:.2f}x smaller), MACs {r['macs']:.2f}x fewer")
+          f"({r['size']:.2f}x smaller); non-zero params {r['nonzero_params']:.1f}x fewer; MACs {r['macs']:.2f}x "
+          f"fewer; latency {r['latency']:.2f}x lower (measured side by side)")
     print(f"report: {Path(out) / 'report.md'}")
 
 
@@ -329,7 +343,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.worker:
         print(f"worker done: {result.n_complete} complete trial(s) in the study")
         return 0
-    _print_summary(result.report, out)
+    print_summary(result.report, out)
     if not result.report["budget"]["met"]:
         _stderr(f"torchslim: BUDGET MISSED; the report shows the best setting found: {out}/report.md")
         return EXIT_BUDGET_MISSED
@@ -370,53 +384,3 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--worker", action="store_true",
                    help="only run trials against --storage (another machine's search writes the report)")
     q.set_defaults(func=_search)
-
-
-# ----------------------------------------------------------------------------------------------
-# Demo
-
-
-def demo_recipe_text(quick: bool = False) -> str:
-    """The demo's recipe: LeNet-5 on digits, prune -> quantize (weight sharing, when that stage is available) ->
-    fine-tune, a one-point budget, searched for the smallest file."""
-    from .recipe import stage_types
-
-    ft = "{epochs: 1, lr: 1.0e-3, progress: false" + (", max_steps: 8}" if quick else "}")
-    quantize = ("  - {name: quantize, type: WeightSharing, bits: 5, check: false}\n"
-                if "WeightSharing" in stage_types() else "")
-    return (
-        "name: lenet5-digits-search-demo\n"
-        f"model: {{builtin: lenet5, train: {{epochs: {4 if quick else 10}, lr: 2.0e-3, progress: false}}}}\n"
-        "data: {builtin: digits, kwargs: {val_fraction: 0.25}}\n"
-        "metric: accuracy\n"
-        "budget: {max_accuracy_drop: 0.01}\n"
-        "search: {objective: size, strategy: fast}\n"
-        "stages:\n"
-        "  - name: prune\n"
-        "    type: UnstructuredPruning\n"
-        "    sparsity: 0.9\n"
-        f"    schedule: {{kind: oneshot, finetune: {ft}}}\n"
-        "    check: false\n"
-        + quantize +
-        f"  - {{name: finetune, type: Finetune, train: {ft}}}\n"
-    )
-
-
-def run_search_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, quick: bool = False,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train LeNet-5 on digits, search per-layer rates of a joint recipe under a one-point budget, write the
-    report (report.json, report.md, pareto.png, accuracy_vs_size.png, model.slim); returns the report."""
-    from ..search.constrained import search
-    from .recipe import parse_recipe
-
-    out = Path(out_dir)
-    check_outputs(out, overwrite)
-    text = demo_recipe_text(quick).replace("metric: accuracy", f"metric: accuracy\nseed: {seed}")
-    recipe = parse_recipe(text, source="<demo recipe>")
-    t0 = time.perf_counter()
-    db = out / "search.db"
-    if overwrite and db.exists():
-        db.unlink()  # a fresh demo, not a resumed one
-    result = search(recipe, out, overwrite=overwrite, log=log)
-    log(f"demo finished in {time.perf_counter() - t0:.0f} s")
-    return result.report

@@ -440,6 +440,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
         budget_summary,
         check_outputs,
         measure_block,
+        side_by_side_latency,
         publish,
     )
     from ..pipeline.distributed import launched
@@ -568,6 +569,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     final = ev.model
     baseline_block = measure_block(baseline, example, data.test, metric_fn, save_kw)
     compressed = measure_block(final, example, data.test, metric_fn, save_kw)
+    side_by_side_latency(baseline_block, baseline, compressed, final, example)
     budget = budget_summary(max_drop, recipe.metric, baseline_val, ev.metric, baseline_block["accuracy"],
                             compressed["accuracy"])
     budget["feasible_found"] = feasible
