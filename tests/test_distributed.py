@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchslim import TrainConfig, evaluate, train
 from torchslim.data import digits
 from torchslim.models import LeNet300
-from torchslim.pipeline.distributed import launch_local, shard_loader, train_distributed
+from torchslim.pipeline import distributed
+from torchslim.pipeline.distributed import launch_local, shard_loader
 
 CONFIG = TrainConfig(epochs=2, lr=2e-3, progress=False)
 
@@ -29,7 +30,7 @@ def _ddp_worker(out: str) -> None:
     torch.set_num_threads(1)
     data = _data()
     model = _model()
-    train_distributed(model, data.train, CONFIG, seed=0)
+    train(model, data.train, CONFIG)  # plain train: under torchrun it hands over to train_distributed
     if int(os.environ["RANK"]) == 0:
         torch.save(model.state_dict(), out)
     else:
@@ -88,6 +89,50 @@ def test_two_process_ddp_matches_one_process(tmp_path):
         assert torch.allclose(v, ddp_model.state_dict()[k], atol=1e-3), k
     untrained = evaluate(_model(), data.test)
     assert a > untrained + 0.5  # it did train
+
+
+RECIPE = """\
+model: {builtin: lenet300, kwargs: {in_features: 64}, train: {epochs: 3, lr: 3.0e-3, progress: false}}
+data: {builtin: digits, kwargs: {image_size: 8, batch_size: 64}}
+budget: {max_accuracy_drop: 0.05}
+stages:
+  - name: prune
+    type: UnstructuredPruning
+    sparsity: 0.8
+    schedule: {kind: oneshot, finetune: {epochs: 2, lr: 1.0e-3, progress: false}}
+  - {name: share, type: WeightSharing, bits: 5}     # int16 codes, which gloo cannot broadcast
+  - {name: finetune, type: Finetune, train: {epochs: 1, lr: 5.0e-4, progress: false}}
+"""
+
+
+def _recipe_worker(recipe: str, out: str) -> None:
+    """``torchslim compress`` as one torchrun process, counting the data-parallel training runs."""
+    from torchslim.pipeline.commands import run_recipe
+
+    torch.set_num_threads(1)
+    calls = []
+    inner = distributed.train_distributed
+    distributed.train_distributed = lambda *a, **k: calls.append(1) or inner(*a, **k)
+    report = run_recipe(recipe, out, log=lambda s: None)  # every rank runs it; rank 0 writes the outputs
+    with open(f"{out}-calls{distributed.rank()}", "w") as f:
+        json.dump({"calls": len(calls), "accuracy": report["compressed"]["accuracy"]}, f)
+
+
+def test_recipe_stages_train_data_parallel_under_torchrun(tmp_path):
+    from torchslim.pipeline.commands import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(RECIPE)
+    out = str(tmp_path / "ddp")
+    launch_local(_recipe_worker, 2, str(recipe), out)
+    ranks = [json.loads(open(f"{out}-calls{r}").read()) for r in (0, 1)]
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 3  # baseline training, pruning's fine-tuning, finetune stage
+    assert ranks[0]["accuracy"] == ranks[1]["accuracy"]  # replicas stay identical
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    torch.set_num_threads(1)
+    single = run_recipe(recipe, tmp_path / "single", log=lambda s: None)
+    # Same global batch, different sample order (DistributedSampler vs the loader's own shuffling).
+    assert abs(report["compressed"]["accuracy"] - single["compressed"]["accuracy"]) <= 0.02
 
 
 def test_two_search_workers_share_one_storage(tmp_path):

@@ -14,10 +14,13 @@ from .export.checkpoint import load, read_manifest, save
 from .export.onnx import export_onnx
 from .lowrank import CP, SVD, Tucker, decompose
 from .metrics import evaluate, profile
+from .pipeline.commands import run_recipe as compress
+from .pipeline.recipe import Recipe, load_recipe
 from .pipeline.runner import Finetune
 from .pipeline.train import TrainConfig, train
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
+from . import search  # callable: torchslim.search(recipe, out_dir, ...)
 from .quantization import (
                            QAT,
                            BinaryWeights,
@@ -30,6 +33,7 @@ from .quantization import (
                            WeightSharing,
                            quantize,
 )
+from .search.sensitivity import sensitivity
 
 __all__ = [
     "__version__", "Config", "config_from_dict",
@@ -39,4 +43,5 @@ __all__ = [
     "quantize", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
     "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",
     "distill", "Distillation", "decompose", "SVD", "Tucker", "CP", "export_onnx",
+    "Recipe", "load_recipe", "compress", "search", "sensitivity",
 ]

@@ -367,8 +367,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
     s = subparsers.add_parser("sensitivity", help="per-layer metric against sparsity and bit width (one-shot)")
     common(s)
-    s.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95,0.98")
-    s.add_argument("--bits", default="8,6,4,3,2")
+    s.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95,0.98",
+                   help="comma-separated sparsities to try per layer (default %(default)s)")
+    s.add_argument("--bits", default="8,6,4,3,2", help="comma-separated weight bit widths (default %(default)s)")
     s.add_argument("--layers", nargs="*", help="fnmatch patterns of layers to scan (default: all Linear/Conv)")
     s.set_defaults(func=_sensitivity)
 

@@ -171,14 +171,21 @@ def train_distributed(model: nn.Module, train_loader, config: TrainConfig = Trai
     r, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(config.device) if config.device else _device()
     model.to(device)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader = shard_loader(train_loader, rank=r, world_size=world, seed=seed)
-    hooks = _average_grads(list(train_kwargs.get("extra_params", ())), world)
+    # Integer buffers (weight-sharing codes, quantized weights, counters) never change while training and gloo
+    # cannot broadcast some of their types (int16): DDP leaves them alone.
+    frozen = [n for n, b in model.named_buffers() if not (b.is_floating_point() or b.is_complex())]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
     try:
-        return train(ddp, loader, config.replace(device=str(device)), **train_kwargs)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        loader = shard_loader(train_loader, rank=r, world_size=world, seed=seed)
+        hooks = _average_grads(list(train_kwargs.get("extra_params", ())), world)
+        try:
+            return train(ddp, loader, config.replace(device=str(device)), **train_kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
     finally:
-        for h in hooks:
-            h.remove()
+        model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
 
 
 def _free_port() -> int:

@@ -74,7 +74,15 @@ def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *
     ``penalty(model)`` is added to the loss (e.g. an L1 term on BN scales); ``on_step(step, total_steps)``
     runs before each optimizer step's forward pass (e.g. to update gradual pruning masks);
     ``extra_params`` are trained alongside the model's (e.g. a distillation projection).
+
+    Under ``torchrun`` (several processes) training runs data-parallel through
+    :func:`~torchslim.pipeline.distributed.train_distributed`, with the same global batch.
     """
+    from . import distributed
+
+    if distributed.should_wrap(model):
+        return distributed.train_distributed(model, train_loader, config, val_loader=val_loader, loss_fn=loss_fn,
+                                             penalty=penalty, on_step=on_step, extra_params=extra_params)
     check_loader(train_loader, "training loader")
     device = torch.device(config.device) if config.device else default_device()
     model.to(device)
