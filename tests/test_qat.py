@@ -151,6 +151,13 @@ def test_qat_prepare_convert_is_exact_and_leaves_model(digits_data, trained_lene
     prepared.eval()
     with torch.no_grad():
         assert torch.equal(prepared(x), converted(x))
+        # Inference decodes the integer weights once; a changed scale is seen (by value, even through .data).
+        assert converted.fc1.dequantized_weight() is converted.fc1.dequantized_weight()
+        y = converted(x)
+        converted.fc2.weight_scale.data.mul_(2)
+        assert not torch.equal(converted(x), y)
+        converted.fc2.weight_scale.data.div_(2)
+        assert torch.equal(converted(x), y)
     # The user's model is untouched.
     assert type(trained_lenet5.conv1) is nn.Conv2d
     assert all(torch.equal(v, trained_lenet5.state_dict()[k]) for k, v in before.items())

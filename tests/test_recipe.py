@@ -204,6 +204,12 @@ def test_rollback_warn_and_fail_policies(tmp_path):
 def test_compress_command_exit_codes(tmp_path, capsys):
     tiny(tmp_path, 0.995, "warn")
     assert cli(["compress", str(tmp_path / "tiny.yaml"), "--validate-only"]) == 0
+    assert "layer names checked" in capsys.readouterr().out
+    # --validate-only builds the (untrained) model, so a layer name it lacks is caught without any training.
+    typo = (tmp_path / "tiny.yaml").read_text().replace("sparsity: 0.995", "sparsity: {fc9: 0.5}")
+    (tmp_path / "typo.yaml").write_text(typo)
+    with pytest.raises(RecipeError, match=r"typo.yaml:\d+: stages\[0\].sparsity\['fc9'\]: no layer 'fc9'"):
+        cli(["search", str(tmp_path / "typo.yaml"), "--validate-only"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         code = cli(["compress", "--recipe", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "o")])

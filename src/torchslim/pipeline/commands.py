@@ -263,10 +263,9 @@ def _compress(args: argparse.Namespace) -> int:
     from . import distributed
 
     path = _recipe_arg(args)
-    recipe = load_recipe(path)
     if args.validate_only:
-        print(f"{path}: valid ({len(recipe.stages)} stage(s): {', '.join(s.name for s in recipe.stages)})")
-        return 0
+        return _validate(path)
+    recipe = load_recipe(path)
     out = args.out or _default_out(path, "compress")
     with distributed.process_group(), warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)
@@ -279,6 +278,18 @@ def _compress(args: argparse.Namespace) -> int:
     if report["budget"].get("met") is False:
         _stderr(f"torchslim: BUDGET MISSED; see {out}/report.md")
         return EXIT_BUDGET_MISSED
+    return 0
+
+
+def _validate(path: Path) -> int:
+    """``--validate-only``: the recipe, its factories and files, the data, and the layer names it uses (the model
+    is built but not trained)."""
+    from .recipe import build_data, build_model
+
+    recipe = load_recipe(path)
+    build_model(recipe, build_data(recipe), check=True, train=False)
+    print(f"{path}: valid ({len(recipe.stages)} stage(s): {', '.join(s.name for s in recipe.stages)}); "
+          "model, data and layer names checked")
     return 0
 
 
@@ -305,10 +316,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from .recipe import build_data, build_model, metric_function
 
     path = _recipe_arg(args)
-    recipe = load_recipe(path)
     if args.validate_only:
-        print(f"{path}: valid")
-        return 0
+        return _validate(path)
+    recipe = load_recipe(path)
     out = Path(args.out or _default_out(path, "sensitivity"))
     if (out / "sensitivity.json").exists() and not args.overwrite:
         raise TorchslimError(f"{out / 'sensitivity.json'} exists; pass --overwrite to replace it")
@@ -330,10 +340,9 @@ def _search(args: argparse.Namespace) -> int:
     from ..search.constrained import search
 
     path = _recipe_arg(args)
-    recipe = load_recipe(path)
     if args.validate_only:
-        print(f"{path}: valid")
-        return 0
+        return _validate(path)
+    recipe = load_recipe(path)
     out = args.out or _default_out(path, "search")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)

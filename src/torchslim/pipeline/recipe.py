@@ -789,15 +789,17 @@ def build_data(recipe: Recipe):
                     "a mapping with 'train', 'val' (held out from train) and 'test' loaders")
 
 
-def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *, check: bool = False) -> nn.Module:
-    """The recipe's model with its weights (trained on ``data.train`` first when the recipe says ``train``).
+def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *, check: bool = False,
+                train: bool = True) -> nn.Module:
+    """The recipe's model with its weights (trained on ``data.train`` first when the recipe says ``train``,
+    unless ``train`` is False).
 
     ``check`` runs :func:`check_against_model` before any training (it needs ``data`` for example inputs)."""
     import torch
 
     from ..export.checkpoint import load
     from ..models import build_model as build_builtin
-    from .train import train
+    from .train import train as train_model
 
     spec = recipe.model
     # Initial weights and training are reproducible from the recipe's seed.
@@ -822,11 +824,11 @@ def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *
         _load_weights(model, recipe.resolve_path(spec.weights))
     if check and data is not None:
         check_against_model(recipe, model, data.example_inputs(recipe.example_batch))
-    if spec.train is not None:
+    if spec.train is not None and train:
         if data is None:
             raise ConfigError("model.train needs the recipe's data; pass data=")
         log(f"training the {spec.builtin or spec.factory or 'model'} model ({spec.train.epochs:g} epochs)")
-        train(model, data.train, spec.train, val_loader=data.val)
+        train_model(model, data.train, spec.train, val_loader=data.val)
     return model.cpu().eval()
 
 

@@ -30,6 +30,7 @@ from torch.nn.utils import prune as torch_prune
 
 from ..config import config_from_dict
 from ..errors import TorchslimError
+from ..utils import decoded_once
 from .fake import (
     BinaryQuantizer,
     FakeQuantize,
@@ -175,12 +176,16 @@ class _QWeight(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out)) if bias else None
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight ``(codes - zero) * scale``."""
+        """The float weight ``(codes - zero) * scale`` (decoded once while running inference)."""
         q, z, s = self.weight_codes, self.weight_zero, self.weight_scale
-        if self.group_size:
-            g = q.reshape(*q.shape[:-1], q.shape[-1] // self.group_size, self.group_size)
-            return ((g.to(s.dtype) - z) * s).reshape(q.shape)
-        return (q.to(s.dtype) - z) * s
+
+        def decode() -> torch.Tensor:
+            if self.group_size:
+                g = q.reshape(*q.shape[:-1], q.shape[-1] // self.group_size, self.group_size)
+                return ((g.to(s.dtype) - z) * s).reshape(q.shape)
+            return (q.to(s.dtype) - z) * s
+
+        return decoded_once(self, decode, q, z, s)
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_range is None:

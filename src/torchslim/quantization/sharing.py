@@ -28,7 +28,7 @@ from ..errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..export import coding  # noqa: F401  (registers the "huffman" and "ans" checkpoint encodings)
 from ..export.checkpoint import register_module
 from ..pipeline.train import TrainConfig, train
-from ..utils import copy_model
+from ..utils import copy_model, decoded_once
 
 __all__ = ["WeightSharing", "apply_weight_sharing", "SharedLinear", "SharedConv1d", "SharedConv2d",
            "SharedConv3d", "SharedWeight", "kmeans_codebook", "sharing_summary", "MAX_BITS"]
@@ -84,18 +84,7 @@ class SharedWeight(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight the layer computes with (differentiable in the codebook)."""
-        if self.training or torch.is_grad_enabled():
-            return F.pad(self.codebook, (1, 0))[self.codes.long()]
-        # Inference decodes once, as a deployed model would at load time (decoding on every call made small
-        # batches several times slower). The codebook, a few values, is compared by value; the codes by identity
-        # and version counter, which every PyTorch op that writes them (set_sharing, load_state_dict) bumps.
-        book, codes = self.codebook.detach(), self.codes
-        hit = self.__dict__.get("_decoded")
-        if (hit is None or hit[1] is not codes or hit[2] != codes._version or hit[0].device != book.device
-                or not torch.equal(hit[0], book)):
-            hit = (book.clone(), codes, codes._version, F.pad(book, (1, 0))[codes.long()])
-            self.__dict__["_decoded"] = hit
-        return hit[3]
+        return decoded_once(self, lambda: F.pad(self.codebook, (1, 0))[self.codes.long()], self.codebook, self.codes)
 
     @property
     def density(self) -> float:
