@@ -13,7 +13,7 @@ from torchslim import ConfigError, DataError, TorchslimError
 from torchslim.config import config_from_dict
 from torchslim.data import digits, mnist
 from torchslim.metrics import count_macs, count_params, evaluate, measure_latency, profile
-from torchslim.models import LeNet5, LeNet300, SmallMobileNet, SmallResNet, build_model
+from torchslim.models import LeNet5, LeNet300, SmallMobileNet, build_model
 
 
 def test_config_round_trip_and_validation():

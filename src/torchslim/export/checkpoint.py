@@ -22,7 +22,6 @@ import inspect
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Sequence, Any, Callable, Iterator, Mapping, Optional
 
@@ -34,6 +33,7 @@ from torch.nn.utils import prune
 
 from .._version import __version__
 from ..errors import CheckpointError, TorchslimError
+from ..utils import atomic_write
 
 __all__ = [
     "save", "load", "read_manifest", "register_encoding", "register_module",
@@ -795,38 +795,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def _atomic_write(path: Path, blob: bytes, overwrite: bool) -> None:
-    """Write via a temp file in the same directory so readers never see a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    # os.open with 0o666 lets the umask decide the final permissions, as for a normal open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # unlike os.replace, refuses to clobber a file created meanwhile
-            except FileExistsError:
-                raise CheckpointExistsError(
-                    f"refusing to overwrite existing file {path}; pass overwrite=True to replace it") from None
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    raise CheckpointExistsError(
-                        f"refusing to overwrite existing file {path}; pass overwrite=True to replace it") from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    with contextlib.suppress(OSError):  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, blob, overwrite=overwrite, exists_error=CheckpointExistsError)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import re
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +24,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ..errors import DataError, TorchslimError
-from ..utils import copy_model
+from ..utils import atomic_write, copy_model
 
 __all__ = ["export_onnx", "onnx_agreement", "to_onnx_proto", "Agreement", "OnnxExportError", "OnnxExistsError",
            "ort_session"]
@@ -313,27 +312,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
 
 
 def _atomic_write(path: Path, blob: bytes, overwrite: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # refuses to clobber a file created meanwhile, unlike os.replace
-            except FileExistsError:
-                raise OnnxExistsError(f"refusing to overwrite existing file {path}; pass overwrite=True") from None
-            except OSError:  # filesystems without hard links
-                if path.exists():
-                    raise OnnxExistsError(f"refusing to overwrite existing file {path}; pass overwrite=True") from None
-                os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    atomic_write(path, blob, overwrite=overwrite, exists_error=OnnxExistsError)
 
 
 def array(t: torch.Tensor) -> np.ndarray:

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +8,7 @@ from torch import nn
 
 from .._version import __version__
 from ..metrics import evaluate, profile
+from ..utils import atomic_write, save_figure
 
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes")
 
@@ -56,20 +55,7 @@ def build_report(*, model_name: str, dataset: str, device: str, baseline: dict, 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and rename, so no half file is ever left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; outputs should look like any other file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def _fmt_int(n: int | None) -> str:
@@ -129,10 +115,7 @@ def plot_accuracy_vs_size(report: dict, path: Path) -> None:
     ax.set_title(f"{report['model']} on {report['dataset']}")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

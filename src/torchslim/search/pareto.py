@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..utils import save_figure
 
 __all__ = ["pareto_front", "choose", "plot_pareto", "OBJECTIVE_LABELS"]
 
@@ -76,9 +77,4 @@ def plot_pareto(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -15,7 +15,6 @@ import dataclasses
 import fnmatch
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, config_types
 from ..errors import ConfigError, UnsupportedModelError
-from ..utils import copy_model
+from ..utils import copy_model, save_figure
 
 __all__ = ["FieldSpace", "TypeSpace", "Knob", "search_spaces", "build_knobs", "stage_configs", "soften",
            "knob_sensitivity", "sensitivity", "SensitivityResult", "output_error"]
@@ -519,11 +518,7 @@ class SensitivityResult:
             ax.legend(fontsize=7)
         fig.suptitle("one-shot sensitivity per layer (validation split)")
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return save_figure(fig, path)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """sensitivity.json, sensitivity.md and sensitivity.png in ``out_dir``, each written atomically."""
