@@ -143,7 +143,7 @@ def search_section(model, data, args, out: Path) -> dict:
             "size_ratio": rep["ratios"]["size"], "drop_val_points": 100 * b["drop_val"],
             "drop_test_points": 100 * b["drop_test"], "met_val": b["met_val"], "met_test": b["met_test"],
             "chosen": r.chosen["params"], "trials": r.n_complete, "seconds": time.perf_counter() - t0,
-            "report": str(out / "report.md")}
+            "report": str((out / "report.md").relative_to(ROOT))}
 
 
 def resume_section(args) -> dict:
@@ -256,6 +256,7 @@ def main(argv=None) -> int:
     work = ROOT / "out" / "benchmark_search"  # reports and checkpoints of every run (git-ignored)
     work.mkdir(parents=True, exist_ok=True)
     model, origin = baseline_model(data, args, work)
+    origin = origin if origin == "trained now" else str(Path(origin).resolve().relative_to(ROOT))
     result["baseline"] = {"val": evaluate(model, data.val), "test": evaluate(model, data.test), "origin": origin}
 
     print(f"\n== example hand recipes at a {100 * BUDGET:.1f}-point budget (compress, guard rails on)")
