@@ -295,11 +295,13 @@ def _validate(path: Path) -> int:
 def print_summary(report: dict[str, Any], out: str | Path) -> None:
     """The few lines a command prints at the end: metric, size, MACs and latency against the baseline."""
     r = report["ratios"]
+    lat = r["latency"]
+    speed = f"latency {lat:.2f}x lower" if lat >= 1 else f"latency {1 / lat:.2f}x HIGHER"
     print(f"\n{report.get('metric', 'accuracy')} {report['baseline']['accuracy']:.4f} -> "
           f"{report['compressed']['accuracy']:.4f} on test (drop {100 * report['accuracy_drop']:.2f} points)")
     print(f"bytes on disk {report['baseline']['size_bytes']:,} -> {report['compressed']['size_bytes']:,} "
           f"({r['size']:.2f}x smaller); non-zero params {r['nonzero_params']:.1f}x fewer; MACs {r['macs']:.2f}x "
-          f"fewer; latency {r['latency']:.2f}x lower (measured side by side)")
+          f"fewer; {speed} (measured side by side at batch {report.get('recipe', {}).get('example_batch', 1)})")
     print(f"report: {Path(out) / 'report.md'}")
 
 
