@@ -16,6 +16,7 @@ from torchslim.models import SmallResNet
 from torchslim.quantization.backends import STATIC_BACKENDS
 from torchslim.quantization.backends.cuda import E4M3_MAX, Fp8Linear, fp8_dequantize, fp8_quantize, fp8_supported
 from torchslim.quantization.backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
+from torchslim.metrics import count_macs
 from torchslim.quantization.backends.onnxrt import QuantizedGraphModel, calibrate_graph, quantize_graph
 from torchslim.quantization.backends.weight_only import WeightOnlyLinear, pack_codes, quantize_groups, unpack_codes
 from torchslim.quantization.observers import make_observer
@@ -66,6 +67,8 @@ def test_static_int8_keeps_accuracy_and_runs_integer_kernels(static_lenet, train
     measured = static_lenet.info["backend_latency_ms"]
     assert static_lenet.backend == min(measured, key=measured.get)  # auto kept the fastest it measured
     assert set(measured) | set(static_lenet.info["backends_skipped"]) == set(STATIC_BACKENDS)
+    x = digits_data.example_inputs(4)
+    assert count_macs(static_lenet, x) == count_macs(trained_lenet5, x) > 0  # the graph's work is reported
 
 
 def test_static_int8_checkpoint_round_trip(static_lenet, digits_data, tmp_path):

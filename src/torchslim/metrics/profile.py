@@ -58,7 +58,14 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def count_macs(model: nn.Module, example_inputs: tuple) -> int:
-    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter`` (FLOPs / 2)."""
+    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter`` (FLOPs / 2).
+
+    Models that run outside PyTorch's operators (a quantized ONNX graph) record their work per sample in
+    ``model.info["macs_per_sample"]``, since the counter cannot see inside them."""
+    info = getattr(model, "info", None)
+    if isinstance(info, dict) and info.get("macs_per_sample") is not None:
+        batch = example_inputs[0].shape[0] if example_inputs and torch.is_tensor(example_inputs[0]) else 1
+        return int(info["macs_per_sample"]) * int(batch)
     was_training = model.training
     model.eval()
     try:
