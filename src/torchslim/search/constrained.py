@@ -14,6 +14,7 @@ without repeating finished trials, and several processes or machines can work on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -369,6 +370,23 @@ def _optimize(problem: Problem, study, total: int, worker: int, floor: float, pr
                    show_progress_bar=progress and worker == 0 and os.environ.get("TQDM_DISABLE") != "1")
 
 
+def _quiet_optuna(fn: Callable) -> Callable:
+    """Run ``fn`` with Optuna's per-trial INFO lines silenced (the search logs its own progress), then restore
+    Optuna's verbosity."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import optuna
+
+        before = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            optuna.logging.set_verbosity(before)
+    return wrapper
+
+
+@_quiet_optuna
 def _worker_main(payload: dict[str, Any]) -> None:
     """A spawned worker process: rebuild the problem from the recipe and the coordinator's baseline, run trials."""
     from ..export.checkpoint import load
@@ -414,6 +432,7 @@ def _resolve_settings(recipe: Recipe, **overrides: Any) -> dict[str, Any]:
     return out
 
 
+@_quiet_optuna
 def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_drop: float | None = None,
            objective: str | None = None, strategy: str | None = None, trials: int | None = None,
            storage: str | None = None, study_name: str | None = None, workers: int | None = None,
