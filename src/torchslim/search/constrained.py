@@ -362,12 +362,22 @@ def _optimize(problem: Problem, study, total: int, worker: int, floor: float, pr
         trial.set_constraint("budget", floor - ev.metric)
         return ev.metric, ev.objective
 
-    remaining = total - len(_complete(study))
-    if remaining <= 0:
+    done = len(_complete(study))
+    if done >= total:
         return
-    study.optimize(objective, n_trials=remaining, catch=(ConfigError, UnsupportedModelError),
-                   callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,))],
-                   show_progress_bar=progress and worker == 0 and os.environ.get("TQDM_DISABLE") != "1")
+    # One bar (worker 0's) counting the finished trials of every worker.
+    bar = tqdm(total=total, initial=done, desc="search (optuna)", disable=None if progress and worker == 0 else True,
+               leave=False, dynamic_ncols=True)
+
+    def show(study, trial) -> None:
+        bar.n = len(_complete(study))
+        bar.refresh()
+
+    try:
+        study.optimize(objective, n_trials=total - done, catch=(ConfigError, UnsupportedModelError),
+                       callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,)), show])
+    finally:
+        bar.close()
 
 
 def _quiet_optuna(fn: Callable) -> Callable:
