@@ -19,8 +19,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+# Every benchmark in turn (BENCH_ARGS=--quick for a short run); each prints a table and writes benchmarks/results/.
+BENCHMARKS := pruning quantization distill_lowrank deep_compression search
 bench: $(VENV)/.installed
-	$(PY) benchmarks/pruning.py
+	set -e; for b in $(BENCHMARKS); do $(PY) benchmarks/$$b.py $(BENCH_ARGS); done
 
 clean:
 	rm -rf $(VENV) out
