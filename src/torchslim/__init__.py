@@ -20,7 +20,6 @@ from .pipeline.runner import Finetune
 from .pipeline.train import TrainConfig, train
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
-from . import search  # callable: torchslim.search(recipe, out_dir, ...)
 from .quantization import (
                            QAT,
                            BinaryWeights,
@@ -33,6 +32,7 @@ from .quantization import (
                            WeightSharing,
                            quantize,
 )
+from . import search  # callable: torchslim.search(recipe, out_dir, ...)
 from .search.sensitivity import sensitivity
 
 __all__ = [

@@ -23,7 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make trained PyTorch models smaller and faster.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train LeNet-5 on the bundled digits data, search the smallest model within 1 point, report")
+    demo = sub.add_parser("demo", help="train LeNet-5 on the bundled digits data, search the smallest model "
+                                       "within one accuracy point, write the report")
     demo.add_argument("--out", default="out/demo", help="output folder (report.json, report.md, plots, model.slim)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
