@@ -157,3 +157,53 @@ stages:
     assert workers == {0, 1}, workers  # both processes ran trials against the one storage
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["search"]["n_trials_complete"] == r.n_complete and rep["budget"]["met_val"]
+
+
+SEARCH_RECIPE = """\
+model: {builtin: lenet300, kwargs: {in_features: 64}, train: {epochs: 4, lr: 3.0e-3, progress: false}}
+data: {builtin: digits, kwargs: {image_size: 8, val_fraction: 0.25}}
+budget: {max_accuracy_drop: 0.03}
+search: {strategy: optuna, trials: 12}
+stages:
+  - {name: prune, type: UnstructuredPruning, sparsity: 0.9, check: false}
+  - {name: finetune, type: Finetune, train: {epochs: 3, lr: 1.0e-3, progress: false}}
+"""
+
+
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
+def test_search_worker_on_another_machine_through_postgresql(tmp_path):
+    """The README's several-machines recipe, on one machine: a coordinator and a --worker process sharing a
+    PostgreSQL study (a throw-away server) and an output folder; the worker is started first and waits."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import optuna
+    import pgserver
+
+    pgdata = tempfile.mkdtemp(prefix="pg", dir="/tmp")  # short: the server's socket path has a length limit
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    try:
+        server.psql("CREATE DATABASE torchslim;")
+        url = f"postgresql+psycopg://postgres:@/torchslim?host={pgdata}"
+        (tmp_path / "r.yaml").write_text(SEARCH_RECIPE)
+        out = tmp_path / "shared"
+        cmd = [sys.executable, "-m", "torchslim.cli", "search", str(tmp_path / "r.yaml"), "--storage", url,
+               "--out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        worker = subprocess.Popen(cmd + ["--worker"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        coordinator = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        worker_log = worker.communicate(timeout=300)[0]
+        assert coordinator.returncode == 0, coordinator.stdout + coordinator.stderr
+        assert worker.returncode == 0 and "waiting for" in worker_log, worker_log
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        name = optuna.get_all_study_names(url)[0]
+        trials = [t for t in optuna.load_study(study_name=name, storage=url).trials if t.state.name == "COMPLETE"]
+        workers = {t.user_attrs["worker"] for t in trials}
+        assert len(trials) >= 12 and len(workers) == 2, workers  # both processes ran trials in the one study
+        report = json.loads((out / "report.json").read_text())
+        assert report["search"]["n_trials_complete"] >= 12 and "postgresql+psycopg://postgres:***@" in \
+            report["search"]["storage"]
+    finally:
+        server.cleanup()  # stops the server and deletes its folder

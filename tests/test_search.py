@@ -255,8 +255,12 @@ def test_bad_storage_and_contradictions_fail_before_work(tmp_path):
     t0 = time.time()
     with pytest.raises(StorageError, match="folder /nonexistent-dir does not exist"):
         search(recipe, tmp_path / "a", storage="sqlite:////nonexistent-dir/x.db", **QUIET)
-    with pytest.raises(StorageError, match=r"postgresql://me:\*\*\*@127.0.0.1:1/db needs the Python driver 'psycopg"):
-        search(recipe, tmp_path / "b", storage="postgresql://me:secret@127.0.0.1:1/db", **QUIET)
+    with pytest.raises(StorageError, match=r"postgresql\+pg8000://me:\*\*\*@127.0.0.1:1/db needs the Python driver "
+                                           r"'pg8000'"):
+        search(recipe, tmp_path / "b", storage="postgresql+pg8000://me:secret@127.0.0.1:1/db", **QUIET)
+    with pytest.raises(StorageError, match=r"cannot reach storage postgresql\+psycopg://me:\*\*\*@127.0.0.1:1/db: .*"
+                                           r"check host"):
+        search(recipe, tmp_path / "b", storage="postgresql+psycopg://me:secret@127.0.0.1:1/db", **QUIET)
     with pytest.raises(StorageError, match="invalid storage URL"):
         open_storage("not a url")
     with pytest.raises(ConfigError, match="objective 'macs' cannot be reduced by the searchable stages"):

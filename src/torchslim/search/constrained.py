@@ -46,6 +46,7 @@ __all__ = ["search", "SearchResult", "Problem", "Evaluation", "open_storage", "l
 
 HEARTBEAT_S = 10
 GRACE_S = 60
+WORKER_WAIT_S = 1800  # how long a --worker waits for its coordinator's baseline and study
 _ATTR = "torchslim"
 
 
@@ -265,6 +266,21 @@ def _study(storage, name: str, sampler=None, create: bool = True):
     except KeyError:
         raise StorageError(f"no study {name!r} in the storage; start the coordinating search first "
                            "(torchslim search without --worker)") from None
+
+
+def _wait_for(ready: Callable[[], Any], what: str, log: Callable[[str], None]) -> Any:
+    """Poll ``ready()`` until it returns something truthy: workers may start before their coordinator."""
+    deadline = time.monotonic() + WORKER_WAIT_S
+    waiting = False
+    while not (value := ready()):
+        if time.monotonic() > deadline:
+            raise StorageError(f"gave up after {WORKER_WAIT_S} s waiting for {what}; start the coordinating search "
+                               "(torchslim search without --worker) with the same recipe, --out and --storage")
+        if not waiting:
+            log(f"waiting for {what}")
+            waiting = True
+        time.sleep(2)
+    return value
 
 
 def _complete(study) -> list:
@@ -513,15 +529,15 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     example = data.example_inputs(recipe.example_batch)
     metric_fn = metric_function(recipe)
     baseline_path = out / f"baseline-{recipe.key()}.slim"
+    if worker_only and recipe.model.train is not None:
+        # The recipe trains its model: the worker needs the coordinator's (a shared --out folder).
+        _wait_for(baseline_path.is_file, f"the coordinator's baseline {baseline_path}", log)
     if model is not None:
         check_against_model(recipe, model, example)
         baseline = copy_model(model).cpu().eval()
     elif baseline_path.is_file():
         log(f"reusing the baseline model of this recipe: {baseline_path}")
         baseline = load(baseline_path).eval()
-    elif worker_only and recipe.model.train is not None:
-        raise ConfigError(f"this worker cannot find the coordinator's baseline {baseline_path}: the recipe trains its "
-                          "model, so workers need a shared --out folder or a recipe with model.weights")
     else:
         baseline = build_model(recipe, data, log, check=True)
     save_kw = save_kwargs(recipe, baseline)
@@ -535,7 +551,17 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     baseline_val = float(metric_fn(baseline, data.val))
     floor = baseline_val - max_drop
     sampler = _sampler(recipe.seed)
-    study = _study(store, name, sampler, create=not worker_only)
+    if worker_only:
+        def described_study():
+            try:
+                study = _study(store, name, sampler, create=False)
+            except StorageError:
+                return None
+            return study if _ATTR in study.user_attrs else None
+
+        study = _wait_for(described_study, f"study {name!r} in {_redact(url)}", log)
+    else:
+        study = _study(store, name, sampler)
     meta = {"recipe_key": recipe.key(), "objective": s["objective"], "knobs": [k.name for k in problem.knobs],
             "baseline": _fingerprint(baseline)}
     stored = study.user_attrs.get(_ATTR)
