@@ -286,3 +286,33 @@ def test_sensitivity_accepts_a_pruned_model_that_has_trained():
     model(torch.randn(2, 1, 8, 8)).sum().backward()  # leaves a non-leaf masked weight cached on the layers
     res = sensitivity(model, data, sparsities=(0.6,), bits=(4,), layers=["fc3"], progress=False)
     assert len(res.rows) == 2 and hasattr(model.fc1, "weight_mask")  # the user's model keeps its masks
+
+
+def test_python_flow_with_your_own_model_and_data(tmp_path):
+    """A trained model object, data and a budget, no recipe file: the recipe holds only the stages."""
+    import torchslim
+    from torchslim.data import digits
+    from torchslim.pipeline.commands import run_recipe
+    from torchslim.pipeline.recipe import RecipeError, parse_recipe
+
+    torch.manual_seed(0)
+    data = digits(image_size=8, val_fraction=0.25)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    torchslim.train(model, data.train, torchslim.TrainConfig(epochs=6, lr=3e-3, progress=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = torchslim.Recipe(stages=[("prune", UnstructuredPruning(0.5)),
+                                      torchslim.Finetune(torchslim.TrainConfig(epochs=1, lr=1e-3, progress=False))])
+    assert [s.name for s in recipe.stages] == ["prune", "finetune"]
+    r = torchslim.search(recipe, tmp_path / "s", model=model, data=data, max_accuracy_drop=0.03, **QUIET)
+    assert r.report["model"] == "Sequential" and set(r.chosen["params"]) == {"prune.sparsity[1]", "prune.sparsity[3]"}
+    assert r.report["budget"]["met_val"] and r.report["ratios"]["size"] > 1.2
+    report = run_recipe(recipe, tmp_path / "c", model=model, data=data, log=lambda s: None)
+    assert report["compressed"]["nonzero_params"] < report["baseline"]["nonzero_params"]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
+    # Without the model, the recipe says what it lacks (also from the command line).
+    with pytest.raises(ConfigError, match="names no model: add a model: section"):
+        torchslim.search(recipe, tmp_path / "x", data=data, max_accuracy_drop=0.01, **QUIET)
+    text = "stages:\n  - {name: prune, type: UnstructuredPruning, sparsity: 0.5}\n"
+    assert parse_recipe(text, source="r.yaml").model is None
+    with pytest.raises(RecipeError, match="missing required key 'stages'"):
+        parse_recipe("model: {builtin: lenet5}\n", source="r.yaml")

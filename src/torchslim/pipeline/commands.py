@@ -137,8 +137,10 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
     return {n: out / n for n in names}
 
 
-def _model_name(recipe: Recipe) -> str:
+def _model_name(recipe: Recipe, model: nn.Module) -> str:
     m = recipe.model
+    if m is None:
+        return type(model).__name__
     return m.builtin or m.factory or Path(m.checkpoint or "model").stem
 
 
@@ -199,7 +201,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
                             compressed["accuracy"])
     from ..report import build_report
 
-    report = build_report(model_name=_model_name(recipe), dataset=data.name, device=str(default_device()),
+    report = build_report(model_name=_model_name(recipe, model), dataset=data.name, device=str(default_device()),
                           baseline=baseline, compressed=compressed, stages=result.records, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, guard={"policy": recipe.guard.policy,
                                                                       "events": result.events},

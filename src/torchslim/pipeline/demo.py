@@ -15,7 +15,8 @@ def demo_recipe_text(quick: bool = False, seed: int = 0) -> str:
 
     Per-layer sparsity and per-layer weight-sharing bits are searched; ``quick`` trains less (for tests)."""
     # The search's own bar shows progress; a bar per short fine-tuning run would only add noise.
-    ft = "{epochs: 1, lr: 1.0e-3, max_steps: 16, progress: false}" if quick else "{epochs: 3, lr: 1.0e-3, progress: false}"
+    steps = "epochs: 1, max_steps: 16" if quick else "epochs: 3"
+    ft = f"{{{steps}, lr: 1.0e-3, progress: false}}"
     return f"""\
 name: lenet5-digits-demo
 seed: {seed}

@@ -223,13 +223,29 @@ class StageSpec:
         return out
 
 
+def _as_stage(stage: Any) -> StageSpec:
+    if isinstance(stage, StageSpec):
+        return stage
+    if isinstance(stage, Config):
+        return StageSpec(type(stage).__name__.lower(), stage)
+    if isinstance(stage, tuple) and len(stage) == 2 and isinstance(stage[1], Config):
+        return StageSpec(str(stage[0]), stage[1])
+    raise ConfigError(f"stages: expected a StageSpec, a config or a (name, config) pair, got {stage!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """A validated recipe. Build one with :func:`load_recipe` / :func:`parse_recipe` (YAML) or directly."""
+    """A validated recipe. Build one with :func:`load_recipe` / :func:`parse_recipe` (YAML) or directly.
 
-    model: ModelSpec
-    data: DataSpec
-    stages: tuple[StageSpec, ...]
+    ``model`` and ``data`` may be left out when the model and the data are passed from Python
+    (``torchslim.compress(recipe, out, model=..., data=...)``, likewise ``torchslim.search``). ``stages`` also
+    takes configs, named after their type, or ``(name, config)`` pairs:
+    ``Recipe(stages=[("prune", UnstructuredPruning(0.9)), ("finetune", Finetune(TrainConfig(epochs=2)))])``.
+    """
+
+    model: ModelSpec | None = None
+    data: DataSpec | None = None
+    stages: tuple[StageSpec, ...] = ()
     metric: str = "accuracy"
     seed: int = 0
     budget: BudgetSpec = BudgetSpec()
@@ -242,6 +258,7 @@ class Recipe:
     lines: Mapping[Loc, int] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(_as_stage(s) for s in self.stages))
         if not self.stages:
             raise ConfigError("stages: a recipe needs at least one stage")
         if self.metric != "accuracy":
@@ -261,8 +278,9 @@ class Recipe:
                 out[f.name] = v.to_dict() if isinstance(v, Config) else v
             return out
 
-        d: dict[str, Any] = {"name": self.name, "model": plain(self.model), "data": plain(self.data),
-                             "metric": self.metric, "seed": self.seed, "example_batch": self.example_batch}
+        d: dict[str, Any] = {"name": self.name}
+        d.update({part: plain(getattr(self, part)) for part in ("model", "data") if getattr(self, part) is not None})
+        d.update(metric=self.metric, seed=self.seed, example_batch=self.example_batch)
         for part in ("budget", "guard", "search"):
             d[part] = plain(getattr(self, part))
         d["stages"] = [s.to_dict() for s in self.stages]
@@ -271,7 +289,7 @@ class Recipe:
     def key(self) -> str:
         """A short hash of what determines trial results (model, data, metric, seed, stages, example batch)."""
         d = self.to_dict()
-        core = {k: d[k] for k in ("model", "data", "metric", "seed", "example_batch", "stages")}
+        core = {k: d.get(k) for k in ("model", "data", "metric", "seed", "example_batch", "stages")}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> "Recipe":
@@ -589,9 +607,8 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", base_dir: str | Path =
             close = difflib.get_close_matches(str(key), sorted(top), n=1)
             ctx.add((key,), f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                     + f"; allowed: {sorted(top)}")
-    for key in ("model", "data", "stages"):
-        if key not in data:
-            ctx.add((), f"missing required key {key!r}")
+    if "stages" not in data:
+        ctx.add((), "missing required key 'stages'")
     kwargs: dict[str, Any] = {}
     for key, cls in (("model", ModelSpec), ("data", DataSpec), ("budget", BudgetSpec), ("guard", GuardSpec),
                      ("search", SearchSpec)):
@@ -749,7 +766,8 @@ def import_callable(spec: str, base_dir: str | Path = ".") -> Callable:
 
 def _resolve(recipe: Recipe, ctx: _Context) -> None:
     """Import factories and check files now, so that no work starts on a recipe that cannot finish."""
-    for path, spec in ((("model", "factory"), recipe.model.factory), (("data", "factory"), recipe.data.factory),
+    for path, spec in ((("model", "factory"), recipe.model and recipe.model.factory),
+                       (("data", "factory"), recipe.data and recipe.data.factory),
                        (("metric",), None if recipe.metric == "accuracy" else recipe.metric)):
         if spec is not None:
             try:
@@ -757,7 +775,7 @@ def _resolve(recipe: Recipe, ctx: _Context) -> None:
             except ConfigError as exc:
                 ctx.add(path, str(exc))
     for key in ("weights", "checkpoint"):
-        value = getattr(recipe.model, key)
+        value = getattr(recipe.model, key, None)
         if value is not None and not recipe.resolve_path(value).is_file():
             ctx.add(("model", key), f"file not found: {recipe.resolve_path(value)}")
 
@@ -771,6 +789,9 @@ def build_data(recipe: Recipe):
     from ..data import Splits, load_dataset
 
     spec = recipe.data
+    if spec is None:
+        raise ConfigError(f"{recipe.source} names no data: add a data: section (builtin or factory), or pass "
+                          "data= (a torchslim.data.Splits) from Python")
     if spec.builtin is not None:
         return load_dataset(spec.builtin, **spec.kwargs)
     fn = import_callable(spec.factory, recipe.base_dir)
@@ -802,6 +823,9 @@ def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *
     from .train import train as train_model
 
     spec = recipe.model
+    if spec is None:
+        raise ConfigError(f"{recipe.source} names no model: add a model: section (builtin, factory or "
+                          "checkpoint), or pass model= (a trained nn.Module) from Python")
     # Initial weights and training are reproducible from the recipe's seed.
     if data is not None:
         reseed(data, recipe.seed)
@@ -881,7 +905,8 @@ def reseed(data, seed: int) -> None:
 
 def save_kwargs(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
     """Arguments that let ``torchslim.save`` record how to rebuild a factory model without ``init_kwargs``."""
-    if recipe.model.factory is not None and not isinstance(getattr(model, "init_kwargs", None), dict):
+    if recipe.model is not None and recipe.model.factory is not None and \
+            not isinstance(getattr(model, "init_kwargs", None), dict):
         return {"factory": recipe.model.factory, "factory_kwargs": dict(recipe.model.kwargs)}
     return {}
 

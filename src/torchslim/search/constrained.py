@@ -529,7 +529,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     example = data.example_inputs(recipe.example_batch)
     metric_fn = metric_function(recipe)
     baseline_path = out / f"baseline-{recipe.key()}.slim"
-    if worker_only and recipe.model.train is not None:
+    if worker_only and recipe.model is not None and recipe.model.train is not None:
         # The recipe trains its model: the worker needs the coordinator's (a shared --out folder).
         _wait_for(baseline_path.is_file, f"the coordinator's baseline {baseline_path}", log)
     if model is not None:
@@ -638,7 +638,8 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
         "chosen": {**chosen, "rerun_val": ev.metric, "rerun_note": rerun_note, "test": compressed["accuracy"]},
         "pareto_front": front, "knobs": [k.name for k in problem.knobs], "worker_errors": worker_errors,
         "plot": "pareto.png"}
-    report = build_report(model_name=_model_name(recipe), dataset=data.name, device=str(default_device()),
+    report = build_report(model_name=_model_name(recipe, baseline), dataset=data.name,
+                          device=str(default_device()),
                           baseline=baseline_block, compressed=compressed, stages=ev.stages, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, search=summary, recipe=recipe.to_dict())
     banner, section = budget_markdown(budget)
@@ -650,7 +651,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     def draw(path: Path) -> None:
         plot_pareto(points, front, chosen, floor=floor, baseline={"metric": baseline_val, "objective": baseline_obj},
                     objective=s["objective"], path=path, test_metric=compressed["accuracy"],
-                    title=f"{_model_name(recipe)} on {data.name}: "
+                    title=f"{_model_name(recipe, baseline)} on {data.name}: "
                           f"{recipe.metric} vs {OBJECTIVE_LABELS[s['objective']]}")
 
     publish(out, report=report, model=final, history=[r["config"] for r in ev.stages if r["config"]],
