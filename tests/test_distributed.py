@@ -182,7 +182,10 @@ def test_search_worker_on_another_machine_through_postgresql(tmp_path):
     import pgserver
 
     pgdata = tempfile.mkdtemp(prefix="pg", dir="/tmp")  # short: the server's socket path has a length limit
-    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    try:
+        server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    except Exception as exc:  # noqa: BLE001  (a machine that cannot run a PostgreSQL server at all)
+        pytest.skip(f"cannot start a local PostgreSQL server here: {exc}")
     try:
         server.psql("CREATE DATABASE torchslim;")
         url = f"postgresql+psycopg://postgres:@/torchslim?host={pgdata}"
