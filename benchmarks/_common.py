@@ -37,10 +37,10 @@ def environment(args: argparse.Namespace) -> dict:
 
 
 def write_json(args: argparse.Namespace, name: str, result: dict) -> Path:
-    from torchslim.report.report import atomic_write_bytes
+    from torchslim.utils import atomic_write
 
     path = Path(args.out) / f"{name}.json"
-    atomic_write_bytes(path, (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())
     return path
 
 

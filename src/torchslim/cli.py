@@ -9,15 +9,10 @@ from .errors import TorchslimError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .pipeline.commands import EXIT_BUDGET_MISSED, print_summary
+    from .pipeline.commands import finish
     from .pipeline.demo import run_demo
 
-    report = run_demo(args.out, seed=args.seed, overwrite=args.overwrite, quick=args.quick)
-    print_summary(report, args.out)
-    if not report["budget"]["met"]:
-        print("torchslim: BUDGET MISSED; the report shows the best setting found", file=sys.stderr)
-        return EXIT_BUDGET_MISSED
-    return 0
+    return finish(run_demo(args.out, seed=args.seed, overwrite=args.overwrite, quick=args.quick), args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -212,7 +212,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     }
     manifest["sha256"] = _digest(manifest, {k: _tensor_bytes(v) for k, v in stored.items()})
     blob = safetensors.torch.save(stored, metadata={MANIFEST_KEY: _canonical(manifest)})
-    _atomic_write(path, blob, overwrite)
+    atomic_write(path, blob, overwrite=overwrite, exists_error=CheckpointExistsError)
     return path
 
 
@@ -792,10 +792,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise TorchslimError(f"cannot save to {path}: it is a directory; pass a file path such as {path / 'model.slim'}")
     if path.exists() and not overwrite:
         raise CheckpointExistsError(f"refusing to overwrite existing file {path}; pass overwrite=True to replace it")
-
-
-def _atomic_write(path: Path, blob: bytes, overwrite: bool) -> None:
-    atomic_write(path, blob, overwrite=overwrite, exists_error=CheckpointExistsError)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def export_onnx(model: nn.Module, example_inputs: tuple | torch.Tensor, path: st
     _check_target(path, overwrite)
     proto = to_onnx_proto(model, example_inputs, opset=opset, dynamic_batch=dynamic_batch)
     _check_proto(proto, f"the ONNX graph of {type(model).__name__}")
-    _atomic_write(path, proto.SerializeToString(), overwrite)
+    atomic_write(path, proto.SerializeToString(), overwrite=overwrite, exists_error=OnnxExistsError)
     return path
 
 
@@ -309,10 +309,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
                               f"{path / 'model.onnx'}")
     if path.exists() and not overwrite:
         raise OnnxExistsError(f"refusing to overwrite existing file {path}; pass overwrite=True to replace it")
-
-
-def _atomic_write(path: Path, blob: bytes, overwrite: bool) -> None:
-    atomic_write(path, blob, overwrite=overwrite, exists_error=OnnxExistsError)
 
 
 def array(t: torch.Tensor) -> np.ndarray:

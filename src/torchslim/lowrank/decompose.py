@@ -117,23 +117,30 @@ def _conv_macs_out(shapes: tuple) -> int:
     return out[-2] * out[-1]
 
 
-class _TuckerMethod(_Method):
-    name = "tucker"
+class _ConvMethod(_Method):
+    """Shared by the Conv2d decompositions, which need a dense (ungrouped) kernel."""
+
     layer_type = nn.Conv2d
-    rank_field = "ranks"
+    label = ""
 
     def unsupported(self, layer):
         if layer.groups != 1:
-            return (f"grouped convolution (groups={layer.groups}): Tucker-2 needs a dense Cout x Cin kernel; "
+            return (f"grouped convolution (groups={layer.groups}): {self.label} needs a dense Cout x Cin kernel; "
                     "left as is")
         return super().unsupported(layer)
-
-    def params(self, layer, rank):
-        return tucker_params(layer, rank)
 
     def original_macs(self, layer, shapes):
         kh, kw = layer.kernel_size
         return layer.out_channels * layer.in_channels * kh * kw * _conv_macs_out(shapes)
+
+
+class _TuckerMethod(_ConvMethod):
+    name = "tucker"
+    label = "Tucker-2"
+    rank_field = "ranks"
+
+    def params(self, layer, rank):
+        return tucker_params(layer, rank)
 
     def macs(self, layer, rank, shapes):
         r_in, r_out = rank
@@ -165,21 +172,12 @@ class _TuckerMethod(_Method):
         return list(rank)
 
 
-class _CPMethod(_Method):
+class _CPMethod(_ConvMethod):
     name = "cp"
-    layer_type = nn.Conv2d
-
-    def unsupported(self, layer):
-        if layer.groups != 1:
-            return (f"grouped convolution (groups={layer.groups}): CP needs a dense Cout x Cin kernel; left as is")
-        return super().unsupported(layer)
+    label = "CP"
 
     def params(self, layer, rank):
         return cp_params(layer, rank)
-
-    def original_macs(self, layer, shapes):
-        kh, kw = layer.kernel_size
-        return layer.out_channels * layer.in_channels * kh * kw * _conv_macs_out(shapes)
 
     def macs(self, layer, rank, shapes):
         kh, kw = layer.kernel_size

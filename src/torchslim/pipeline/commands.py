@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConfigError, TorchslimError
 from .recipe import Recipe, load_recipe
 
-__all__ = ["add_commands", "run_recipe", "print_summary", "measure_block", "side_by_side_latency", "budget_summary",
+__all__ = ["add_commands", "run_recipe", "finish", "measure_block", "side_by_side_latency", "budget_summary",
            "publish", "EXIT_BUDGET_MISSED"]
 
 EXIT_BUDGET_MISSED = 3
@@ -275,11 +275,7 @@ def _compress(args: argparse.Namespace) -> int:
         report = run_recipe(recipe, out, overwrite=args.overwrite, max_accuracy_drop=args.max_accuracy_drop, log=log)
     if not distributed.is_main_process():
         return 0
-    print_summary(report, out)
-    if report["budget"].get("met") is False:
-        _stderr(f"torchslim: BUDGET MISSED; see {out}/report.md")
-        return EXIT_BUDGET_MISSED
-    return 0
+    return finish(report, out)
 
 
 def _validate(path: Path) -> int:
@@ -294,8 +290,9 @@ def _validate(path: Path) -> int:
     return 0
 
 
-def print_summary(report: dict[str, Any], out: str | Path) -> None:
-    """The few lines a command prints at the end: metric, size, MACs and latency against the baseline."""
+def finish(report: dict[str, Any], out: str | Path) -> int:
+    """Print the few lines a command ends with (metric, size, MACs and latency against the baseline) and return
+    its exit code: ``EXIT_BUDGET_MISSED`` when the result misses the budget, else 0."""
     r = report["ratios"]
     lat = r["latency"]
     speed = f"latency {lat:.2f}x lower" if lat >= 1 else f"latency {1 / lat:.2f}x HIGHER"
@@ -305,6 +302,10 @@ def print_summary(report: dict[str, Any], out: str | Path) -> None:
           f"({r['size']:.2f}x smaller); non-zero params {r['nonzero_params']:.1f}x fewer; MACs {r['macs']:.2f}x "
           f"fewer; {speed} (measured side by side at batch {report.get('recipe', {}).get('example_batch', 1)})")
     print(f"report: {Path(out) / 'report.md'}")
+    if report["budget"].get("met") is False:
+        _stderr(f"torchslim: BUDGET MISSED; the report shows what was found: {Path(out) / 'report.md'}")
+        return EXIT_BUDGET_MISSED
+    return 0
 
 
 def _floats(text: str) -> list[float]:
@@ -355,11 +356,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.worker:
         print(f"worker done: {result.n_complete} complete trial(s) in the study")
         return 0
-    print_summary(result.report, out)
-    if not result.report["budget"]["met"]:
-        _stderr(f"torchslim: BUDGET MISSED; the report shows the best setting found: {out}/report.md")
-        return EXIT_BUDGET_MISSED
-    return 0
+    return finish(result.report, out)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .commands import check_outputs
-
 
 def demo_recipe_text(quick: bool = False, seed: int = 0) -> str:
     """The demo's recipe (the report records it, so ``torchslim search`` can re-run it from there).
@@ -44,7 +42,6 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
     from .recipe import parse_recipe
 
     out = Path(out_dir)
-    check_outputs(out, overwrite)
     recipe = parse_recipe(demo_recipe_text(quick, seed), source="<demo recipe>")
     db = out / "search.db"
     if overwrite and db.exists():

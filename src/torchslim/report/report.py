@@ -53,11 +53,6 @@ def build_report(*, model_name: str, dataset: str, device: str, baseline: dict, 
     return report
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and rename, so no half file is ever left."""
-    atomic_write(path, data)
-
-
 def _fmt_int(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
@@ -124,6 +119,6 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     plot = out / "accuracy_vs_size.png"
     plot_accuracy_vs_size(report, plot)
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "report.md", render_markdown(report, plot.name).encode())
+    atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(out / "report.md", render_markdown(report, plot.name).encode())
     return {"json": out / "report.json", "markdown": out / "report.md", "plot": plot}

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, config_types
 from ..errors import ConfigError, UnsupportedModelError
-from ..utils import copy_model, save_figure
+from ..utils import atomic_write, copy_model, save_figure
 
 __all__ = ["FieldSpace", "TypeSpace", "Knob", "search_spaces", "build_knobs", "stage_configs", "soften",
            "knob_sensitivity", "sensitivity", "SensitivityResult", "output_error"]
@@ -522,15 +522,13 @@ class SensitivityResult:
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """sensitivity.json, sensitivity.md and sensitivity.png in ``out_dir``, each written atomically."""
-        from ..report.report import atomic_write_bytes
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "sensitivity.json", "markdown": out / "sensitivity.md", "plot": out / "sensitivity.png"}
         self.plot(paths["plot"])
-        atomic_write_bytes(paths["json"], (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        atomic_write(paths["json"], (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         md = self.to_markdown() + f"\n![sensitivity]({paths['plot'].name})\n"
-        atomic_write_bytes(paths["markdown"], md.encode())
+        atomic_write(paths["markdown"], md.encode())
         return paths
 
 
