@@ -37,7 +37,7 @@ def environment(args: argparse.Namespace) -> dict:
 
 
 def write_json(args: argparse.Namespace, name: str, result: dict) -> Path:
-    from torchslim.utils import atomic_write
+    from torchslim.core.files import atomic_write
 
     path = Path(args.out) / f"{name}.json"
     atomic_write(path, (json.dumps(result, indent=2) + "\n").encode())

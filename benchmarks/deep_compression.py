@@ -43,7 +43,7 @@ from torchslim.export import checkpoint as ckpt  # noqa: E402
 from torchslim.export import coding  # noqa: E402
 from torchslim.metrics import evaluate  # noqa: E402
 from torchslim.models import build_model  # noqa: E402
-from torchslim.pipeline.train import TrainConfig, default_device, train  # noqa: E402
+from torchslim.training.train import TrainConfig, default_device, train  # noqa: E402
 from torchslim.pruning import prune  # noqa: E402
 from torchslim.pruning.config import Schedule, UnstructuredPruning  # noqa: E402
 from torchslim.quantization.sharing import WeightSharing, apply_weight_sharing, sharing_summary  # noqa: E402

@@ -31,11 +31,11 @@ from _common import environment, parse_args, print_table, write_json  # noqa: E4
 
 from torchslim.data import default_data_dir, mnist  # noqa: E402
 from torchslim.distillation import Distillation, distill  # noqa: E402
-from torchslim.errors import DataError  # noqa: E402
+from torchslim.core.errors import DataError  # noqa: E402
 from torchslim.lowrank import SVD, Tucker, decompose  # noqa: E402
 from torchslim.metrics import count_macs, count_params, evaluate  # noqa: E402
 from torchslim.models import LeNet5, LeNet300, SmallResNet  # noqa: E402
-from torchslim.pipeline.train import TrainConfig, train  # noqa: E402
+from torchslim.training.train import TrainConfig, train  # noqa: E402
 
 # Settings of the full run and of --quick. Sizes are picked to fit ~20 minutes on 2 otherwise idle CPU cores.
 # (a): the teacher learns from the whole train split; the students learn from a smaller labelled "transfer

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, environment, parse_args, print_table, write_json  # noqa: E402
 
 from torchslim import TrainConfig, evaluate, train  # noqa: E402
-from torchslim.config import Config  # noqa: E402
+from torchslim.core.config import Config  # noqa: E402
 from torchslim.data import mnist  # noqa: E402
 from torchslim.models import LeNet5  # noqa: E402
 from torchslim.pipeline.recipe import RecipeError, load_recipe, parse_recipe  # noqa: E402
@@ -187,8 +187,7 @@ def ddp_worker(args) -> None:
     With one process, ``--ddp-order sharded`` feeds the batches a 2-process run sees together (a DistributedSampler
     over 1 replica): the controlled comparison. ``plain`` uses the loader's own shuffling (another sample order)."""
     from torchslim.export.checkpoint import load
-    from torchslim.pipeline.distributed import (is_main_process, process_group, shard_loader, train_distributed,
-                                                world_size)
+    from torchslim.training.distributed import is_main_process, process_group, shard_loader, train_distributed, world_size
 
     torch.set_num_threads(1)
     data = mnist(args.data_dir, batch_size=128, subset=6000 if args.quick else None)

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import torchslim
 from torchslim import ConfigError, DataError, TorchslimError
-from torchslim.config import config_from_dict
+from torchslim.core.config import config_from_dict
 from torchslim.data import digits, mnist
 from torchslim.metrics import count_macs, count_params, evaluate, measure_latency, profile
 from torchslim.models import LeNet5, LeNet300, SmallMobileNet, build_model

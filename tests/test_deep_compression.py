@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from torchslim.config import config_from_dict
+from torchslim.core.config import config_from_dict
 from torchslim.data import mnist
 from torchslim.export import checkpoint as ckpt
 

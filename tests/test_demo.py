@@ -7,7 +7,7 @@ import pytest
 import torchslim
 from torchslim.cli import main
 from torchslim.data import digits
-from torchslim.pipeline.demo import demo_recipe_text
+from torchslim.cli.demo import demo_recipe_text
 from torchslim.pipeline.recipe import parse_recipe
 
 KEYS = {"accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes"}

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.config import config_from_dict
+from torchslim.core.config import config_from_dict
 from torchslim.data import digits
 from torchslim.distillation import Distillation, distill, kd_loss, soft_target_loss
-from torchslim.errors import ConfigError, DataError, UnsupportedModelError
+from torchslim.core.errors import ConfigError, DataError, UnsupportedModelError
 from torchslim.metrics import evaluate
 from torchslim.models import LeNet5
-from torchslim.pipeline.train import TrainConfig
+from torchslim.training.train import TrainConfig
 
 FAST = TrainConfig(epochs=1, lr=2e-3, max_steps=6, device="cpu", progress=False)
 
@@ -38,7 +38,7 @@ def data():
 @pytest.fixture(scope="module")
 def teacher(data):
     torch.manual_seed(0)
-    from torchslim.pipeline.train import train
+    from torchslim.training.train import train
     model = LeNet5()
     train(model, data.train, TrainConfig(epochs=1, lr=2e-3, device="cpu", progress=False))
     model.zero_grad(set_to_none=True)

@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchslim import TrainConfig, evaluate, train
 from torchslim.data import digits
 from torchslim.models import LeNet300
-from torchslim.pipeline import distributed
-from torchslim.pipeline.distributed import launch_local, shard_loader
+from torchslim.training import distributed
+from torchslim.training.distributed import launch_local, shard_loader
 
 CONFIG = TrainConfig(epochs=2, lr=2e-3, progress=False)
 

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchslim.config import config_from_dict
+from torchslim.core.config import config_from_dict
 from torchslim.data import digits
-from torchslim.errors import ConfigError, DataError
+from torchslim.core.errors import ConfigError, DataError
 from torchslim.lowrank import CP, SVD, Tucker, cp_conv, cp_to_sequence, decompose, summarize
 from torchslim.metrics import count_macs, count_params, evaluate
 from torchslim.models import LeNet300, SmallMobileNet, SmallResNet
-from torchslim.pipeline.train import TrainConfig, train
+from torchslim.training.train import TrainConfig, train
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 

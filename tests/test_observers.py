@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchslim.errors import ConfigError, DataError
+from torchslim.core.errors import ConfigError, DataError
 from torchslim.quantization.observers import OBSERVERS, kl_threshold_bin, make_observer
 from torchslim.quantization.spec import QuantSpec
 

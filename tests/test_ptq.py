@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.config import config_from_dict
-from torchslim.errors import ConfigError, DataError, UnsupportedModelError
+from torchslim.core.config import config_from_dict
+from torchslim.core.errors import ConfigError, DataError, UnsupportedModelError
 from torchslim.export.checkpoint import load, save
 from torchslim.export.onnx import array, to_onnx_proto
 from torchslim.metrics import evaluate

@@ -277,7 +277,7 @@ class _WithEmbedding(nn.Module):
 
 
 def test_configs_round_trip_through_dicts():
-    from torchslim.config import config_from_dict
+    from torchslim.core.config import config_from_dict
     from torchslim.quantization.lowbit import BinaryWeights, TernaryWeights
     from torchslim.quantization.mixed import MixedPrecision
 

@@ -167,7 +167,7 @@ def test_config_validation_and_errors():
     shared = apply_weight_sharing(LeNet300(), WeightSharing(bits=2, exclude=("fc3",)))
     assert isinstance(shared.fc3, nn.Linear) and isinstance(shared.fc2, SharedLinear)
     cfg = WeightSharing(bits={"fc1": 3}, finetune=TrainConfig(epochs=2))
-    from torchslim.config import config_from_dict
+    from torchslim.core.config import config_from_dict
     assert config_from_dict(cfg.to_dict()) == cfg
 
 

@@ -86,7 +86,7 @@ def test_schedules_reach_target_and_recover(kind, trained_lenet5):
 def test_gradual_follows_the_cubic_ramp(trained_lenet5, monkeypatch):
     """Sparsity seen at each training step follows 1-(1-t)^3 and is final by half of the run."""
     from torchslim.data import digits
-    from torchslim.pipeline.train import train as real_train
+    from torchslim.training.train import train as real_train
 
     data = digits(seed=0)
     seen = []

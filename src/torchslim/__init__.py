@@ -1,15 +1,9 @@
 """torchslim: make trained PyTorch models smaller and faster while keeping their accuracy."""
 
 from ._version import __version__
-from .config import Config, config_from_dict
+from .core.config import Config, config_from_dict
 from .distillation import Distillation, distill
-from .errors import (
-                           CheckpointError,
-                           ConfigError,
-                           DataError,
-                           TorchslimError,
-                           UnsupportedModelError,
-)
+from .core.errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
 from .export.checkpoint import load, read_manifest, save
 from .export.onnx import export_onnx
 from .lowrank import CP, SVD, Tucker, decompose
@@ -17,7 +11,7 @@ from .metrics import evaluate, profile
 from .pipeline.commands import run_recipe as compress
 from .pipeline.recipe import Recipe, load_recipe
 from .pipeline.runner import Finetune
-from .pipeline.train import TrainConfig, train
+from .training.train import TrainConfig, train
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
 from .quantization import (

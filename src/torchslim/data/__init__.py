@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..errors import DataError
+from ..core.errors import DataError
 
 __all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader"]
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ..data import Splits
-from ..errors import ConfigError, DataError, UnsupportedModelError
+from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..metrics.evaluate import model_device
-from ..pipeline.train import default_device, train
+from ..training.train import default_device, train
 from .config import Distillation
 from .losses import feature_loss, kd_loss, make_projection, output_matching_loss
 

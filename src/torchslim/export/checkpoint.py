@@ -32,8 +32,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from .._version import __version__
-from ..errors import CheckpointError, TorchslimError
-from ..utils import atomic_write
+from ..core.errors import CheckpointError, TorchslimError
+from ..core.files import atomic_write
 
 __all__ = [
     "save", "load", "read_manifest", "register_encoding", "register_module",

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from ..errors import DataError, TorchslimError
-from ..utils import atomic_write, copy_model
+from ..core.errors import DataError, TorchslimError
+from ..core.files import atomic_write
+from ..nn.modules import copy_model
 
 __all__ = ["export_onnx", "onnx_agreement", "to_onnx_proto", "Agreement", "OnnxExportError", "OnnxExistsError",
            "ort_session"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import Config, check_fraction, check_positive
-from ..errors import ConfigError
+from ..core.config import Config
+from ..core.checks import check_fraction, check_positive
+from ..core.errors import ConfigError
 
 
 def _check_patterns(name: str, value: Any) -> None:

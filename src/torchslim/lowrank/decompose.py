@@ -10,9 +10,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import Splits, check_loader
-from ..errors import ConfigError, DataError
+from ..core.errors import ConfigError, DataError
 from ..metrics.evaluate import model_device
-from ..utils import copy_model
+from ..nn.modules import copy_model
 from .config import CP, SVD, Tucker
 from .cp import cp_conv, cp_max_rank, cp_params
 from .svd import energy_rank, linear_svd, svd_linear, svd_max_rank, svd_params

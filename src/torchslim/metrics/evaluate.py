@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..data import check_loader
-from ..errors import TorchslimError
+from ..core.errors import TorchslimError
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["LeNet300", "LeNet5", "SmallResNet", "SmallMobileNet", "build_model", "MODELS"]
 

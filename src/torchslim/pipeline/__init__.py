@@ -1,5 +1,1 @@
-"""Training loop and (later) recipes and the staged compression pipeline."""
-
-from .train import History, TrainConfig, train
-
-__all__ = ["TrainConfig", "History", "train"]
+"""Recipes, the stage runner, guard rails and reports."""

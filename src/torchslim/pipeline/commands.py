@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..errors import ConfigError, TorchslimError
+from ..core.errors import ConfigError, TorchslimError
 from .recipe import Recipe, load_recipe
 
 __all__ = ["add_commands", "run_recipe", "finish", "measure_block", "side_by_side_latency", "budget_summary",
@@ -109,7 +109,7 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
     """Write model.slim, report.json, report.md and the plots into ``out``: built in a temporary folder beside
     it and moved in with report.json last, so an interrupted run never leaves a report for a model it lacks."""
     from ..export.checkpoint import save
-    from ..report.report import plot_accuracy_vs_size, render_markdown
+    from .report import plot_accuracy_vs_size, render_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".publish-"))
@@ -158,7 +158,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     A result that misses the budget is written with ``budget.met`` False and a loud banner, and a
     ``BudgetMissedWarning`` is issued; the CLI exits with code 3."""
     from ..metrics.profile import saved_size
-    from . import distributed
+    from ..training import distributed
     from .guard import run_guarded
     from .recipe import (
         build_data,
@@ -168,7 +168,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         reseed,
         save_kwargs,
     )
-    from .train import default_device
+    from ..training.train import default_device
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -199,7 +199,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     side_by_side_latency(baseline, model, compressed, final, example)
     budget = budget_summary(max_drop, recipe.metric, baseline_val, result.final_val, baseline["accuracy"],
                             compressed["accuracy"])
-    from ..report import build_report
+    from .report import build_report
 
     report = build_report(model_name=_model_name(recipe, model), dataset=data.name, device=str(default_device()),
                           baseline=baseline, compressed=compressed, stages=result.records, checkpoint="model.slim",
@@ -261,7 +261,7 @@ def _stderr(msg: str) -> None:
 def _compress(args: argparse.Namespace) -> int:
     import warnings
 
-    from . import distributed
+    from ..training import distributed
 
     path = _recipe_arg(args)
     if args.validate_only:

@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..config import Config
-from ..errors import TorchslimError
+from ..core.config import Config
+from ..core.errors import TorchslimError
 from .recipe import GuardSpec, StageSpec
 
 __all__ = ["BudgetError", "GuardResult", "run_guarded", "segments"]

@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterator, Mapping
 import yaml
 from torch import nn
 
-from ..config import Config, config_types
-from ..errors import ConfigError, DataError, TorchslimError
-from .train import TrainConfig
+from ..core.config import Config, config_types
+from ..core.errors import ConfigError, DataError, TorchslimError
+from ..training.train import TrainConfig
 
 __all__ = ["Recipe", "ModelSpec", "DataSpec", "StageSpec", "BudgetSpec", "GuardSpec", "SearchSpec", "RecipeError",
            "load_recipe", "parse_recipe", "recipe_from_dict", "check_against_model", "import_callable",
@@ -820,7 +820,7 @@ def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *
 
     from ..export.checkpoint import load
     from ..models import build_model as build_builtin
-    from .train import train as train_model
+    from ..training.train import train as train_model
 
     spec = recipe.model
     if spec is None:

@@ -8,13 +8,13 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ..config import Config
+from ..core.config import Config
 from ..data import Splits
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from ..metrics import evaluate
 from ..metrics.profile import saved_size
-from ..utils import copy_model
-from .train import TrainConfig, train
+from ..nn.modules import copy_model
+from ..training.train import TrainConfig, train
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..utils import copy_model
+from ..core.errors import ConfigError
+from ..nn.modules import copy_model
 from .config import Schedule, StructuredPruning, UnstructuredPruning
 from .graph import build_groups
 from .importance import bn_l1_penalty

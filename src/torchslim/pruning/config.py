@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import Config, check_choice, check_fraction, check_positive
-from ..errors import ConfigError
-from ..pipeline.train import TrainConfig
+from ..core.config import Config
+from ..core.checks import check_choice, check_fraction, check_positive
+from ..core.errors import ConfigError
+from ..training.train import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

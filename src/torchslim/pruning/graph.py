@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ..errors import UnsupportedModelError
+from ..core.errors import UnsupportedModelError
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 

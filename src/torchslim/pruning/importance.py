@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError, UnsupportedModelError
+from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..metrics.evaluate import model_device
 from .graph import Group, Member
 

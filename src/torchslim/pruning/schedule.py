@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..data import check_loader
-from ..errors import ConfigError
-from ..pipeline.train import train
+from ..core.errors import ConfigError
+from ..training.train import train
 from .config import Schedule, StructuredPruning, UnstructuredPruning
 from .unstructured import (
     apply_masks,

@@ -16,8 +16,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import ConfigError, TorchslimError, UnsupportedModelError
-from ..utils import copy_model
+from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..nn.modules import copy_model
 from .config import StructuredPruning
 from .graph import UNSUPPORTED, Group, Member, build_groups
 from .importance import LossFn, group_importance

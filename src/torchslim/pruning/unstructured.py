@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from .config import UnstructuredPruning
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -11,8 +11,8 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import Config
-from ..errors import ConfigError
+from ..core.config import Config
+from ..core.errors import ConfigError
 from . import modules  # noqa: F401  (registers quantized modules and the intpack encoding)
 from .lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary
 from .mixed import MixedPrecision, apply_mixed_precision, quantize_mixed

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DataError, TorchslimError
+from ..core.errors import ConfigError, DataError, TorchslimError
 from .spec import QuantSpec
 
 __all__ = [

@@ -16,9 +16,10 @@ import dataclasses
 
 from torch import nn
 
-from ..config import Config, check_choice, check_positive
-from ..errors import ConfigError
-from ..pipeline.train import TrainConfig
+from ..core.config import Config
+from ..core.checks import check_choice, check_positive
+from ..core.errors import ConfigError
+from ..training.train import TrainConfig
 from .qat import (
     _UNSUPPORTED_CHOICES,
     ACTIVATION_BITS,

@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config, check_choice, check_fraction, check_positive
+from ..core.config import Config
+from ..core.checks import check_choice, check_fraction, check_positive
 from ..data import check_loader
-from ..errors import ConfigError, DataError
-from ..pipeline.train import TrainConfig
+from ..core.errors import ConfigError, DataError
+from ..training.train import TrainConfig
 from .modules import to_qat_module
 from .qat import (
     _UNSUPPORTED_CHOICES,

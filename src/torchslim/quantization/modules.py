@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..config import config_from_dict
-from ..errors import TorchslimError
-from ..utils import decoded_once
+from ..core.config import config_from_dict
+from ..core.errors import TorchslimError
+from ..nn.modules import decoded_once
 from .fake import (
     BinaryQuantizer,
     FakeQuantize,

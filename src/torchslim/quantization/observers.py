@@ -19,8 +19,8 @@ import math
 import numpy as np
 import torch
 
-from ..config import check_choice
-from ..errors import ConfigError, DataError
+from ..core.checks import check_choice
+from ..core.errors import ConfigError, DataError
 from .spec import QuantSpec
 
 __all__ = ["Observer", "MinMaxObserver", "MovingAverageObserver", "PercentileObserver", "MSEObserver",

@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..config import Config, check_choice, check_positive
-from ..errors import ConfigError, DataError, UnsupportedModelError
-from ..utils import copy_model
+from ..core.config import Config
+from ..core.checks import check_choice, check_positive
+from ..core.errors import ConfigError, DataError, UnsupportedModelError
+from ..nn.modules import copy_model
 from ..export.onnx import _export_copy, array, ort_session, to_onnx_proto
 from .backends import STATIC_BACKENDS
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported

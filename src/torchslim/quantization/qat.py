@@ -22,11 +22,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..config import Config, check_choice, check_positive
+from ..core.config import Config
+from ..core.checks import check_choice, check_positive
 from ..data import check_loader
-from ..errors import ConfigError, DataError, UnsupportedModelError
-from ..pipeline.train import TrainConfig, train
-from ..utils import copy_model
+from ..core.errors import ConfigError, DataError, UnsupportedModelError
+from ..training.train import TrainConfig, train
+from ..nn.modules import copy_model
 from .fake import (
     BinaryQuantizer,
     LSQQuantizer,

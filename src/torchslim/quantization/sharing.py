@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, check_choice
+from ..core.config import Config
+from ..core.checks import check_choice
 from ..data import check_loader
-from ..errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..export import coding  # noqa: F401  (registers the "huffman" and "ans" checkpoint encodings)
 from ..export.checkpoint import register_module
-from ..pipeline.train import TrainConfig, train
-from ..utils import copy_model, decoded_once
+from ..training.train import TrainConfig, train
+from ..nn.modules import copy_model, decoded_once
 
 __all__ = ["WeightSharing", "apply_weight_sharing", "SharedLinear", "SharedConv1d", "SharedConv2d",
            "SharedConv3d", "SharedWeight", "kmeans_codebook", "sharing_summary", "MAX_BITS"]

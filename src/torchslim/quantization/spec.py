@@ -6,8 +6,9 @@ import dataclasses
 
 import torch
 
-from ..config import Config, check_choice
-from ..errors import ConfigError
+from ..core.config import Config
+from ..core.checks import check_choice
+from ..core.errors import ConfigError
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 

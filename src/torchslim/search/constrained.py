@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config
-from ..errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..core.config import Config
+from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, load_recipe
-from ..utils import copy_model
+from ..nn.modules import copy_model
 from .pareto import OBJECTIVE_LABELS, choose, pareto_front, plot_pareto
 from .sensitivity import (
     Knob,
@@ -488,7 +488,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
         side_by_side_latency,
         publish,
     )
-    from ..pipeline.distributed import launched
+    from ..training.distributed import launched
     from ..pipeline.recipe import (
         build_data,
         build_model,
@@ -496,8 +496,8 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
         metric_function,
         save_kwargs,
     )
-    from ..pipeline.train import default_device
-    from ..report import build_report
+    from ..training.train import default_device
+    from ..pipeline.report import build_report
 
     if launched():
         raise ConfigError("run the search as one process, not under torchrun: it parallelises over trials "

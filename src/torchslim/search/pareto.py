@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..utils import save_figure
+from ..core.files import save_figure
 
 __all__ = ["pareto_front", "choose", "plot_pareto", "OBJECTIVE_LABELS"]
 

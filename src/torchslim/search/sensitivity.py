@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config, config_types
-from ..errors import ConfigError, UnsupportedModelError
-from ..utils import atomic_write, copy_model, save_figure
+from ..core.config import Config, config_types
+from ..core.errors import ConfigError, UnsupportedModelError
+from ..core.files import atomic_write, save_figure
+from ..nn.modules import copy_model
 
 __all__ = ["FieldSpace", "TypeSpace", "Knob", "search_spaces", "build_knobs", "stage_configs", "soften",
            "knob_sensitivity", "sensitivity", "SensitivityResult", "output_error"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import TorchslimError
+from ...core.errors import TorchslimError
 
 __all__ = ["E4M3_MAX", "fp8_supported", "fp8_quantize", "fp8_dequantize", "Fp8Linear", "time_cuda",
            "faster_than_bf16"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import TorchslimError, UnsupportedModelError
+from ...core.errors import TorchslimError, UnsupportedModelError
 
 __all__ = ["DynamicInt8Linear", "DynamicInt8RNN", "quantize_weight_per_channel", "LINEAR_KERNELS",
            "default_linear_kernel"]

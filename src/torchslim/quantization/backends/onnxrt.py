@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import ConfigError, DataError, TorchslimError, UnsupportedModelError
+from ...core.errors import ConfigError, DataError, TorchslimError, UnsupportedModelError
 from ...export.onnx import ort_session
 from ..observers import Observer
 

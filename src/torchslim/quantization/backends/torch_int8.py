@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...errors import UnsupportedModelError
+from ...core.errors import UnsupportedModelError
 
 __all__ = ["TorchInt8Program", "ENGINES", "engine_available"]
 

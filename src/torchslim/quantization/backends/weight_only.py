@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError, TorchslimError
+from ...core.errors import ConfigError, TorchslimError
 
 __all__ = ["WeightOnlyLinear", "pack_codes", "unpack_codes", "quantize_groups", "WEIGHT_ONLY_BITS"]
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from ..errors import ConfigError, TorchslimError
+from ..core.errors import ConfigError, TorchslimError
 from .train import History, TrainConfig, train
 
 __all__ = ["launched", "rank", "world_size", "local_rank", "is_main_process", "process_group", "shard_loader",

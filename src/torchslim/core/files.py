@@ -1,50 +1,12 @@
-"""Small helpers shared across techniques."""
+"""Atomic file output: readers never see a half-written file."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import io
 import os
 import uuid
 from pathlib import Path
-
-import torch
-from torch import nn
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also copies pruned models, without touching the original.
-
-    ``torch.nn.utils.prune`` caches ``weight = weight_orig * weight_mask`` as a plain attribute, which is a
-    non-leaf tensor after a forward pass with autograd, and deepcopy refuses those; a detached copy goes in
-    its place (the next forward recomputes it anyway).
-    """
-    memo: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
-def decoded_once(module: nn.Module, decode, *sources: torch.Tensor) -> torch.Tensor:
-    """``decode()`` (e.g. integer codes -> float weight), computed once and reused while ``module`` runs inference
-    (eval mode, no autograd), as a deployed model decodes at load time; training always decodes afresh.
-
-    The cached result is dropped when any of ``sources`` changes: integer tensors are tracked by identity and
-    version counter (every PyTorch op that writes them bumps it), floating ones also by value, since edits
-    through ``.data`` bypass the counter and those tensors (scales, codebooks) are small."""
-    if module.training or torch.is_grad_enabled():
-        return decode()
-    key = [(t, t._version) for t in sources]
-    hit = module.__dict__.get("_decoded")
-    if hit is not None and len(hit[0]) == len(key) and all(
-            a is b and v == w for (a, v), (b, w) in zip(hit[0], key)) and all(
-            torch.equal(old, t) for old, t in zip(hit[1], sources) if t.is_floating_point()):
-        return hit[2]
-    value = decode()
-    module.__dict__["_decoded"] = (key, [t.detach().clone() if t.is_floating_point() else None for t in sources], value)
-    return value
 
 
 def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True,
@@ -87,8 +49,6 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
-    import io
-
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

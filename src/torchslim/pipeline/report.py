@@ -8,7 +8,7 @@ from torch import nn
 
 from .._version import __version__
 from ..metrics import evaluate, profile
-from ..utils import atomic_write, save_figure
+from ..core.files import atomic_write, save_figure
 
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes")
 

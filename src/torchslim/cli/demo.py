@@ -38,8 +38,8 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
     import warnings
 
     from ..search.constrained import search
-    from .commands import BudgetMissedWarning
-    from .recipe import parse_recipe
+    from ..pipeline.commands import BudgetMissedWarning
+    from ..pipeline.recipe import parse_recipe
 
     out = Path(out_dir)
     recipe = parse_recipe(demo_recipe_text(quick, seed), source="<demo recipe>")

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Config, check_choice, check_positive
+from ..core.config import Config
+from ..core.checks import check_choice, check_positive
 from ..data import check_loader
-from ..errors import TorchslimError
+from ..core.errors import TorchslimError
 from ..metrics.evaluate import evaluate, model_device
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import TorchslimError
+from ..core.errors import TorchslimError
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .pipeline.commands import finish
-    from .pipeline.demo import run_demo
+    from ..pipeline.commands import finish
+    from .demo import run_demo
 
     return finish(run_demo(args.out, seed=args.seed, overwrite=args.overwrite, quick=args.quick), args.out)
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     demo.set_defaults(func=_demo)
-    from .pipeline.commands import add_commands
+    from ..pipeline.commands import add_commands
 
     add_commands(sub)
     return parser
@@ -40,5 +40,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The bottom layer: errors, configs and their checks, registries, the technique descriptor, atomic files."""
