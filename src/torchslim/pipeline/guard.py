@@ -16,7 +16,9 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.errors import TorchslimError
+from ..techniques import BUILTIN
 from .recipe import GuardSpec, StageSpec
+from .runner import apply_stage
 
 __all__ = ["BudgetError", "GuardResult", "run_guarded", "segments"]
 
@@ -60,8 +62,6 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
     :func:`~torchslim.pipeline.runner.apply_stage`); ``model``, the uncompressed original, is the teacher of
     distillation stages.
     """
-    from ..search.sensitivity import soften
-    from .runner import apply_stage
 
     apply = apply or apply_stage
     floor = None if max_drop is None else baseline_val - max_drop
@@ -92,7 +92,7 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
             milder = None
             if guard.policy == "retry" and len(attempts) <= guard.retries:
                 factor *= guard.milder
-                softened = [soften(s.config, factor) for s in seg]
+                softened = [BUILTIN.soften(s.config, factor) for s in seg]
                 if any(c is not None for c in softened):
                     milder = [c if c is not None else s.config for c, s in zip(softened, seg)]
             if milder is None:

@@ -913,16 +913,15 @@ def save_kwargs(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
 
 def check_against_model(recipe: Recipe, model: nn.Module, example_inputs: tuple) -> None:
     """Check that per-layer entries (``sparsity: {fc1: 0.9}``...) name layers the model has, before any work."""
-    from ..search.sensitivity import search_spaces
+    from ..techniques import BUILTIN
 
-    spaces = search_spaces()
     ctx = _Context(recipe.source, recipe.lines)
     for i, stage in enumerate(recipe.stages):
-        space = spaces.get(type(stage.config).__name__)
+        space = BUILTIN.of(stage.config).search
         if space is None:
             continue
         if any(space_.renames_layers for space_ in
-               (spaces.get(type(s.config).__name__) for s in recipe.stages[:i]) if space_ is not None):
+               (BUILTIN.of(s.config).search for s in recipe.stages[:i]) if space_ is not None):
             break  # layer names after a decomposition are those of the decomposed model
         for fs in space.fields:
             value = getattr(stage.config, fs.field)

@@ -55,10 +55,16 @@ def _distill_stage(model, config, data: Splits, example_inputs: tuple, teacher) 
     return distill(copy_model(model), teacher, data, config)
 
 
-def _finetune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    model = copy_model(model)
-    train(model, data.train, config.train, val_loader=data.val)
+def finetune(model: nn.Module, config: Finetune, *, data=None, val_data=None, inplace: bool = False) -> nn.Module:
+    """Fine-tune ``model`` (a copy unless ``inplace``) on ``data`` as ``config.train`` says."""
+    if not inplace:
+        model = copy_model(model)
+    train(model, data, config.train, val_loader=val_data)
     return model
+
+
+def _finetune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
+    return finetune(model, config, data=data.train, val_data=data.val)
 
 
 def stage_handlers() -> dict[str, StageFn]:
