@@ -10,7 +10,8 @@ segments, each pointing into a *channel space* (a union-find node) with ``n`` sl
 consecutive indices. A producer (Conv, Linear) opens a new space; elementwise ops unite the spaces of
 their operands; ``cat`` concatenates segments; ``flatten`` multiplies ``rep``. Anything the tracer does
 not understand blocks the spaces it touches (with the reason), so a group is either pruned consistently
-or left alone, never corrupted.
+or left alone, never corrupted. Which op does what is decided by the op rules of ``oprules.py``, through
+the primitives of ``_Builder``.
 
 Pruning through LayerNorm is supported but, unlike BatchNorm, changes the statistics of the remaining
 channels, so the pruned model is then not exactly the original with those channels zeroed.

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .graph import _Builder
 
 __all__ = ["OpRule", "register_op_rule", "elementwise", "per_channel", "submodule", "module_rule", "call_rule",
-           "node_arg"]
+           "traced_whole", "node_arg"]
 
 OpRule = Callable[["_Builder", fx.Node, Optional[nn.Module], Optional[str]], None]
 
