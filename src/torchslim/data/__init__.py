@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.errors import DataError
+from .batches import as_example_inputs, batch_size, call_model, split_batch, to_device
 
-__all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader"]
+__all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader", "split_batch",
+           "call_model", "to_device", "batch_size", "as_example_inputs"]
 
 
 @dataclasses.dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable
 
@@ -13,16 +12,7 @@ from ..data import Splits
 from ..core.errors import ConfigError
 from ..metrics import evaluate
 from ..metrics.profile import saved_size
-from ..nn.modules import copy_model
-from ..training.train import TrainConfig, train
-
-
-@dataclasses.dataclass(frozen=True)
-class Finetune(Config):
-    """A plain fine-tuning stage on the training split."""
-
-    train: TrainConfig = TrainConfig()
-
+from ..training.finetune import Finetune, finetune  # noqa: F401  (Finetune: its old home, still importable)
 
 StageFn = Callable[..., nn.Module]
 
@@ -30,20 +20,19 @@ StageFn = Callable[..., nn.Module]
 def _prune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
     from ..pruning import prune
 
-    return prune(model, config, example_inputs=example_inputs, data=data.train, val_data=data.val)
+    return prune(model, config, data=data.train, val_data=data.val, example_inputs=example_inputs)
 
 
 def _quantize_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
     from ..quantization import quantize
 
-    return quantize(model, config, calibration_data=data.train, data=data.train, val_data=data.val,
-                    example_inputs=example_inputs)
+    return quantize(model, config, data=data.train, val_data=data.val, example_inputs=example_inputs)
 
 
 def _decompose_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
     from ..lowrank import decompose
 
-    return decompose(model, config, example_inputs=example_inputs, data=data)[0]
+    return decompose(model, config, val_data=data.val, example_inputs=example_inputs)
 
 
 def _distill_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
@@ -51,14 +40,12 @@ def _distill_stage(model, config, data: Splits, example_inputs: tuple, teacher) 
 
     if teacher is None:
         raise ConfigError("a Distillation stage needs a teacher: run it in a pipeline (the uncompressed "
-                          "original is the teacher) or call torchslim.distill(student, teacher, ...) directly")
-    return distill(copy_model(model), teacher, data, config)
+                          "original is the teacher) or call torchslim.distill(student, config, teacher=...) directly")
+    return distill(model, config, teacher=teacher, data=data.train, val_data=data.val)
 
 
 def _finetune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    model = copy_model(model)
-    train(model, data.train, config.train, val_loader=data.val)
-    return model
+    return finetune(model, config, data=data.train, val_data=data.val)
 
 
 def stage_handlers() -> dict[str, StageFn]:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..core.config import Config, config_types
 from ..core.errors import ConfigError, UnsupportedModelError
 from ..core.files import atomic_write, save_figure
+from ..data.batches import call_model, output_tensor, split_batch, to_device
 from ..nn.modules import copy_model
 
 __all__ = ["FieldSpace", "TypeSpace", "Knob", "search_spaces", "build_knobs", "stage_configs", "soften",
@@ -385,11 +386,11 @@ def soften(config: Config, factor: float) -> Config | None:
 # Measuring
 
 
-def _batches(loader, device: torch.device) -> list[tuple[torch.Tensor, Any]]:
+def _batches(loader, device: torch.device) -> list[tuple[Any, Any]]:
     out = []
     for batch in loader:
-        x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-        out.append((x.to(device), y))
+        x, y = split_batch(batch)
+        out.append((to_device(x, device), y))
     return out
 
 
@@ -398,7 +399,7 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     was = model.training
     model.eval()
     try:
-        return [model(x).detach().float().cpu() for x, _ in batches]
+        return [output_tensor(call_model(model, x)).detach().float().cpu() for x, _ in batches]
     finally:
         model.train(was)
 
