@@ -10,34 +10,30 @@ from torch import nn
 from ..core.config import Config
 from ..data import Splits
 from ..core.errors import ConfigError
+from ..distillation import distill
+from ..lowrank import decompose
 from ..metrics import evaluate
 from ..metrics.profile import saved_size
+from ..pruning import prune
+from ..quantization import quantize
 from ..training.finetune import Finetune, finetune  # noqa: F401  (Finetune: its old home, still importable)
 
 StageFn = Callable[..., nn.Module]
 
 
 def _prune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..pruning import prune
-
     return prune(model, config, data=data.train, val_data=data.val, example_inputs=example_inputs)
 
 
 def _quantize_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..quantization import quantize
-
     return quantize(model, config, data=data.train, val_data=data.val, example_inputs=example_inputs)
 
 
 def _decompose_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..lowrank import decompose
-
     return decompose(model, config, val_data=data.val, example_inputs=example_inputs)
 
 
 def _distill_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..distillation import distill
-
     if teacher is None:
         raise ConfigError("a Distillation stage needs a teacher: run it in a pipeline (the uncompressed "
                           "original is the teacher) or call torchslim.distill(student, config, teacher=...) directly")
