@@ -25,11 +25,12 @@ class Finetune(Config):
 
 
 def finetune(model: nn.Module, config: Finetune, *, data, val_data=None, loss_fn: LossFn | str | None = None,
-             metric: Metric | None = None, inplace: bool = False) -> nn.Module:
+             metric: Metric | None = None, inplace: bool = False, example_inputs=None) -> nn.Module:
     """Train ``model`` (a copy unless ``inplace``) on ``data`` as ``config.train`` says and return it.
 
     ``loss_fn`` and ``metric`` (measured on ``val_data`` after each epoch) are those of
-    :func:`~torchslim.training.train.train`; the config is recorded in the model's history."""
+    :func:`~torchslim.training.train.train`; the config is recorded in the model's history.
+    ``example_inputs`` is accepted so that every verb takes the same keywords; fine-tuning needs none."""
     if not isinstance(config, Finetune):
         raise ConfigError(f"finetune expects a Finetune config, got {type(config).__name__}")
     if not inplace:
