@@ -27,6 +27,7 @@ from ..core.technique import Techniques, identity_encode
 from ..data import Splits, check_loader
 from ..metrics import evaluate
 from ..metrics.evaluate import model_device
+from ..data.batches import call_model, output_tensor, split_batch, to_device
 from ..nn.modules import copy_model
 from ..pipeline.runner import apply_stage
 from ..pruning.unstructured import make_permanent, prunable_layers
@@ -127,11 +128,11 @@ def soften(config: Config, factor: float, techniques: Techniques = BUILTIN) -> C
 # Measuring
 
 
-def _batches(loader, device: torch.device) -> list[tuple[torch.Tensor, Any]]:
+def _batches(loader, device: torch.device) -> list[tuple[Any, Any]]:
     out = []
     for batch in loader:
-        x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-        out.append((x.to(device), y))
+        x, y = split_batch(batch)
+        out.append((to_device(x, device), y))
     return out
 
 
@@ -140,7 +141,7 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     was = model.training
     model.eval()
     try:
-        return [model(x).detach().float().cpu() for x, _ in batches]
+        return [output_tensor(call_model(model, x)).detach().float().cpu() for x, _ in batches]
     finally:
         model.train(was)
 
