@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from torchslim import ConfigError, Schedule, TorchslimError, TrainConfig, UnstructuredPruning
-from torchslim.pipeline.commands import EXIT_BUDGET_MISSED, BudgetMissedWarning, add_commands, run_recipe
+from torchslim.cli.commands import EXIT_BUDGET_MISSED, add_commands
+from torchslim.pipeline.commands import BudgetMissedWarning, run_recipe
 from torchslim.pipeline.guard import BudgetError, segments
-from torchslim.pipeline.recipe import (RecipeError, build_data, build_model, load_recipe, parse_recipe,
-                                       recipe_from_dict, stage_types)
+from torchslim.pipeline.recipe import RecipeError, build_data, build_model, load_recipe, parse_recipe, recipe_from_dict
 from torchslim.pipeline.runner import Finetune
+from torchslim.techniques import BUILTIN
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -66,7 +67,7 @@ stages:
     assert r.line(("stages", 0, "sparsity", "fc1")) == 6
     again = recipe_from_dict(r.to_dict())
     assert again == r and again.key() == r.key()
-    assert {"UnstructuredPruning", "StructuredPruning", "Finetune"} <= set(stage_types())
+    assert {"UnstructuredPruning", "StructuredPruning", "Finetune"} <= set(BUILTIN.names())
 
 
 @pytest.mark.parametrize("body, expected", [
