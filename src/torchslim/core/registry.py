@@ -50,7 +50,8 @@ class Registry(Generic[K, V]):
         return self._items.values()
 
     def copy(self) -> "Registry[K, V]":
-        new: Registry[K, V] = Registry(self.what)
+        new = object.__new__(type(self))
+        new.what = self.what
         new._items = dict(self._items)
         return new
 

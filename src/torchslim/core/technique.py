@@ -22,7 +22,7 @@ LayerList = Callable[[Config, nn.Module, Any], list[tuple[str, Any]]]
 """``layers(config, model, example_inputs) -> [(layer name, param), ...]``: one knob per entry."""
 
 
-def _identity_encode(value: float, param: Any) -> Any:
+def identity_encode(value: float, param: Any) -> Any:
     return float(value)
 
 
@@ -40,7 +40,7 @@ class FieldSpace:
     mild: float
     grid: tuple[float, ...]
     layers: LayerList | None = None
-    encode: Callable[[float, Any], Any] = _identity_encode
+    encode: Callable[[float, Any], Any] = identity_encode
     valid: Callable[[Config, nn.Module, Any], list[str]] | None = None
     reduces: frozenset = frozenset({"size"})
     choices: tuple | None = None
@@ -132,3 +132,17 @@ class Techniques(Registry[type, Technique]):
                     out.append((j, f"{type(config).__name__} cannot follow {type(configs[i]).__name__} "
                                     f"(stages[{i}]): {why}"))
         return out
+
+    def searchable(self) -> list[str]:
+        """Names of the techniques a search can tune."""
+        return [t.name for t in self.values() if t.search is not None]
+
+    def soften(self, config: Config, factor: float) -> Config | None:
+        """``config`` with its rates moved towards no compression by ``factor`` (None: nothing to soften)."""
+        t = self._items.get(type(config))
+        if t is None or t.search is None:
+            return None
+        try:
+            return t.search.soften(config, factor)
+        except ConfigError:  # the softened value left the field's range
+            return None

@@ -10,9 +10,9 @@ import types
 
 from .constrained import SearchResult, StorageError, open_storage, search
 from .pareto import choose, pareto_front, plot_pareto
-from .sensitivity import Knob, SensitivityResult, build_knobs, search_spaces
+from .sensitivity import Knob, SensitivityResult, build_knobs
 
-__all__ = ["search", "SearchResult", "StorageError", "open_storage", "SensitivityResult", "search_spaces",
+__all__ = ["search", "SearchResult", "StorageError", "open_storage", "SensitivityResult",
            "build_knobs", "Knob", "pareto_front", "choose", "plot_pareto"]
 
 

@@ -33,12 +33,12 @@ from ..core.config import Config
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, load_recipe
 from ..nn.modules import copy_model
+from ..techniques import BUILTIN
 from .pareto import OBJECTIVE_LABELS, choose, pareto_front, plot_pareto
 from .sensitivity import (
     Knob,
     build_knobs,
     knob_sensitivity,
-    search_spaces,
     stage_configs,
 )
 
@@ -547,7 +547,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, *, max_accuracy_dro
     problem = Problem(recipe, baseline, data, objective=s["objective"], metric_fn=metric_fn, save_kw=save_kw)
     if not problem.knobs:
         raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
-                          f"{sorted(search_spaces())}; a stage with search: false is frozen)")
+                          f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")
     baseline_val = float(metric_fn(baseline, data.val))
     floor = baseline_val - max_drop
     sampler = _sampler(recipe.seed)
@@ -668,14 +668,13 @@ def _count_failed(study) -> int:
 
 
 def _check_reducible(recipe: Recipe, objective: str) -> None:
-    spaces = search_spaces()
-    kinds = [(s.name, spaces.get(type(s.config).__name__)) for s in recipe.stages if s.search is not False]
+    kinds = [(s.name, BUILTIN.of(s.config).search) for s in recipe.stages if s.search is not False]
     if any(sp is not None and any(objective in f.reduces for f in sp.fields) for _, sp in kinds):
         return
     names = [n for n, sp in kinds if sp is not None]
     if not names:
         raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
-                          f"{sorted(spaces)}; a stage with search: false is frozen)")
+                          f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")
     raise ConfigError(f"objective {objective!r} cannot be reduced by the searchable stages {names or '(none)'}: e.g. "
                       "unstructured zeros shrink the file but not the counted MACs or dense latency. Add a "
                       "StructuredPruning or low-rank stage, or choose --objective size")

@@ -1,0 +1,70 @@
+"""The pruning techniques' descriptors: apply, family, order rules and search spaces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..core.config import Config
+from ..core.rates import soften_field
+from ..core.technique import FieldSpace, SearchSpace, Technique
+from . import prune
+from .config import Schedule, StructuredPruning, UnstructuredPruning
+from .graph import build_groups
+from .unstructured import prunable_layers
+
+SPARSITY_GRID = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+RATIO_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+_QUANTIZED = "pruning after quantization breaks the quantized weights; quantize last"
+
+
+def _prunable(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
+    return [(name, None) for name in prunable_layers(model, tuple(config.exclude))]
+
+
+def _leaders(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
+    return [(g.leader, None) for g in build_groups(model, example_inputs, tuple(config.exclude)) if g.prunable]
+
+
+def _all_leaders(config: Config, model: nn.Module, example_inputs: Any) -> list[str]:
+    return [g.leader for g in build_groups(model, example_inputs, tuple(config.exclude))]
+
+
+def _no_schedule(config: Config) -> Config:
+    changes: dict[str, Any] = {"schedule": Schedule()}
+    if getattr(config, "bn_penalty", 0):
+        changes["bn_penalty"] = 0.0
+    return config.replace(**changes)
+
+
+def _apply_unstructured(config: Config, values: dict[str, Any]) -> Config:
+    v = values.get("sparsity", config.sparsity)
+    return config.replace(sparsity=v) if v != {} else config
+
+
+def _apply_structured(config: Config, values: dict[str, Any]) -> Config:
+    v = values.get("ratio", config.ratio)
+    if v == {}:
+        return config
+    return config.replace(ratio=v, scope="layer") if isinstance(v, dict) else config.replace(ratio=v)
+
+
+UNSTRUCTURED = Technique(
+    config=UnstructuredPruning, apply=prune, family="unstructured",
+    cannot_follow={"quantize": _QUANTIZED},
+    search=SearchSpace(
+        fields=(FieldSpace("sparsity", low=0.0, high=0.99, mild=0.0, grid=SPARSITY_GRID, layers=_prunable),),
+        apply=_apply_unstructured, oneshot=_no_schedule, soften=soften_field("sparsity")))
+
+STRUCTURED = Technique(
+    config=StructuredPruning, apply=prune, family="structured",
+    cannot_follow={"unstructured": "structured pruning refuses layers that carry unstructured masks; put "
+                                   "StructuredPruning before UnstructuredPruning",
+                   "quantize": _QUANTIZED},
+    search=SearchSpace(
+        fields=(FieldSpace("ratio", low=0.0, high=0.9, mild=0.0, grid=RATIO_GRID, layers=_leaders,
+                           valid=_all_leaders, reduces=frozenset({"size", "macs", "latency"})),),
+        apply=_apply_structured, oneshot=_no_schedule, soften=soften_field("ratio")))
+
+TECHNIQUES = (UNSTRUCTURED, STRUCTURED)
