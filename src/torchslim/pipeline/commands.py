@@ -14,9 +14,11 @@ from typing import Any, Callable
 from torch import nn
 
 from ..core.errors import TorchslimError
+from ..core.technique import Techniques
 from ..export.checkpoint import save
 from ..metrics import compare_latency, profile
 from ..metrics.profile import saved_size
+from ..techniques import BUILTIN
 from ..training import distributed
 from ..training.train import default_device
 from .guard import run_guarded
@@ -145,17 +147,17 @@ def _model_name(recipe: Recipe, model: nn.Module) -> str:
 def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: bool = False,
                model: nn.Module | None = None, data=None, max_accuracy_drop: float | None = None,
                loss_fn=None, metric: Callable[[nn.Module, Any], float] | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               techniques: Techniques = BUILTIN, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a recipe under the guard rails and write report.json, report.md, the plot and model.slim to
     ``out_dir``; returns the report. ``model`` (a trained model, left untouched) and ``data`` (a
     :class:`~torchslim.data.Splits`) replace what the recipe names; ``max_accuracy_drop`` its budget;
     ``loss_fn`` is what every training stage minimises and ``metric(model, loader)`` what the budget is measured in
-    (defaults: cross-entropy and the recipe's metric).
+    (defaults: cross-entropy and the recipe's metric); ``techniques`` the registry stage types resolve in.
 
     A result that misses the budget is written with ``budget.met`` False and a loud banner, and a
     ``BudgetMissedWarning`` is issued; the CLI exits with code 3."""
     if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
+        recipe = load_recipe(recipe, techniques=techniques)
     out = Path(out_dir)
     check_outputs(out, overwrite)
     max_drop = recipe.budget.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
@@ -163,9 +165,9 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     example = data.example_inputs(recipe.example_batch)
     metric_fn = metric if metric is not None else metric_function(recipe)
     if model is None:
-        model = build_model(recipe, data, log, check=True)
+        model = build_model(recipe, data, log, check=True, techniques=techniques)
     else:
-        check_against_model(recipe, model, example)
+        check_against_model(recipe, model, example, techniques)
     save_kw = save_kwargs(recipe, model)
     reseed(data, recipe.seed)
     baseline_val = float(metric_fn(model, data.val))
@@ -176,7 +178,8 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     def describe(m: nn.Module) -> dict[str, Any]:
         return {"accuracy": float(metric_fn(m, data.test)), "size_bytes": saved_size(m, **save_kw)}
 
-    inputs = StageInputs(data=data, example_inputs=example, teacher=model, loss_fn=loss_fn, metric=metric)
+    inputs = StageInputs(data=data, example_inputs=example, teacher=model, loss_fn=loss_fn, metric=metric,
+                         techniques=techniques)
     result = run_guarded(model, recipe.stages, inputs, metric_fn=metric_fn, baseline_val=baseline_val,
                          max_drop=max_drop, guard=recipe.guard, describe=describe, log=log)
     final = result.model.cpu()
