@@ -13,6 +13,8 @@ from torch.nn.utils import prune
 
 from torchslim import CheckpointError, TorchslimError
 from torchslim.export import checkpoint as ckpt
+from torchslim.export.checkpoint import codecs, encodings
+from torchslim.export.checkpoint import format as fmt
 from torchslim.models import LeNet5, LeNet300, SmallMobileNet, SmallResNet
 
 
@@ -245,25 +247,25 @@ def test_encoding_selection_and_exact_decoding(tmp_path):
     # every built-in encoding decodes exactly, whichever wins
     for name, t in [("w", model[2].weight.detach()), ("h", model[3].weight.detach()), ("z", torch.zeros(3, 700))]:
         for enc_name in ("dense", "bitmask", "relative"):
-            e = ckpt._ENCODINGS[enc_name]
+            e = ckpt.ENCODINGS.get(enc_name)
             parts, _ = e.encode(t.contiguous())
             back = e.decode(parts, {"shape": list(t.shape), "dtype": str(t.dtype)[6:]})
-            assert ckpt._same(back, t), (name, enc_name)
+            assert encodings.same(back, t), (name, enc_name)
 
 
 def test_relative_encoding_inserts_fillers():
     t = torch.zeros(1000)
     t[[0, 255, 256, 766]] = 1.0
-    parts, _ = ckpt._ENCODINGS["relative"].encode(t)
+    parts, _ = ckpt.ENCODINGS.get("relative").encode(t)
     # gaps: 0 -> 1, 255 -> 255, 256 -> 1, 766 = 256 + 510 -> filler 255 + 255
     assert parts["gaps"].tolist() == [1, 255, 1, 255, 255]
     assert parts["values"].tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
-    assert torch.equal(ckpt._ENCODINGS["relative"].decode(parts, {"shape": [1000]}), t)
+    assert torch.equal(ckpt.ENCODINGS.get("relative").decode(parts, {"shape": [1000]}), t)
 
 
 def test_registered_encoding_and_module(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_ENCODINGS", dict(ckpt._ENCODINGS))
-    monkeypatch.setattr(ckpt, "_MODULES", dict(ckpt._MODULES))
+    monkeypatch.setattr(ckpt.ENCODINGS, "_items", dict(ckpt.ENCODINGS.items()))
+    monkeypatch.setattr(ckpt.MODULES, "_items", dict(ckpt.MODULES.items()))
 
     def encode(t):  # a constant tensor needs one value
         if t.numel() < 2 or not bool((t == t.reshape(-1)[0]).all()):
@@ -292,7 +294,7 @@ def test_registered_encoding_and_module(tmp_path, monkeypatch):
     assert torch.equal(model(_img()), loaded(_img()))
 
     # a process that has not registered the type gets told which module, which type and what to do
-    del ckpt._MODULES[name]
+    del ckpt.MODULES._items[name]
     with pytest.raises(CheckpointError, match=r"'relu1'.*Scaled.*register_module"):
         ckpt.load(path)
     with pytest.raises(TorchslimError, match=r"relu1.*register_module"):
@@ -300,7 +302,7 @@ def test_registered_encoding_and_module(tmp_path, monkeypatch):
 
 
 def test_lossy_encoding_is_caught_at_save(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_ENCODINGS", dict(ckpt._ENCODINGS))
+    monkeypatch.setattr(ckpt.ENCODINGS, "_items", dict(ckpt.ENCODINGS.items()))
     ckpt.register_encoding("lossy", lambda t: ({"v": t.new_zeros(1)}, {}) if t.is_floating_point() else None,
                            lambda parts, entry: torch.zeros(entry["shape"]))
     with pytest.raises(TorchslimError, match="lossy.*exactly"):
@@ -372,7 +374,7 @@ def _rewrite(path, edit):
     manifest = json.loads(json.loads(raw[8:_data_start(raw)])["__metadata__"]["torchslim"])
     tensors = safetensors.torch.load(raw)
     edit(manifest)
-    manifest["sha256"] = ckpt._digest(manifest, {k: ckpt._tensor_bytes(v) for k, v in tensors.items()})
+    manifest["sha256"] = fmt.digest(manifest, {k: fmt.tensor_bytes(v) for k, v in tensors.items()})
     path.write_bytes(safetensors.torch.save(tensors, metadata={"torchslim": json.dumps(manifest)}))
 
 
@@ -496,12 +498,12 @@ def test_local_class_and_deleted_module_are_refused(tmp_path):
     nn.Dropout(0.3), nn.PReLU(7),
 ], ids=lambda m: type(m).__name__)
 def test_builtin_module_specs_rebuild_exactly(module):
-    name, codec = ckpt._codec_for(module)
-    assert name == type(module).__name__
-    args = ckpt._jsonable(codec.to_args(module), "args")
+    codec = codecs.codec_for(module)
+    assert codec.name == type(module).__name__
+    args = fmt.jsonable(codec.to_args(module), "args")
     json.dumps(args)
     rebuilt = codec.from_args(json.loads(json.dumps(args)))
-    assert type(rebuilt) is type(module) and ckpt._plain(codec.to_args(rebuilt)) == args
+    assert type(rebuilt) is type(module) and fmt.plain(codec.to_args(rebuilt)) == args
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
 
 

@@ -25,6 +25,7 @@ from torch.nn.utils import prune
 
 from ..core.errors import DataError, TorchslimError
 from ..core.files import atomic_write
+from ..nn.masks import masked_names
 from ..nn.modules import copy_model
 
 __all__ = ["export_onnx", "onnx_agreement", "to_onnx_proto", "Agreement", "OnnxExportError", "OnnxExistsError",
@@ -182,9 +183,8 @@ def _export_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy with ``torch.nn.utils.prune`` masks folded into the weights."""
     model = copy_model(model).eval()
     for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+        for name in masked_names(module):
+            prune.remove(module, name)
     return model
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 from ..data import Splits, check_loader
 from ..core.errors import ConfigError, DataError
 from ..metrics.evaluate import model_device
-from ..nn.modules import copy_model
+from ..nn.modules import copy_model, match
 from .config import CP, SVD, Tucker
 from .cp import cp_conv, cp_max_rank, cp_params
 from .svd import energy_rank, linear_svd, svd_linear, svd_max_rank, svd_params
@@ -207,10 +206,6 @@ def _numel(shape: tuple) -> int:
     return n
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -340,9 +335,9 @@ def _decompose_layer(name: str, layer: nn.Module, method: _Method, shapes: tuple
         entry["skipped"] = reason
         return entry, None
 
-    if config.layers and not _matches(name, config.layers):
+    if config.layers and match(name, config.layers) is None:
         return skip("not selected by config.layers")
-    if _matches(name, config.exclude):
+    if match(name, config.exclude) is not None:
         return skip("excluded by config.exclude")
     reason = method.unsupported(layer)
     if reason:

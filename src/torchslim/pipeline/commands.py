@@ -19,6 +19,8 @@ from typing import Any, Callable
 from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError
+from ..export import saved_size
+from ..metrics import profile
 from .recipe import Recipe, load_recipe
 
 __all__ = ["add_commands", "run_recipe", "finish", "measure_block", "side_by_side_latency", "budget_summary",
@@ -38,10 +40,7 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
 
     ``latency_ms`` is left None: ``side_by_side_latency`` fills it for the baseline and the compressed model
     together, so that machine noise hits both alike."""
-    from ..metrics import profile
-    from ..metrics.profile import saved_size
-
-    p = profile(model, example_inputs, size=False, latency=False)
+    p = profile(model, example_inputs, latency=False)
     return {"accuracy": float(metric_fn(model, loader)), "params": p.params, "nonzero_params": p.nonzero_params,
             "macs": p.macs, "latency_ms": None, "size_bytes": saved_size(model, **(save_kw or {}))}
 
@@ -157,7 +156,6 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
 
     A result that misses the budget is written with ``budget.met`` False and a loud banner, and a
     ``BudgetMissedWarning`` is issued; the CLI exits with code 3."""
-    from ..metrics.profile import saved_size
     from ..training import distributed
     from .guard import run_guarded
     from .recipe import (

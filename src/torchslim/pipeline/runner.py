@@ -11,8 +11,8 @@ from torch import nn
 from ..core.config import Config
 from ..data import Splits
 from ..core.errors import ConfigError
+from ..export import saved_size
 from ..metrics import evaluate
-from ..metrics.profile import saved_size
 from ..nn.modules import copy_model
 from ..training.train import TrainConfig, train
 

@@ -19,7 +19,6 @@ channels, so the pruned model is then not exactly the original with those channe
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import operator
 from collections import Counter
@@ -31,6 +30,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..core.errors import UnsupportedModelError
+from ..nn.modules import match
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 
@@ -90,10 +90,6 @@ class Group:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
-    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
-
-
 class _Tracer(fx.Tracer):
     """Keeps excluded modules opaque, so excluding an untraceable submodule lets the rest be traced."""
 
@@ -103,7 +99,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (super().is_leaf_module(m, module_qualified_name)
-                or (bool(module_qualified_name) and _matches(module_qualified_name, self.exclude) is not None))
+                or (bool(module_qualified_name) and match(module_qualified_name, self.exclude) is not None))
 
 
 def trace_model(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...] = ()) -> fx.GraphModule:
@@ -314,7 +310,7 @@ class _Builder:
                 continue  # sizes, dims, shapes: no tensor, no channels
             if any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node)) \
                     or self.shape(node) is None:
-                excluded = node.op == "call_module" and _matches(node.target, self.exclude)
+                excluded = node.op == "call_module" and match(node.target, self.exclude)
                 self.unknown(node, f"{self.describe(node)} takes or returns a tuple of tensors"
                              + (" (excluded)" if excluded else ""), EXCLUDED if excluded else UNSUPPORTED)
                 continue
@@ -353,9 +349,9 @@ class _Builder:
             self.spatial(node, x, len(self.shape(x)) - 2)
         elif isinstance(mod, nn.Flatten):
             self.flatten(node, x, mod.start_dim, mod.end_dim)
-        elif _matches(name, self.exclude):
+        elif match(name, self.exclude):
             self.unknown(node, f"its channels reach excluded module {name!r} (pattern "
-                               f"{_matches(name, self.exclude)!r}), which is kept whole", EXCLUDED)
+                               f"{match(name, self.exclude)!r}), which is kept whole", EXCLUDED)
         else:
             self.unknown(node)
 
@@ -577,7 +573,7 @@ def build_groups(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ..
     groups = builder.groups()
     for g in groups:
         for m in g.members:
-            pattern = _matches(m.module, tuple(exclude)) if m.role != "in" else None
+            pattern = match(m.module, tuple(exclude)) if m.role != "in" else None
             if pattern is not None:
                 g.reasons.append((EXCLUDED, f"{m.module!r} matches exclude pattern {pattern!r}"))
                 break

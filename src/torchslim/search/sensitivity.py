@@ -12,7 +12,6 @@ sparsity and against weight bit width, each layer alone, without fine-tuning.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from ..core.config import Config, config_types
 from ..core.errors import ConfigError, UnsupportedModelError
 from ..core.files import atomic_write, save_figure
-from ..nn.modules import copy_model
+from ..nn.modules import copy_model, match
 
 __all__ = ["FieldSpace", "TypeSpace", "Knob", "search_spaces", "build_knobs", "stage_configs", "soften",
            "knob_sensitivity", "sensitivity", "SensitivityResult", "output_error"]
@@ -167,9 +166,9 @@ def _soften_field(name: str) -> Callable[[Config, float], Config]:
 
 def _selected(config: Config, patterns_field: str, name: str) -> bool:
     layers = getattr(config, "layers", ())
-    if layers and not any(fnmatch.fnmatchcase(name, p) for p in layers):
+    if layers and match(name, layers) is None:
         return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in getattr(config, "exclude", ()))
+    return match(name, getattr(config, "exclude", ())) is None
 
 
 def _linears(config: Config, model: nn.Module, example_inputs: tuple) -> list[tuple[str, Any]]:
@@ -571,7 +570,7 @@ def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0
     work = make_permanent(copy_model(model)).eval()
     targets = prunable_layers(work)
     if layers:
-        targets = {n: m for n, m in targets.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
+        targets = {n: m for n, m in targets.items() if match(n, layers) is not None}
     if not targets:
         raise UnsupportedModelError(f"no Linear/Conv layer of {type(model).__name__} matches layers={layers}")
     metric_fn = metric or evaluate
