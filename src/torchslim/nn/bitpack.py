@@ -15,23 +15,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _layout(bits: int) -> tuple[int, int]:
-    """(codes, bytes) of the smallest whole group: 8 codes of 3 bits fill 3 bytes, 2 codes of 4 bits 1."""
-    if not 1 <= bits <= 8:
+def _group(bits: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """The smallest whole group of ``bits``-bit codes -- (codes, bytes, where each code starts as (byte, bit
+    offset from its most significant end)) -- e.g. 8 codes of 3 bits fill 3 bytes, 2 codes of 4 bits 1."""
+    per = 8 // math.gcd(bits, 8)
+    return per, per * bits // 8, tuple(divmod(i * bits, 8) for i in range(per))
+
+
+# Looked up rather than computed, so that exporters tracing a layer see plain constants.
+_GROUPS = {bits: _group(bits) for bits in range(1, 9)}
+
+
+def _layout(bits: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    if bits not in _GROUPS:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    g = math.gcd(bits, 8)
-    return 8 // g, bits // g
-
-
-def _slots(bits: int, per: int) -> list[tuple[int, int]]:
-    """(byte, bit offset from its most significant end) where each code of a group starts."""
-    return [divmod(i * bits, 8) for i in range(per)]
+    return _GROUPS[bits]
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack the last dimension of unsigned integer ``codes`` (each < 2**bits) into uint8, ``bits`` per code,
     first code in the most significant bits; a row's last byte is zero-padded."""
-    per, size = _layout(bits)
+    per, size, slots = _layout(bits)
     n = codes.shape[-1]
     if codes.numel() and int(codes.max()) >> bits:
         raise ValueError(f"a code ({int(codes.max())}) does not fit in {bits} bits")
@@ -40,7 +44,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return u.contiguous()
     u = F.pad(u, (0, -n % per)).reshape(*u.shape[:-1], -1, per)
     out = torch.zeros(*u.shape[:-1], size, dtype=torch.uint8, device=u.device)
-    for i, (j, o) in enumerate(_slots(bits, per)):
+    for i, (j, o) in enumerate(slots):
         spill = o + bits - 8  # bits that run into the next byte
         if spill <= 0:
             out[..., j] |= u[..., i] << (8 - o - bits)
@@ -52,7 +56,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``count`` uint8 codes per row (default: as many as the bytes hold)."""
-    per, size = _layout(bits)
+    per, size, slots = _layout(bits)
     nbytes = packed.shape[-1]
     count = nbytes * 8 // bits if count is None else count
     if bits == 8:
@@ -62,7 +66,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int | None = None) -> to
         # Exporters mistype uint8 bit operations (int8 vs uint8 in ONNX); integer-valued float math is exact.
         groups = groups.float()
         parts = []
-        for j, o in _slots(bits, per):
+        for j, o in slots:
             window = groups[..., j] * 256.0 + (groups[..., j + 1] if o + bits > 8 else 0.0)
             shifted = torch.floor(window / 2.0 ** (16 - o - bits))
             parts.append(shifted - torch.floor(shifted / 2.0 ** bits) * 2.0 ** bits)
@@ -70,7 +74,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int | None = None) -> to
     else:
         mask = (1 << bits) - 1
         parts = []
-        for j, o in _slots(bits, per):
+        for j, o in slots:
             spill = o + bits - 8
             if spill <= 0:
                 parts.append((groups[..., j] >> (8 - o - bits)) & mask)
