@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -299,6 +300,46 @@ def test_registered_encoding_and_module(tmp_path, monkeypatch):
         ckpt.load(path)
     with pytest.raises(TorchslimError, match=r"relu1.*register_module"):
         ckpt.save(model, tmp_path / "again.slim")
+
+
+def test_register_codecs_takes_declared_codecs_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.ENCODINGS, "_items", dict(ckpt.ENCODINGS.items()))
+    monkeypatch.setattr(ckpt.MODULES, "_items", dict(ckpt.MODULES.items()))
+    codec = ckpt.ModuleCodec(Scaled, lambda m: {"features": m.weight.numel(), "scale": m.scale},
+                             lambda a: Scaled(a["features"], a["scale"]))
+    negated = ckpt.Encoding("negated", lambda t: ({"data": -t}, {}) if t.dtype == torch.int32 else None,
+                            lambda parts, entry: -parts["data"])
+    assert codec.name == f"{__name__}.Scaled"
+    ckpt.register_codecs(codec, negated)
+    assert ckpt.MODULES.get(codec.name) is codec and ckpt.ENCODINGS.get("negated") is negated
+    with pytest.raises(TorchslimError, match="already registered"):
+        ckpt.register_codecs(codec)
+    with pytest.raises(TorchslimError, match="already registered"):
+        ckpt.register_codecs(negated)
+    with pytest.raises(TorchslimError, match="already registered as"):
+        ckpt.register_codecs(ckpt.ModuleCodec(Scaled, codec.to_args, codec.from_args, name="Scaled"))
+    with pytest.raises(TorchslimError, match="ModuleCodec and Encoding"):
+        ckpt.register_codecs((Scaled, codec.to_args, codec.from_args))
+    with pytest.raises(TorchslimError, match="nn.Module subclass"):
+        ckpt.ModuleCodec(int, codec.to_args, codec.from_args)
+    with pytest.raises(TorchslimError, match="without '::'"):
+        ckpt.Encoding("a::b", negated.encode, negated.decode)
+
+    model = LeNet300()
+    model.relu1 = Scaled(300, 0.5)
+    path = ckpt.save(model, tmp_path / "m.slim")
+    assert isinstance(ckpt.load(path).relu1, Scaled)
+    del ckpt.MODULES._items[codec.name]
+    with pytest.raises(CheckpointError, match=rf"'relu1' has type '{re.escape(codec.name)}'.*register_codecs"):
+        ckpt.load(path)
+
+
+def test_quantization_codecs_are_registered_by_importing_torchslim():
+    import torchslim.quantization
+
+    for codec in torchslim.quantization.CODECS:
+        registry = ckpt.MODULES if isinstance(codec, ckpt.ModuleCodec) else ckpt.ENCODINGS
+        assert registry.get(codec.name) is codec
 
 
 def test_lossy_encoding_is_caught_at_save(tmp_path, monkeypatch):
