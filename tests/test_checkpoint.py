@@ -425,6 +425,12 @@ def test_newer_format_version(saved):
         ckpt.load(saved)
 
 
+def test_unregistered_encoding(saved):
+    _rewrite(saved, lambda m: m["tensors"]["fc1.weight"].update(encoding="zip"))
+    with pytest.raises(CheckpointError, match=r"'fc1.weight' uses encoding 'zip'.*register_codecs"):
+        ckpt.load(saved)
+
+
 def test_factory_not_importable(saved):
     _rewrite(saved, lambda m: m["arch"].update(factory="no_such_pkg_xyz.models:Net"))
     ckpt.read_manifest(saved)  # the file itself is fine

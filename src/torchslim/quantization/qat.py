@@ -110,7 +110,8 @@ class LayerQuant(Config):
                          granularity="channel" if self.per_channel else "tensor", axis=0, signed=True)
         if self.learned_step:
             q = LSQQuantizer(spec, out, where=where).to(module.weight.device)
-            q(effective(module).detach())  # initialise the step from the trained weights now, before any optimizer exists
+            # Initialise the step from the trained weights now, before any optimizer exists.
+            q(effective(module).detach())
             return q
         return MinMaxQuantizer(spec, where=where)
 

@@ -120,9 +120,9 @@ def decode_all(manifest: dict[str, Any], stored: dict[str, torch.Tensor], path: 
     for name, entry in field(manifest, "tensors", dict, path).items():
         enc_name = entry.get("encoding") if isinstance(entry, dict) else None
         if not isinstance(enc_name, str) or enc_name not in ENCODINGS:
-            raise CheckpointError(f"{path}: tensor {name!r} uses encoding {enc_name!r}, which is not registered in this "
-                                  "process; register the encoding that provides it (torchslim.export.checkpoint."
-                                  "register_codecs), then load again")
+            raise CheckpointError(f"{path}: tensor {name!r} uses encoding {enc_name!r}, which is not registered in "
+                                  "this process; register the encoding that provides it (torchslim.export.checkpoint"
+                                  ".register_codecs), then load again")
         try:
             parts = {p: stored[stored_name(name, p)] for p in entry["parts"]}
             tensor = ENCODINGS.get(enc_name).decode(parts, entry)
