@@ -84,6 +84,7 @@ def codec_for(module: nn.Module) -> ModuleCodec | None:
 
 
 def join(prefix: str, name: str) -> str:
+    """The path of child ``name`` of the module at ``prefix`` (``""`` is the root)."""
     return f"{prefix}.{name}" if prefix else name
 
 

@@ -59,6 +59,7 @@ class Encoding:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``, as the manifest names dtypes."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -68,6 +69,7 @@ def stored_name(name: str, part: str) -> str:
 
 
 def nbytes(t: torch.Tensor) -> int:
+    """Bytes of ``t``'s elements (what storing it costs, without the header entry)."""
     return t.numel() * t.element_size()
 
 
