@@ -227,7 +227,7 @@ def test_quantized_checkpoint_is_packed_and_round_trips(tmp_path, digits_data, t
 
 def test_load_in_a_fresh_process(tmp_path, digits_data, trained_lenet5):
     """``torchslim.load`` of a converted model must work without importing torchslim.quantization first:
-    the checkpoint imports ``torchslim.quantization``, which has to register the codes encoding."""
+    importing any part of torchslim registers quantization's codecs and its codes encoding."""
     import os
     import subprocess
     import sys

@@ -1,8 +1,8 @@
 """Quantization: PTQ (dynamic, static, weight-only, fp8), QAT with STE / learned step size, binary and
 ternary weights, k-means weight sharing and mixed precision, all behind ``quantize(model, config)``.
 
-Importing this package registers the quantized modules and code encodings with the checkpoint, so
-``torchslim.load`` can rebuild quantized models.
+:data:`CODECS` holds the checkpoint codecs and encodings of every module quantization creates, so that
+``torchslim.load`` can rebuild quantized models once they are registered.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..core.errors import ConfigError
 from ..core.history import carry, record
 from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
-from . import modules  # noqa: F401  (registers quantized modules and the intpack encoding)
+from . import backends, modules, sharing
 from .lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary
 from .mixed import MixedPrecision, apply_mixed_precision, quantize_mixed
 from .ptq import (
@@ -36,7 +36,10 @@ from .spec import QuantSpec
 
 __all__ = ["quantize", "QuantSpec", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision",
            "StaticQuantization", "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",
-           "prepare_qat", "calibrate", "convert", "quantize_mixed"]
+           "prepare_qat", "calibrate", "convert", "quantize_mixed", "CODECS"]
+
+CODECS = (*modules.CODECS, *backends.CODECS, *sharing.CODECS)
+"""Checkpoint codecs and encodings of the modules and code tensors quantization creates."""
 
 _TRAINED: dict[type, Callable[..., nn.Module]] = {
     QAT: apply_qat, BinaryWeights: apply_binary, TernaryWeights: apply_ternary,

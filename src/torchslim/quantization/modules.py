@@ -11,16 +11,16 @@
   zero point and code range are kept and applied too, so the converted model computes exactly what the
   trained one did.
 
-Importing this module registers all of them with the checkpoint (:func:`register_checkpoint_support`)
-together with the ``"intpack"`` tensor encoding, which stores integer code tensors at their real bit width
-(1 bit for binary, base-3 at 1.6 bits for ternary, b bits for b-bit codes), deflated when that is smaller.
+:data:`CODECS` teaches checkpoints to rebuild all of them, together with the ``"intpack"`` tensor encoding,
+which stores integer code tensors at their real bit width (1 bit for binary, base-3 at 1.6 bits for ternary,
+b bits for b-bit codes), deflated when that is smaller.
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from torch.nn.utils import prune as torch_prune
 
 from ..core.config import config_from_dict
 from ..core.errors import TorchslimError
+from ..export.checkpoint import Encoding, ModuleCodec
+from ..nn.bitpack import pack_bits, pack_trits, unpack_bits, unpack_trits
+from ..nn.masks import effective, masked_names
 from ..nn.modules import decoded_once
 from .fake import (
     BinaryQuantizer,
@@ -44,7 +47,7 @@ from .spec import QuantSpec
 __all__ = [
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QLinear", "QConv1d", "QConv2d",
     "FLOAT_TO_QAT", "QAT_MODULES", "CONVERTED_MODULES", "to_qat_module", "to_converted_module",
-    "effective_weight", "encode_intpack", "decode_intpack", "register_checkpoint_support",
+    "encode_intpack", "decode_intpack", "CODECS",
 ]
 
 
@@ -104,21 +107,6 @@ QAT_MODULES = (QuantLinear, QuantConv1d, QuantConv2d)
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 
 
-def _pruned_names(module: nn.Module) -> list[str]:
-    return [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
-
-
-def effective_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The tensor a layer computes with: ``<name>_orig * <name>_mask`` when pruned, else ``<name>``.
-
-    Read from the reparametrisation rather than the cached attribute, which is only refreshed by a
-    forward pass and so lags one optimizer step behind.
-    """
-    if hasattr(module, f"{name}_orig") and hasattr(module, f"{name}_mask"):
-        return getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")
-    return getattr(module, name)
-
-
 def to_qat_module(module: nn.Module, weight_quant: Quantizer, input_quant: Quantizer | None) -> nn.Module:
     """The QAT wrapper of a float ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``, sharing its parameters.
 
@@ -129,7 +117,7 @@ def to_qat_module(module: nn.Module, weight_quant: Quantizer, input_quant: Quant
     if cls is None:
         raise TorchslimError(f"no QAT wrapper for {type(module).__name__}; supported: "
                              f"{[c.__name__ for c in FLOAT_TO_QAT]}")
-    pruned = {name: getattr(module, f"{name}_mask") for name in _pruned_names(module)}
+    pruned = {name: getattr(module, f"{name}_mask") for name in masked_names(module)}
     params = {name: getattr(module, f"{name}_orig") if name in pruned else getattr(module, name)
               for name in ("weight", "bias")}
     with torch.device("meta"):  # the real tensors are moved in below; skip a throw-away initialisation
@@ -283,7 +271,7 @@ def to_converted_module(module: nn.Module, where: str = "") -> nn.Module:
     wq = module.weight_quant
     if not isinstance(wq, Quantizer):
         raise TorchslimError(f"{where}: its weight quantizer is {type(wq).__name__}, not a torchslim quantizer")
-    w = effective_weight(module).detach()
+    w = effective(module).detach()
     if not torch.isfinite(w).all():
         raise TorchslimError(f"{where}: the weight contains NaN/inf values (training diverged?); cannot convert")
     codes = wq.codes(w)
@@ -314,7 +302,7 @@ def to_converted_module(module: nn.Module, where: str = "") -> nn.Module:
         new.input_scale.copy_(in_scale.float().reshape(()))
         new.input_zero.copy_(in_zero.to(torch.int32).reshape(()))
     if has_bias:
-        new.bias.copy_(effective_weight(module, "bias").detach())
+        new.bias.copy_(effective(module, "bias").detach())
     return new.train(False)
 
 
@@ -322,46 +310,7 @@ def to_converted_module(module: nn.Module, where: str = "") -> nn.Module:
 # "intpack": integer code tensors stored at their real bit width
 
 
-_CHUNK = 1 << 20  # codes per packing chunk (a multiple of 8, so chunks concatenate bit-exactly)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def _pack_bits(idx: np.ndarray, bits: int) -> bytes:
-    out = []
-    for start in range(0, idx.size, _CHUNK):
-        chunk = idx[start:start + _CHUNK]
-        planes = np.unpackbits(chunk[:, None], axis=1)[:, 8 - bits:]  # MSB-first, low ``bits`` kept
-        out.append(np.packbits(planes.reshape(-1)).tobytes())
-    return b"".join(out)
-
-
-def _unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
-    raw = np.frombuffer(data, dtype=np.uint8)
-    out = np.empty(n, dtype=np.uint8)
-    per_chunk = _CHUNK * bits // 8
-    for i, start in enumerate(range(0, n, _CHUNK)):
-        count = min(_CHUNK, n - start)
-        planes = np.unpackbits(raw[i * per_chunk:(i + 1) * per_chunk], count=count * bits).reshape(count, bits)
-        full = np.zeros((count, 8), dtype=np.uint8)
-        full[:, 8 - bits:] = planes
-        out[start:start + count] = np.packbits(full, axis=1).reshape(-1)
-    return out
-
-
-_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint16)
-
-
-def _pack_trits(idx: np.ndarray) -> bytes:
-    """Five base-3 digits per byte (3^5 = 243 <= 256): 1.6 bits per ternary code."""
-    pad = (-idx.size) % 5
-    digits = np.concatenate([idx, np.zeros(pad, dtype=np.uint8)]).reshape(-1, 5).astype(np.uint16)
-    return (digits * _POW3).sum(1).astype(np.uint8).tobytes()
-
-
-def _unpack_trits(data: bytes, n: int) -> np.ndarray:
-    b = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
-    digits = (b[:, None] // _POW3) % 3
-    return digits.reshape(-1)[:n].astype(np.uint8)
 
 
 def encode_intpack(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -384,10 +333,10 @@ def encode_intpack(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, 
         width: int | str = 0
         packed = b""
     elif k == 3:
-        width, packed = "trit", _pack_trits(idx)
+        width, packed = "trit", pack_trits(idx)
     else:
         width = max(1, math.ceil(math.log2(k)))
-        packed = _pack_bits(idx, width)
+        packed = pack_bits(torch.from_numpy(idx), width).numpy().tobytes()
     deflated = zlib.compress(packed, 9) if packed else b""
     use_zlib = len(deflated) < len(packed)
     data = deflated if use_zlib else packed
@@ -411,9 +360,9 @@ def decode_intpack(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> tor
     if width == 0:
         idx = np.zeros(n, dtype=np.uint8)
     elif width == "trit":
-        idx = _unpack_trits(data, n)
+        idx = unpack_trits(data, n)
     else:
-        idx = _unpack_bits(data, int(width), n)
+        idx = unpack_bits(torch.frombuffer(bytearray(data), dtype=torch.uint8), int(width), n).numpy()
     values = entry.get("values")
     if values is None:
         values = list(range(entry["lo"], entry["lo"] + entry["levels"]))
@@ -422,7 +371,7 @@ def decode_intpack(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> tor
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint registration
+# Checkpoint codecs
 
 
 def _spec_args(spec: QuantSpec) -> dict[str, Any]:
@@ -458,29 +407,26 @@ def _converted_args(m: nn.Module) -> dict[str, Any]:
     return {**args, **m._codes_args()}
 
 
-def register_checkpoint_support() -> None:
-    """Register the quantized modules and the ``"intpack"`` encoding with ``torchslim.export.checkpoint``.
-
-    Called once when this module is imported; ``torchslim.save`` then writes converted models with their
-    codes bit-packed and ``torchslim.load`` rebuilds both converted and QAT-prepared models.
-    """
-    from ..export.checkpoint import register_encoding, register_module
-
-    register_encoding("intpack", encode_intpack, decode_intpack)
-    for cls in (*QAT_MODULES, *CONVERTED_MODULES):
-        to_args = _qat_args if cls in QAT_MODULES else _converted_args
-        register_module(cls, to_args, lambda a, cls=cls: cls(**{k: _tuples(v) for k, v in a.items()}))
-    register_module(MinMaxQuantizer,
-                    lambda m: {"spec": _spec_args(m.spec), "observe": m.observe, "momentum": m.momentum},
-                    lambda a: MinMaxQuantizer(_spec_from(a["spec"]), observe=a["observe"], momentum=a["momentum"]))
-    register_module(LSQQuantizer,
-                    lambda m: {"spec": _spec_args(m.spec), "channels": m.step.numel(), "activation": m.activation},
-                    lambda a: LSQQuantizer(_spec_from(a["spec"]), a["channels"], activation=a["activation"]))
-    register_module(BinaryQuantizer, lambda m: {}, lambda a: BinaryQuantizer())
-    register_module(TernaryQuantizer,
-                    lambda m: {"channels": m.alpha.numel() if m.learned_scale else 1, "threshold": m.threshold,
-                               "learned_scale": m.learned_scale},
-                    lambda a: TernaryQuantizer(a["channels"], a["threshold"], a["learned_scale"]))
+def _rebuild(cls: type) -> Callable[[dict[str, Any]], nn.Module]:
+    return lambda a: cls(**{k: _tuples(v) for k, v in a.items()})
 
 
-register_checkpoint_support()
+CODECS = (
+    Encoding("intpack", encode_intpack, decode_intpack),
+    *(ModuleCodec(cls, _qat_args, _rebuild(cls)) for cls in QAT_MODULES),
+    *(ModuleCodec(cls, _converted_args, _rebuild(cls)) for cls in CONVERTED_MODULES),
+    ModuleCodec(MinMaxQuantizer,
+                lambda m: {"spec": _spec_args(m.spec), "observe": m.observe, "momentum": m.momentum},
+                lambda a: MinMaxQuantizer(_spec_from(a["spec"]), observe=a["observe"], momentum=a["momentum"])),
+    ModuleCodec(LSQQuantizer,
+                lambda m: {"spec": _spec_args(m.spec), "channels": m.step.numel(), "activation": m.activation},
+                lambda a: LSQQuantizer(_spec_from(a["spec"]), a["channels"], activation=a["activation"])),
+    ModuleCodec(BinaryQuantizer, lambda m: {}, lambda a: BinaryQuantizer()),
+    ModuleCodec(TernaryQuantizer,
+                lambda m: {"channels": m.alpha.numel() if m.learned_scale else 1, "threshold": m.threshold,
+                           "learned_scale": m.learned_scale},
+                lambda a: TernaryQuantizer(a["channels"], a["threshold"], a["learned_scale"])),
+)
+"""Checkpoint support: the ``"intpack"`` encoding and the codecs of the QAT wrappers, converted modules and
+quantizers, so that ``torchslim.save`` bit-packs converted models' codes and ``torchslim.load`` rebuilds both
+converted and QAT-prepared models."""

@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from ..core.config import Config
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..export import saved_size
+from ..metrics.profile import count_macs, measure_latency
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, load_recipe
 from ..nn.modules import copy_model
 from ..techniques import BUILTIN
@@ -94,8 +96,6 @@ class Problem:
         self.knobs: list[Knob] = build_knobs(self.stages, self.baseline, self.example_inputs)
 
     def objective_value(self, model: nn.Module) -> float:
-        from ..metrics.profile import count_macs, measure_latency, saved_size
-
         if self.objective == "size":
             return float(saved_size(model, **self.save_kw))
         if self.objective == "macs":
@@ -115,8 +115,6 @@ class Problem:
     def evaluate(self, values: dict[str, float], *, keep_model: bool = False,
                  describe: Callable[[nn.Module], dict[str, Any]] | None = None) -> Evaluation:
         """Run the recipe with knob ``values`` on a copy of the baseline and measure it on the validation split."""
-        from ..metrics.profile import saved_size
-
         self._reset_rng()
         model = copy_model(self.baseline)
         records = []
