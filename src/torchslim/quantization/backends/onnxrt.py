@@ -28,6 +28,7 @@ from ...export.checkpoint import ModuleCodec
 from ...export.onnx import ort_session
 from ...nn.modules import match
 from ..observers import Observer
+from .torch_int8 import ENGINES, TorchInt8Program
 
 __all__ = ["QuantizedGraphModel", "calibrate_graph", "quantize_graph", "float_compute_nodes", "layer_names",
            "global_pool_rewrite", "measure_runners", "make_runner", "OrtRunner", "exclude_node_names",
@@ -346,8 +347,6 @@ def make_runner(backend: str, model) -> Callable[..., Any]:
     ``torch_onednn``/``torch_x86``: PyTorch's quantized kernels, which need the QOperator form)."""
     if backend.startswith("ort_"):
         return OrtRunner(model, torch.get_num_threads())
-    from .torch_int8 import ENGINES, TorchInt8Program
-
     if backend in ENGINES:
         return TorchInt8Program(model, backend)
     raise ConfigError(f"unknown int8 backend {backend!r}; choose one of ort_qdq, ort_qop, {', '.join(ENGINES)}")
