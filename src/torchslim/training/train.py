@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..metrics.evaluate import Metric, model_device
-from .distributed import should_wrap, train_distributed
+from . import distributed
 from .loop import History, TrainConfig, default_device, make_optimizer, train_local
 from .losses import LossFn
 
@@ -34,6 +34,6 @@ def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *
     """
     kwargs = dict(val_loader=val_loader, loss_fn=loss_fn, metric=metric, penalty=penalty, on_step=on_step,
                   extra_params=extra_params)
-    if should_wrap(model):
-        return train_distributed(model, train_loader, config, **kwargs)
+    if distributed.should_wrap(model):
+        return distributed.train_distributed(model, train_loader, config, **kwargs)
     return train_local(model, train_loader, config, **kwargs)
