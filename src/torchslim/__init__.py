@@ -4,7 +4,7 @@ from ._version import __version__
 from .core.config import Config, config_from_dict
 from .distillation import Distillation, distill
 from .core.errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
-from .export import load, profile, read_manifest, register_codecs, save
+from .export import load, profile, read_manifest, save
 from .export.onnx import export_onnx
 from .lowrank import CP, SVD, Tucker, decompose
 from .metrics import evaluate
@@ -26,10 +26,8 @@ from .quantization import (
                            WeightSharing,
                            quantize,
 )
-from . import quantization, search  # search is callable: torchslim.search(recipe, out_dir, ...)
+from . import search, techniques  # search is callable: torchslim.search(recipe, out_dir, ...)
 from .search.sensitivity import sensitivity
-
-register_codecs(*quantization.CODECS)
 
 __all__ = [
     "__version__", "Config", "config_from_dict",
