@@ -23,15 +23,6 @@ FAST = TrainConfig(epochs=1, lr=1e-2, device="cpu", progress=False)
 VOCAB, LENGTH, CLASSES = 20, 6, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: extra intra-op threads only spin against other processes' work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TwoInputs(nn.Module):
     """A regression model with two positional inputs: ``forward(tokens, mask)``."""
 
