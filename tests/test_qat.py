@@ -13,8 +13,8 @@ from torchslim.export import checkpoint as ckpt
 from torchslim.metrics import evaluate
 from torchslim.models import LeNet5
 from torchslim.quantization.fake import FakeQuantize, LSQQuantizer, MinMaxQuantizer
-from torchslim.quantization.modules import (QConv2d, QLinear, QuantConv2d, QuantLinear, decode_intpack,
-                                            encode_intpack)
+from torchslim.quantization.codecs import decode_intpack, encode_intpack
+from torchslim.quantization.modules import QConv2d, QLinear, QuantConv2d, QuantLinear
 from torchslim.quantization.qat import QAT, apply_qat, calibrate, convert, prepare_qat, quantizable_layers
 from torchslim.quantization.spec import QuantSpec
 

@@ -15,7 +15,7 @@ from ..core.rates import int_choice, soften_bits
 from ..core.technique import FieldSpace, SearchSpace, Technique
 from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
-from . import backends, modules, sharing
+from . import backends, codecs, sharing
 from .lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary
 from .mixed import MixedPrecision, apply_mixed_precision
 from .ptq import (DynamicQuantization, Float8, StaticQuantization, WeightOnly, apply_dynamic, apply_fp8, apply_static,
@@ -23,7 +23,7 @@ from .ptq import (DynamicQuantization, Float8, StaticQuantization, WeightOnly, a
 from .qat import QAT, apply_qat
 from .sharing import WeightSharing, apply_weight_sharing, shareable_layers
 
-CODECS = (*modules.CODECS, *backends.CODECS, *sharing.CODECS)
+CODECS = (*codecs.CODECS, *backends.CODECS, *sharing.CODECS)
 
 
 def _shareable(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
