@@ -37,7 +37,7 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
     returns the report. A missed budget is written to the report (``report["budget"]["met"]``)."""
     import warnings
 
-    from ..search.constrained import search
+    from ..search import SearchOptions, search
     from ..pipeline.commands import BudgetMissedWarning
     from ..pipeline.recipe import parse_recipe
 
@@ -49,6 +49,6 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)  # the caller reads report["budget"]
-        result = search(recipe, out, overwrite=overwrite, log=log)
+        result = search(recipe, out, SearchOptions(overwrite=overwrite), log=log)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return result.report

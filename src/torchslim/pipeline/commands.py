@@ -22,7 +22,7 @@ from ..core.errors import ConfigError, TorchslimError
 from .recipe import Recipe, load_recipe
 
 __all__ = ["add_commands", "run_recipe", "finish", "measure_block", "side_by_side_latency", "budget_summary",
-           "publish", "EXIT_BUDGET_MISSED"]
+           "publish", "model_name", "warn_if_missed", "EXIT_BUDGET_MISSED"]
 
 EXIT_BUDGET_MISSED = 3
 OUTPUT_NAMES = ("report.json", "report.md", "model.slim")
@@ -137,7 +137,8 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
     return {n: out / n for n in names}
 
 
-def _model_name(recipe: Recipe, model: nn.Module) -> str:
+def model_name(recipe: Recipe, model: nn.Module) -> str:
+    """The model's name in reports: the recipe's builtin, factory or checkpoint stem, else the class name."""
     m = recipe.model
     if m is None:
         return type(model).__name__
@@ -201,7 +202,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
                             compressed["accuracy"])
     from .report import build_report
 
-    report = build_report(model_name=_model_name(recipe, model), dataset=data.name, device=str(default_device()),
+    report = build_report(model_name=model_name(recipe, model), dataset=data.name, device=str(default_device()),
                           baseline=baseline, compressed=compressed, stages=result.records, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, guard={"policy": recipe.guard.policy,
                                                                       "events": result.events},
@@ -211,7 +212,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         extra = section + _guard_markdown(result.events)
         publish(out, report=report, model=final, history=[r["config"] for r in result.records], save_kw=save_kw,
                 extra_markdown=extra, banner=banner)
-    _warn_if_missed(budget, log)
+    warn_if_missed(budget, log)
     return report
 
 
@@ -229,7 +230,8 @@ class BudgetMissedWarning(UserWarning):
     """A returned model misses the accuracy budget (the report says so too)."""
 
 
-def _warn_if_missed(budget: dict[str, Any], log: Callable[[str], None]) -> None:
+def warn_if_missed(budget: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Log and warn (``BudgetMissedWarning``) when ``budget`` says the result misses it."""
     import warnings
 
     if budget.get("met") is False:
@@ -316,7 +318,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
-    from ..search.sensitivity import sensitivity
+    from ..search.scan import sensitivity
     from .recipe import build_data, build_model, metric_function
 
     path = _recipe_arg(args)
@@ -341,7 +343,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import warnings
 
-    from ..search.constrained import search
+    from ..search import SearchOptions, search
 
     path = _recipe_arg(args)
     if args.validate_only:
@@ -350,9 +352,11 @@ def _search(args: argparse.Namespace) -> int:
     out = args.out or _default_out(path, "search")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)
-        result = search(recipe, out, max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
-                        strategy=args.strategy, trials=args.trials, storage=args.storage, study_name=args.study_name,
-                        workers=args.workers, worker_only=args.worker, overwrite=args.overwrite)
+        options = SearchOptions(max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
+                                strategy=args.strategy, trials=args.trials, storage=args.storage,
+                                study_name=args.study_name, workers=args.workers, worker_only=args.worker,
+                                overwrite=args.overwrite)
+        result = search(recipe, out, options)
     if args.worker:
         print(f"worker done: {result.n_complete} complete trial(s) in the study")
         return 0
