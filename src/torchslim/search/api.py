@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,8 +26,15 @@ from ..pipeline.commands import (
     side_by_side_latency,
     warn_if_missed,
 )
-from ..pipeline.recipe import Recipe, build_data, build_model, check_against_model, load_recipe, metric_function
-from ..pipeline.recipe import save_kwargs
+from ..pipeline.recipe import (
+    Recipe,
+    build_data,
+    build_model,
+    check_against_model,
+    load_recipe,
+    metric_function,
+    save_kwargs,
+)
 from ..pipeline.report import build_report
 from ..techniques import BUILTIN
 from ..training.distributed import launched
@@ -178,8 +186,18 @@ def _options(options: SearchOptions | None, legacy: dict[str, Any]) -> SearchOpt
         raise ConfigError(f"pass the search options in SearchOptions only, not also as keywords {sorted(legacy)}")
     spelled = ", ".join(f"{_LEGACY[k]}=..." for k in legacy)
     warnings.warn(f"search(recipe, out_dir, {', '.join(f'{k}=...' for k in legacy)}) is deprecated; write "
-                  f"search(recipe, out_dir, SearchOptions({spelled}))", DeprecationWarning, stacklevel=4)
+                  f"search(recipe, out_dir, SearchOptions({spelled}))", DeprecationWarning, stacklevel=_caller_level())
     return SearchOptions(**{_LEGACY[k]: v for k, v in legacy.items()})
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, as seen from the function calling this one:
+    a warning then names the user's line, not the callable package or the Optuna wrapper."""
+    here = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _baseline(recipe: Recipe, out: Path, o: SearchOptions, model: nn.Module | None, data, example,
