@@ -10,7 +10,7 @@ from .lowrank import CP, SVD, Tucker, decompose
 from .metrics import evaluate, profile
 from .pipeline.commands import run_recipe as compress
 from .pipeline.recipe import Recipe, load_recipe
-from .pipeline.runner import Finetune
+from .training.finetune import Finetune
 from .training.train import TrainConfig, train
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning

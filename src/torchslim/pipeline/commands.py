@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError
 from .recipe import Recipe, load_recipe
+from .runner import StageInputs
 
 __all__ = ["add_commands", "run_recipe", "finish", "measure_block", "side_by_side_latency", "budget_summary",
            "publish", "model_name", "warn_if_missed", "EXIT_BUDGET_MISSED"]
@@ -151,10 +152,13 @@ def model_name(recipe: Recipe, model: nn.Module) -> str:
 
 def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: bool = False,
                model: nn.Module | None = None, data=None, max_accuracy_drop: float | None = None,
+               loss_fn=None, metric: Callable[[nn.Module, Any], float] | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run a recipe under the guard rails and write report.json, report.md, the plot and model.slim to
     ``out_dir``; returns the report. ``model`` (a trained model, left untouched) and ``data`` (a
-    :class:`~torchslim.data.Splits`) replace what the recipe names; ``max_accuracy_drop`` its budget.
+    :class:`~torchslim.data.Splits`) replace what the recipe names; ``max_accuracy_drop`` its budget;
+    ``loss_fn`` is what every training stage minimises and ``metric(model, loader)`` what the budget is measured in
+    (defaults: cross-entropy and the recipe's metric).
 
     A result that misses the budget is written with ``budget.met`` False and a loud banner, and a
     ``BudgetMissedWarning`` is issued; the CLI exits with code 3."""
@@ -178,7 +182,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     max_drop = recipe.budget.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)
-    metric_fn = metric_function(recipe)
+    metric_fn = metric if metric is not None else metric_function(recipe)
     if model is None:
         model = build_model(recipe, data, log, check=True)
     else:
@@ -193,7 +197,8 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     def describe(m: nn.Module) -> dict[str, Any]:
         return {"accuracy": float(metric_fn(m, data.test)), "size_bytes": saved_size(m, **save_kw)}
 
-    result = run_guarded(model, recipe.stages, data, example, metric_fn=metric_fn, baseline_val=baseline_val,
+    inputs = StageInputs(data=data, example_inputs=example, teacher=model, loss_fn=loss_fn, metric=metric)
+    result = run_guarded(model, recipe.stages, inputs, metric_fn=metric_fn, baseline_val=baseline_val,
                          max_drop=max_drop, guard=recipe.guard, describe=describe, log=log)
     final = result.model.cpu()
     compressed = measure_block(final, example, data.test, metric_fn, save_kw)

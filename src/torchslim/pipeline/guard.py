@@ -9,16 +9,14 @@ and a retry re-runs the whole segment with every softenable stage in it made mil
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from ..core.config import Config
 from ..core.errors import TorchslimError
-from ..techniques import BUILTIN
 from .recipe import GuardSpec, StageSpec
-from .runner import apply_stage
+from .runner import StageInputs, run_stages
 
 __all__ = ["BudgetError", "GuardResult", "run_guarded", "segments"]
 
@@ -49,32 +47,32 @@ def segments(stages: Sequence[StageSpec]) -> list[tuple[int, int]]:
     return out
 
 
-def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inputs: tuple, *,
+def run_guarded(model: nn.Module, stages: Sequence[StageSpec], inputs: StageInputs, *,
                 metric_fn: Callable[[nn.Module, Any], float], baseline_val: float, max_drop: float | None,
-                guard: GuardSpec = GuardSpec(), apply: Callable | None = None,
-                describe: Callable[[nn.Module], dict[str, Any]] | None = None,
+                guard: GuardSpec = GuardSpec(), describe: Callable[[nn.Module], dict[str, Any]] | None = None,
                 log: Callable[[str], None] = print) -> GuardResult:
-    """Apply ``stages`` to ``model`` (left untouched) measuring ``metric_fn`` on ``data.val`` after each.
+    """Apply ``stages`` to ``model`` (left untouched) measuring ``metric_fn`` on the validation split after each.
 
     With ``max_drop`` set, a segment whose result scores below ``baseline_val - max_drop`` is handled as
-    ``guard.policy`` says. ``describe(model)`` adds report fields (test accuracy, bytes on disk) to each record.
-    ``apply(model, config, data, example_inputs, teacher=...)`` applies one stage (default
-    :func:`~torchslim.pipeline.runner.apply_stage`); ``model``, the uncompressed original, is the teacher of
-    distillation stages.
+    ``guard.policy`` says. ``describe(model)`` adds report fields (test accuracy, bytes on disk) to each record
+    of an accepted segment. ``inputs.teacher`` (normally ``model``) is the teacher of distillation stages.
     """
-
-    apply = apply or apply_stage
     floor = None if max_drop is None else baseline_val - max_drop
     records: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     current, current_val = model, baseline_val
+
+    def measure(m: nn.Module) -> dict[str, Any]:
+        return {"val_accuracy": float(metric_fn(m, inputs.data.val))}
+
     for start, end in segments(stages):
         seg = list(stages[start:end])
         configs: list[Config] = [s.config for s in seg]
         attempts: list[dict[str, Any]] = []
         factor = 1.0
         while True:
-            out, recs = _run_segment(current, seg, configs, data, example_inputs, metric_fn, apply, log, model)
+            out, recs = run_stages(current, [(s.name, c) for s, c in zip(seg, configs)], inputs, measure=measure,
+                                   keep_models=True, log=log)
             val = recs[-1]["val_accuracy"]
             attempts.append({"configs": [c.to_dict() for c in configs], "val_accuracy": val})
             if floor is None or val >= floor:
@@ -92,7 +90,7 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
             milder = None
             if guard.policy == "retry" and len(attempts) <= guard.retries:
                 factor *= guard.milder
-                softened = [BUILTIN.soften(s.config, factor) for s in seg]
+                softened = [inputs.techniques.soften(s.config, factor) for s in seg]
                 if any(c is not None for c in softened):
                     milder = [c if c is not None else s.config for c, s in zip(softened, seg)]
             if milder is None:
@@ -102,14 +100,14 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
             configs = milder
         if action == "rolled_back":
             log(f"  guard: rolled back {', '.join(s.name for s in seg)} (kept the model from before)")
-            recs = [{"name": s.name, "config": s.config.to_dict(), "val_accuracy": current_val, "seconds": 0.0,
-                     "_model": current} for s in seg]
+            recs = [{"name": s.name, "config": s.config.to_dict(), "seconds": 0.0, "val_accuracy": current_val,
+                     "model": current} for s in seg]
             out = current
         else:
             current_val = recs[-1]["val_accuracy"]
         for r in recs:
             r["guard"] = action
-            stage_model = r.pop("_model")
+            stage_model = r.pop("model")
             if describe is not None:
                 r.update(describe(stage_model))
         if action != "ok":
@@ -119,19 +117,3 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], data, example_inp
         records.extend(recs)
     met = None if floor is None else current_val >= floor
     return GuardResult(model=current, records=records, events=events, final_val=current_val, met=met)
-
-
-def _run_segment(model: nn.Module, seg: list[StageSpec], configs: list[Config], data, example_inputs: tuple,
-                 metric_fn: Callable, apply: Callable, log: Callable[[str], None], teacher: nn.Module
-                 ) -> tuple[nn.Module, list[dict[str, Any]]]:
-    records = []
-    for stage, config in zip(seg, configs):
-        log(f"stage {stage.name}: {type(config).__name__}")
-        t0 = time.perf_counter()
-        model = apply(model, config, data, example_inputs, teacher=teacher)
-        seconds = time.perf_counter() - t0
-        val = float(metric_fn(model, data.val))
-        log(f"  val {val:.4f}  ({seconds:.1f} s)")
-        records.append({"name": stage.name, "config": config.to_dict(), "val_accuracy": val, "seconds": seconds,
-                        "_model": model})
-    return model, records

@@ -555,10 +555,9 @@ def load_techniques() -> None:
 
 def stage_types() -> list[str]:
     """Config class names that the pipeline can apply as stages."""
-    from .runner import stage_handlers
+    from ..techniques import BUILTIN
 
-    load_techniques()
-    return sorted(stage_handlers())
+    return sorted(BUILTIN.names())
 
 
 def load_recipe(path: str | Path, *, resolve: bool = True) -> Recipe:

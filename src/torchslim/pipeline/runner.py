@@ -1,113 +1,83 @@
-"""Apply a list of technique configs (stages) to a model, measuring after each."""
+"""The one stage loop: apply technique configs in order through their descriptors, measuring after each.
+
+``torchslim compress`` (through the guard), the guard's retries and every search trial run stages with
+:func:`run_stages`; what a stage may use travels in one :class:`StageInputs`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
 from ..core.config import Config
-from ..data import Splits
 from ..core.errors import ConfigError
-from ..metrics import evaluate
-from ..metrics.profile import saved_size
+from ..core.technique import Techniques
+from ..data import Splits
 from ..nn.modules import copy_model
-from ..training.train import TrainConfig, train
+from ..techniques import BUILTIN
+from ..training.finetune import Finetune, finetune
+
+__all__ = ["StageInputs", "apply_stage", "run_stages", "Finetune", "finetune"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Finetune(Config):
-    """A plain fine-tuning stage on the training split."""
+class StageInputs:
+    """What a stage may use: the data splits (``train`` trains and calibrates, ``val`` validates), example
+    inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs), the teacher of distillation
+    stages (the uncompressed original), the user's loss and metric (None: cross-entropy and top-1 accuracy)
+    and the technique registry configs are looked up in."""
 
-    train: TrainConfig = TrainConfig()
-
-
-StageFn = Callable[..., nn.Module]
-
-
-def _prune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..pruning import prune
-
-    return prune(model, config, example_inputs=example_inputs, data=data.train, val_data=data.val)
-
-
-def _quantize_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..quantization import quantize
-
-    return quantize(model, config, calibration_data=data.train, data=data.train, val_data=data.val,
-                    example_inputs=example_inputs)
+    data: Splits
+    example_inputs: Any
+    teacher: nn.Module | None = None
+    loss_fn: Any = None
+    metric: Callable[[nn.Module, Any], float] | None = None
+    techniques: Techniques = BUILTIN
 
 
-def _decompose_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..lowrank import decompose
-
-    return decompose(model, config, example_inputs=example_inputs, data=data)[0]
-
-
-def _distill_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    from ..distillation import distill
-
-    if teacher is None:
-        raise ConfigError("a Distillation stage needs a teacher: run it in a pipeline (the uncompressed "
-                          "original is the teacher) or call torchslim.distill(student, teacher, ...) directly")
-    return distill(copy_model(model), teacher, data, config)
-
-
-def finetune(model: nn.Module, config: Finetune, *, data=None, val_data=None, inplace: bool = False) -> nn.Module:
-    """Fine-tune ``model`` (a copy unless ``inplace``) on ``data`` as ``config.train`` says."""
-    if not inplace:
-        model = copy_model(model)
-    train(model, data, config.train, val_loader=val_data)
-    return model
-
-
-def _finetune_stage(model, config, data: Splits, example_inputs: tuple, teacher) -> nn.Module:
-    return finetune(model, config, data=data.train, val_data=data.val)
-
-
-def stage_handlers() -> dict[str, StageFn]:
-    """Config type name -> function applying it as a pipeline stage."""
-    quantize_types = ("QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
-                      "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing")
-    return {
-        "UnstructuredPruning": _prune_stage,
-        "StructuredPruning": _prune_stage,
-        **{name: _quantize_stage for name in quantize_types},
-        "SVD": _decompose_stage,
-        "Tucker": _decompose_stage,
-        "CP": _decompose_stage,
-        "Distillation": _distill_stage,
-        "Finetune": _finetune_stage,
-    }
-
-
-def apply_stage(model: nn.Module, config: Config, data: Splits, example_inputs: tuple,
+def apply_stage(model: nn.Module, config: Config, inputs: StageInputs, example_inputs: Any = None,
                 teacher: nn.Module | None = None) -> nn.Module:
-    """Return a new model: ``model`` with one technique ``config`` applied. ``teacher`` (the uncompressed
-    original) is what a Distillation stage learns from."""
-    handlers = stage_handlers()
-    name = type(config).__name__
-    if name not in handlers:
-        raise ConfigError(f"no pipeline stage for config {name}; stages: {sorted(handlers)}")
-    return handlers[name](model, config, data, example_inputs, teacher)
+    """Return a new model: ``model`` with ``config`` applied by its technique (``model`` is left untouched)."""
+    if isinstance(inputs, Splits):  # TEMPORARY: the search's old call form, until it uses StageInputs
+        inputs = StageInputs(data=inputs, example_inputs=example_inputs, teacher=teacher)
+    technique = inputs.techniques.of(config)
+    kwargs: dict[str, Any] = dict(data=inputs.data.train, val_data=inputs.data.val,
+                                  example_inputs=inputs.example_inputs, loss_fn=inputs.loss_fn, metric=inputs.metric)
+    if technique.needs_teacher:
+        if inputs.teacher is None:
+            raise ConfigError(f"a {technique.name} stage needs a teacher: run it in a pipeline (the uncompressed "
+                              "original is the teacher) or call its function with teacher= directly")
+        kwargs["teacher"] = inputs.teacher
+    return technique.apply(model, config, **kwargs)
 
 
-def run_stages(model: nn.Module, stages: list[tuple[str, Config]], data: Splits, example_inputs: tuple,
-               log: Callable[[str], None] = print) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Apply ``stages`` in order; each record holds the config, test accuracy, bytes on disk and time."""
+def run_stages(model: nn.Module, stages: Iterable[tuple[str, Config | None]], inputs: StageInputs, *,
+               measure: Callable[[nn.Module], dict[str, Any]], keep_models: bool = False,
+               log: Callable[[str], None] | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Apply each ``(name, config)`` in order (a None config leaves the model as it is) and ``measure`` the result.
+
+    Each record holds the stage name, its config dict (None when skipped), the seconds it took and what
+    ``measure(model)`` returned, plus the model after it under ``"model"`` when ``keep_models``. ``model`` itself
+    is never modified."""
     records = []
-    original = model
+    current = model
     for name, config in stages:
-        log(f"stage {name}: {type(config).__name__}")
         t0 = time.perf_counter()
-        model = apply_stage(model, config, data, example_inputs, teacher=original)
+        if config is not None:
+            if log:
+                log(f"stage {name}: {type(config).__name__}")
+            current = apply_stage(current, config, inputs)
         seconds = time.perf_counter() - t0
-        acc = evaluate(model, data.test)
-        size = saved_size(model)
-        records.append({"name": name, "config": config.to_dict(), "accuracy": acc, "size_bytes": size,
-                        "seconds": seconds})
-        log(f"  accuracy {acc:.4f}  bytes on disk {size:,}  ({seconds:.1f} s)")
-    return model, records
-
+        record: dict[str, Any] = {"name": name, "config": None if config is None else config.to_dict(),
+                                  "seconds": seconds, **measure(current)}
+        if log and config is not None and "val_accuracy" in record:
+            log(f"  val {record['val_accuracy']:.4f}  ({seconds:.1f} s)")
+        if keep_models:
+            record["model"] = current
+        records.append(record)
+    if current is model:  # every stage skipped: still hand back a model the caller may change
+        current = copy_model(model)
+    return current, records
