@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Callable
 
 from torch import nn
@@ -11,9 +10,8 @@ from torch import nn
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..metrics.profile import count_macs, measure_latency, saved_size
-from ..nn.modules import copy_model
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, reseed
-from ..pipeline.runner import apply_stage
+from ..pipeline.runner import StageInputs, run_stages
 from .knobs import Knob, build_knobs, stage_configs
 
 __all__ = ["Problem", "Evaluation"]
@@ -47,6 +45,7 @@ class Problem:
         self.save_kw = dict(save_kw or {})
         self.latency_repeats = latency_repeats
         self.example_inputs = data.example_inputs(recipe.example_batch)
+        self.inputs = StageInputs(data=data, example_inputs=self.example_inputs, teacher=self.baseline)
         self.stages: tuple[StageSpec, ...] = recipe.stages
         self.knobs: list[Knob] = build_knobs(self.stages, self.baseline, self.example_inputs)
 
@@ -64,22 +63,19 @@ class Problem:
 
     def evaluate(self, values: dict[str, float], *, keep_model: bool = False,
                  describe: Callable[[nn.Module], dict[str, Any]] | None = None) -> Evaluation:
-        """Run the recipe with knob ``values`` on a copy of the baseline and measure it on the validation split."""
+        """Run the recipe with knob ``values`` on the baseline (left untouched) and measure it on the validation
+        split after each stage; ``describe(model)`` adds fields to each stage's record."""
         # Results must depend on the setting only (not on what ran before in this process): resumed and
         # parallel searches compare trials measured in different processes.
         reseed(self.data, self.recipe.seed)
-        model = copy_model(self.baseline)
-        records = []
-        for stage, config in zip(self.stages, self.configs(values)):
-            t0 = time.perf_counter()
-            if config is not None:
-                model = apply_stage(model, config, self.data, self.example_inputs, teacher=self.baseline)
-            rec = {"name": stage.name, "config": None if config is None else config.to_dict(),
-                   "val_accuracy": float(self.metric_fn(model, self.data.val)),
-                   "size_bytes": saved_size(model, **self.save_kw), "seconds": time.perf_counter() - t0}
-            if describe is not None:
-                rec.update(describe(model))
-            records.append(rec)
+
+        def measure(model: nn.Module) -> dict[str, Any]:
+            rec = {"val_accuracy": float(self.metric_fn(model, self.data.val)),
+                   "size_bytes": saved_size(model, **self.save_kw)}
+            return {**rec, **describe(model)} if describe is not None else rec
+
+        stages = [(stage.name, config) for stage, config in zip(self.stages, self.configs(values))]
+        model, records = run_stages(self.baseline, stages, self.inputs, measure=measure)
         model = model.cpu()
         objective = float(records[-1]["size_bytes"]) if self.objective == "size" else self.objective_value(model)
         return Evaluation(values=dict(values), metric=records[-1]["val_accuracy"], objective=objective,

@@ -24,7 +24,7 @@ from ..data import Splits, check_loader
 from ..metrics import evaluate
 from ..metrics.evaluate import model_device
 from ..nn.modules import copy_model
-from ..pipeline.runner import apply_stage
+from ..pipeline.runner import StageInputs, apply_stage
 from ..pruning.unstructured import make_permanent, prunable_layers
 from ..quantization.spec import QuantSpec
 from ..techniques import BUILTIN
@@ -73,6 +73,7 @@ def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], 
     objective. Returns ``{"baseline": {...}, "knobs": {name: [{"value", "error", "metric", "objective"}]}}``."""
     batches = _batches(data.val, model_device(model))
     reference = _outputs(model, batches)
+    inputs = StageInputs(data=data, example_inputs=example_inputs, teacher=model, techniques=techniques)
 
     def score(m: nn.Module) -> tuple[float, float]:
         outs = _outputs(m, batches)
@@ -91,7 +92,7 @@ def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], 
             continue
         config = techniques.of(config).search.oneshot(config)
         try:
-            compressed = apply_stage(model, config, data, example_inputs, teacher=model)
+            compressed = apply_stage(model, config, inputs)
         except (ConfigError, UnsupportedModelError) as exc:
             raise ConfigError(f"one-shot scan of {knob.name} at {value}: {exc}") from None
         error, metric = score(compressed)
