@@ -8,13 +8,15 @@ from ..core.errors import ConfigError
 from ..nn.modules import copy_model
 from .config import Schedule, StructuredPruning, UnstructuredPruning
 from .graph import build_groups
-from .importance import bn_l1_penalty
+from .importance import Importance, bn_l1_penalty, register_importance
+from .oprules import register_op_rule
 from .schedule import run_structured, run_unstructured
 from .structured import masked_like, structured_prune
 from .unstructured import layer_sparsity, make_permanent, unstructured_prune
 
 __all__ = ["prune", "UnstructuredPruning", "StructuredPruning", "Schedule", "layer_sparsity", "make_permanent",
-           "structured_prune", "unstructured_prune", "masked_like", "build_groups", "bn_l1_penalty"]
+           "structured_prune", "unstructured_prune", "masked_like", "build_groups", "bn_l1_penalty",
+           "Importance", "register_importance", "register_op_rule"]
 
 
 def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning, *, example_inputs: tuple | None = None,

@@ -8,6 +8,7 @@ from ..core.config import Config
 from ..core.checks import check_choice, check_fraction, check_positive
 from ..core.errors import ConfigError
 from ..training.train import TrainConfig
+from .importance import IMPORTANCES, importance_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,7 @@ class UnstructuredPruning(Config):
 
     ``sparsity`` is the fraction of weights to zero: one number (for the whole model when
     ``scope="global"``, for every layer when ``scope="layer"``) or a mapping {layer name: sparsity}.
-    ``layers`` limits pruning to these layer types (Linear and Conv by default); ``exclude`` names layers
-    (fnmatch patterns) to leave dense.
+    Linear and Conv layers are pruned; ``exclude`` names layers (fnmatch patterns) to leave dense.
     """
 
     sparsity: float | dict[str, float] = 0.5
@@ -70,7 +70,8 @@ class StructuredPruning(Config):
 
     ``ratio`` is the fraction of channels removed from every prunable group (or {layer name: ratio}).
     ``importance``: ``l1``/``l2`` weight magnitude, ``taylor`` (|gradient x weight| summed over
-    ``importance_batches`` batches of ``data``) or ``bn_scale`` (|BatchNorm gamma|, network slimming).
+    ``importance_batches`` batches of ``data``), ``bn_scale`` (|BatchNorm gamma|, network slimming) or a
+    name registered with ``torchslim.pruning.register_importance``.
     ``scope="global"`` ranks channels across all groups (normalised per group) instead of per group, with
     ``ratio`` the overall share and no group losing more than ``max_ratio``.
     ``round_to`` keeps channel counts multiples of it (hardware friendly). ``bn_penalty`` adds an L1
@@ -90,7 +91,9 @@ class StructuredPruning(Config):
 
     def validate(self) -> None:
         _check_rates("ratio", self.ratio)
-        check_choice("importance", self.importance, ("l1", "l2", "taylor", "bn_scale"))
+        if not isinstance(self.importance, str) or self.importance not in IMPORTANCES:
+            raise ConfigError(f"importance must be one of {importance_names()} or a name registered with "
+                              f"torchslim.pruning.register_importance, got {self.importance!r}")
         check_choice("scope", self.scope, ("layer", "global"))
         check_fraction("max_ratio", self.max_ratio)
         check_positive("round_to", self.round_to, integer=True)

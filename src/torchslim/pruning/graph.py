@@ -10,7 +10,8 @@ segments, each pointing into a *channel space* (a union-find node) with ``n`` sl
 consecutive indices. A producer (Conv, Linear) opens a new space; elementwise ops unite the spaces of
 their operands; ``cat`` concatenates segments; ``flatten`` multiplies ``rep``. Anything the tracer does
 not understand blocks the spaces it touches (with the reason), so a group is either pruned consistently
-or left alone, never corrupted.
+or left alone, never corrupted. Which op does what is decided by the op rules of ``oprules.py``, through
+the primitives of ``_Builder``.
 
 Pruning through LayerNorm is supported but, unlike BatchNorm, changes the statistics of the remaining
 channels, so the pruned model is then not exactly the original with those channels zeroed.
@@ -21,16 +22,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-import operator
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..core.errors import UnsupportedModelError
+from .oprules import call_rule, module_rule, node_arg, traced_whole
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 
@@ -95,7 +95,8 @@ def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
 
 
 class _Tracer(fx.Tracer):
-    """Keeps excluded modules opaque, so excluding an untraceable submodule lets the rest be traced."""
+    """Keeps excluded modules opaque, so excluding an untraceable submodule lets the rest be traced, and
+    modules with a user-registered op rule, so that the rule sees them."""
 
     def __init__(self, exclude: tuple[str, ...]):
         super().__init__()
@@ -103,7 +104,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (super().is_leaf_module(m, module_qualified_name)
-                or (bool(module_qualified_name) and _matches(module_qualified_name, self.exclude) is not None))
+                or (bool(module_qualified_name) and _matches(module_qualified_name, self.exclude) is not None)
+                or traced_whole(m))
 
 
 def trace_model(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...] = ()) -> fx.GraphModule:
@@ -161,45 +163,6 @@ class _Layout:
 
     def signature(self) -> tuple:
         return tuple((s.n, s.rep) for s in self.segs)
-
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORM = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout,
-    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
-_SPATIAL_MODULES: dict[type, int] = {
-    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
-    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
-}
-_ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-    operator.truediv, operator.itruediv, operator.neg,
-    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.neg, torch.abs,
-    torch.relu, torch.sigmoid, torch.tanh, torch.clamp,
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-}
-_ELEMENTWISE_METHODS = {
-    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "abs", "relu", "relu_", "sigmoid",
-    "tanh", "clamp", "clamp_", "contiguous", "clone", "detach", "float", "half", "double", "to", "type_as",
-}
-_SPATIAL_FUNCTIONS: dict[Callable, int] = {
-    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
-    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
-}
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 class _Builder:
@@ -320,82 +283,35 @@ class _Builder:
                 continue
             if node.op == "call_module":
                 self.visit_module(node, self.gm.get_submodule(node.target))
-            elif node.op == "call_function":
-                self.visit_function(node)
             else:
-                self.visit_method(node)
+                self.visit_call(node)
 
     def visit_module(self, node: fx.Node, mod: nn.Module) -> None:
         name = node.target
-        x = node.args[0] if node.args else None
+        rule = module_rule(mod)
         if name in self.shared:
             self.unknown(node, f"module {name!r} is called more than once or shares weights with another "
                                "layer; its channels are kept")
-        elif isinstance(mod, _CONV):
-            self.conv(node, mod, x)
-        elif isinstance(mod, nn.Linear):
-            self.linear(node, mod, x)
-        elif isinstance(mod, _BATCHNORM):
-            self.per_channel(node, x, 1, [p for p in ("weight", "bias", "running_mean", "running_var")
-                                          if getattr(mod, p, None) is not None])
-        elif isinstance(mod, nn.LayerNorm):
-            self.layer_norm(node, mod, x)
-        elif isinstance(mod, nn.PReLU):
-            if mod.num_parameters == 1:
-                self.elementwise(node)
-            else:
-                self.per_channel(node, x, 1, ["weight"])
-        elif isinstance(mod, _ELEMENTWISE_MODULES):
-            self.elementwise(node)
-        elif type(mod) in _SPATIAL_MODULES:
-            self.spatial(node, x, _SPATIAL_MODULES[type(mod)])
-        elif isinstance(mod, nn.Upsample):
-            self.spatial(node, x, len(self.shape(x)) - 2)
-        elif isinstance(mod, nn.Flatten):
-            self.flatten(node, x, mod.start_dim, mod.end_dim)
+        elif rule is not None:
+            rule(self, node, mod, name)
         elif _matches(name, self.exclude):
             self.unknown(node, f"its channels reach excluded module {name!r} (pattern "
                                f"{_matches(name, self.exclude)!r}), which is kept whole", EXCLUDED)
         else:
             self.unknown(node)
 
-    def visit_function(self, node: fx.Node) -> None:
-        f = node.target
-        x = node.args[0] if node.args else None
-        if f in _ELEMENTWISE_FUNCTIONS:
-            self.elementwise(node)
-        elif f in _SPATIAL_FUNCTIONS:
-            self.spatial(node, x, _SPATIAL_FUNCTIONS[f])
-        elif f is F.interpolate:
-            self.spatial(node, x, len(self.shape(x)) - 2)
-        elif f in _CAT:
-            self.cat(node, list(_arg(node, 0, "tensors")), _arg(node, 1, "dim", 0))
-        elif f is torch.flatten:
-            self.flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
-        elif f is torch.reshape:
-            self.reshape(node, x)
-        elif getattr(f, "__name__", None) in _REDUCTIONS and getattr(torch, f.__name__, None) is f:
-            self.reduce(node, x)
+    def visit_call(self, node: fx.Node) -> None:
+        """A function or method call: its rule, or keep the channels it touches."""
+        rule = call_rule(node.target)
+        if rule is not None:
+            rule(self, node, None, None)
         else:
             self.unknown(node)
 
-    def visit_method(self, node: fx.Node) -> None:
-        m = node.target
-        x = node.args[0]
-        if m in _ELEMENTWISE_METHODS:
-            self.elementwise(node)
-        elif m in ("view", "reshape"):
-            self.reshape(node, x)
-        elif m == "flatten":
-            self.flatten(node, x, _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1))
-        elif m in _REDUCTIONS:
-            self.reduce(node, x)
-        else:
-            self.unknown(node)
-
-    # -- op rules --------------------------------------------------------------------------------
-    def conv(self, node: fx.Node, mod: nn.Module, x: fx.Node) -> None:
-        name, who = node.target, f"conv {node.target!r}"
+    # -- op rule primitives (``name``: the layer whose tensors are sliced, the node's module by default) --
+    def conv(self, node: fx.Node, mod: nn.Module, x: fx.Node, name: str | None = None) -> None:
+        name = name or node.target
+        who = f"conv {name!r}"
         layout = self.require(x, 1, who)
         params = ["weight"] + (["bias"] if mod.bias is not None else [])
         if mod.groups == 1:
@@ -421,8 +337,8 @@ class _Builder:
             self.layouts[node] = self.fixed(mod.out_channels, 1, UNSUPPORTED, why)
             self.add(self.layouts[node].segs[0].space, Member(name, "weight", 0, 0, 1, "out"))
 
-    def linear(self, node: fx.Node, mod: nn.Linear, x: fx.Node) -> None:
-        name = node.target
+    def linear(self, node: fx.Node, mod: nn.Linear, x: fx.Node, name: str | None = None) -> None:
+        name = name or node.target
         layout = self.require(x, len(self.shape(x)) - 1, f"linear {name!r}")
         for off, s in layout.with_offsets():
             self.add(s.space, Member(name, "weight", 1, off, s.rep, "in"))
@@ -431,27 +347,28 @@ class _Builder:
             self.add(space, Member(name, p, 0, 0, 1, "out"))
         self.layouts[node] = _Layout(len(self.shape(node)) - 1, (_Seg(space, mod.out_features, 1),))
 
-    def per_channel(self, node: fx.Node, x: fx.Node, dim: int, params: list[str]) -> None:
+    def per_channel(self, node: fx.Node, x: fx.Node, dim: int, params: list[str], name: str | None = None) -> None:
         """BatchNorm-like layer: one value per channel along ``dim``; records the channel count even
         without any per-channel tensor so ``num_features`` stays right."""
-        layout = self.require(x, dim, f"{node.target!r}")
+        name = name or node.target
+        layout = self.require(x, dim, f"{name!r}")
         for off, s in layout.with_offsets():
             for p in params or [""]:
-                self.add(s.space, Member(node.target, p, 0, off, s.rep, "norm"))
+                self.add(s.space, Member(name, p, 0, off, s.rep, "norm"))
         self.layouts[node] = layout
 
-    def layer_norm(self, node: fx.Node, mod: nn.LayerNorm, x: fx.Node) -> None:
+    def layer_norm(self, node: fx.Node, mod: nn.LayerNorm, x: fx.Node, name: str | None = None) -> None:
         layout, nd = self.layouts.get(x), len(self.shape(x))
         first = nd - len(mod.normalized_shape)
         if layout is None or layout.dim < first:
             self.layouts[node] = layout  # normalises within each channel
             return
         if layout.dim > first:
-            self.unknown(node, f"LayerNorm {node.target!r} normalises over the channel dim together with "
-                               "preceding dims")
+            self.unknown(node, f"LayerNorm {name or node.target!r} normalises over the channel dim together "
+                               "with preceding dims")
             return
         params = [p for p in ("weight", "bias") if getattr(mod, p, None) is not None]
-        self.per_channel(node, x, first, params)
+        self.per_channel(node, x, first, params, name)
 
     def elementwise(self, node: fx.Node) -> None:
         out_nd = len(self.shape(node))
@@ -538,8 +455,8 @@ class _Builder:
         layout, nd = self.layouts.get(x), len(self.shape(x))
         if layout is None:
             return
-        dims = _arg(node, 1, "dim")
-        keepdim = _arg(node, 2, "keepdim", False)
+        dims = node_arg(node, 1, "dim")
+        keepdim = node_arg(node, 2, "keepdim", False)
         if dims is None or (isinstance(dims, (list, tuple)) and not dims):
             return self.unknown(node, f"{self.describe(node)} reduces over the channel dim")
         dims = {d % nd for d in (dims if isinstance(dims, (list, tuple)) else [dims])}

@@ -2,6 +2,8 @@
 
 Every score is a tensor of ``group.size`` values (higher = keep), aggregated over all coupled tensors of
 the group (Torch-Pruning style) and divided by its mean so that groups are comparable in global ranking.
+Criteria are :class:`Importance` objects looked up by name in a registry; :func:`register_importance`
+adds one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
+from ..core.registry import Registry
 from ..metrics.evaluate import model_device
 from .graph import Group, Member
 
-__all__ = ["group_importance", "bn_l1_penalty", "METHODS"]
+__all__ = ["Importance", "register_importance", "importance_names", "group_importance", "bn_l1_penalty",
+           "METHODS"]
 
 METHODS = ("l1", "l2", "taylor", "bn_scale")
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,23 +122,120 @@ def _normalise(score: torch.Tensor) -> torch.Tensor:
     return score / mean if mean > 0 else score
 
 
+class Importance:
+    """A channel importance criterion: scores the channels of channel-dependency groups (higher = keep).
+
+    Subclasses implement :meth:`score` for one group, or override ``__call__`` when one pass serves all
+    groups (Taylor's backward passes). ``needs_data`` marks a criterion that reads ``data=``.
+    """
+
+    needs_data = False
+
+    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+        """``group.size`` scores for the channels of ``group`` in ``model``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score(model, group) or __call__")
+
+    def __call__(self, model: nn.Module, groups: list[Group], *, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, batches: int = 4) -> list[torch.Tensor]:
+        return [self.score(model, g) for g in groups]
+
+
+class Magnitude(Importance):
+    """Sum of ``|w| ** power`` over every coupled weight slice of a channel (``l1``: 1, ``l2``: 2)."""
+
+    def __init__(self, power: int):
+        self.power = power
+
+    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+        return _magnitude(model, group, self.power)
+
+
+class BNScale(Importance):
+    """|gamma| of the group's BatchNorm layers (network slimming)."""
+
+    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+        return _bn_scale(model, group)
+
+
+class Taylor(Importance):
+    """|gradient x weight| per channel, summed over ``batches`` batches of ``data`` (Molchanov et al. 2019)."""
+
+    needs_data = True
+
+    def __call__(self, model: nn.Module, groups: list[Group], *, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, batches: int = 4) -> list[torch.Tensor]:
+        return _taylor(model, groups, data, loss_fn, batches)
+
+
+class _PerGroup(Importance):
+    """A plain function ``fn(model, group) -> scores`` as a criterion."""
+
+    def __init__(self, fn: Callable[[nn.Module, Group], torch.Tensor]):
+        self.fn = fn
+
+    def score(self, model: nn.Module, group: Group) -> torch.Tensor:
+        return self.fn(model, group)
+
+
+BUILTIN_IMPORTANCES: tuple[tuple[str, Importance], ...] = (
+    ("l1", Magnitude(1)), ("l2", Magnitude(2)), ("taylor", Taylor()), ("bn_scale", BNScale()),
+)
+IMPORTANCES: Registry[str, Importance] = Registry("importance criterion", dict(BUILTIN_IMPORTANCES))
+
+
+def register_importance(name: str, importance: Importance | Callable[[nn.Module, Group], torch.Tensor], *,
+                        replace: bool = False) -> Importance:
+    """Make ``importance`` selectable as ``StructuredPruning(importance=name)``.
+
+    ``importance`` is an :class:`Importance` instance or a function ``fn(model, group)`` returning one
+    score per channel of ``group`` (``group.size`` values, higher = keep; ``group.members`` lists the
+    coupled tensor slices). Registering a name twice raises ConfigError unless ``replace=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"register_importance: name must be a non-empty string, got {name!r}")
+    if isinstance(importance, type):
+        raise ConfigError(f"register_importance({name!r}, ...): pass an instance, e.g. {importance.__name__}(), "
+                          "not the class")
+    if not isinstance(importance, Importance):
+        if not callable(importance):
+            raise ConfigError(f"register_importance({name!r}, ...): expected an Importance or a function "
+                              f"fn(model, group) -> scores, got {importance!r}")
+        importance = _PerGroup(importance)
+    return IMPORTANCES.add(name, importance, replace=replace)
+
+
+def importance_names() -> list[str]:
+    """Names ``StructuredPruning(importance=...)`` accepts: the built-ins, then registered ones."""
+    return list(IMPORTANCES)
+
+
+def _checked(name: str, group: Group, score) -> torch.Tensor:
+    if not torch.is_tensor(score) or tuple(score.shape) != (group.size,):
+        got = tuple(score.shape) if torch.is_tensor(score) else type(score).__name__
+        raise ConfigError(f"importance {name!r} returned {got} for the group led by {group.leader!r}; it must "
+                          f"return a tensor of {group.size} scores, one per channel")
+    return score.detach().float().cpu()
+
+
 def group_importance(model: nn.Module, groups: list[Group], method: str, *, data: Iterable | None = None,
                      loss_fn: LossFn | None = None, batches: int = 4) -> list[torch.Tensor]:
     """One mean-normalised score per channel for each group (higher = more important).
 
-    ``method``: ``l1``/``l2`` (sum of |w| / w^2 over every coupled weight), ``taylor`` (needs ``data``,
-    batches of ``(inputs, targets)``; ``loss_fn(outputs, targets, inputs)``, cross-entropy by default)
-    or ``bn_scale`` (|gamma| of the group's BatchNorm layers).
+    ``method`` names a registered criterion: ``l1``/``l2`` (sum of |w| / w^2 over every coupled weight),
+    ``taylor`` (needs ``data``, batches of ``(inputs, targets)``; ``loss_fn(outputs, targets, inputs)``,
+    cross-entropy by default), ``bn_scale`` (|gamma| of the group's BatchNorm layers) or one added with
+    :func:`register_importance`.
     """
-    if method in ("l1", "l2"):
-        scores = [_magnitude(model, g, 1 if method == "l1" else 2) for g in groups]
-    elif method == "bn_scale":
-        scores = [_bn_scale(model, g) for g in groups]
-    elif method == "taylor":
-        scores = _taylor(model, groups, data, loss_fn, batches)
-    else:
-        raise ConfigError(f"importance must be one of {list(METHODS)}, got {method!r}")
-    return [_normalise(s) for s in scores]
+    if method not in IMPORTANCES:
+        raise ConfigError(f"importance must be one of {importance_names()} (or a name registered with "
+                          f"torchslim.pruning.register_importance), got {method!r}")
+    importance = IMPORTANCES.get(method)
+    if importance.needs_data and data is None:
+        raise ConfigError(f"importance={method!r} needs data= (a loader of (inputs, targets) batches)")
+    scores = importance(model, groups, data=data, loss_fn=loss_fn, batches=batches)
+    if len(scores) != len(groups):
+        raise ConfigError(f"importance {method!r} returned {len(scores)} score tensors for {len(groups)} groups")
+    return [_normalise(_checked(method, g, s)) for g, s in zip(groups, scores)]
 
 
 def bn_l1_penalty(model: nn.Module, strength: float) -> Callable[[nn.Module], torch.Tensor]:

@@ -65,8 +65,8 @@ def run_unstructured(model: nn.Module, config: UnstructuredPruning, data=None, v
 
 
 def _gradual_unstructured(model: nn.Module, config: UnstructuredPruning, data, val_data) -> dict:
-    """One fine-tuning run; masks follow the cubic ramp, updated ``steps`` times in the first 3/4 of it
-    so the last quarter recovers at the final sparsity."""
+    """One fine-tuning run; masks follow the cubic ramp, updated ``steps`` times in the first
+    ``RAMP_SHARE`` (half) of it so the rest recovers at the final sparsity."""
     sched = config.schedule
     layers = prunable_layers(model, config.exclude)
     targets = step_targets(sched)
