@@ -192,7 +192,8 @@ def run_variant(model_name: str, variant: str, baseline: torch.nn.Module, baseli
     if plan.recover is not None:
         torch.manual_seed(seed)
         # Pruning masks keep the pruned weights at zero while the student learns the baseline's soft targets.
-        _timed(seconds, "recover", lambda: distill(pruned, baseline, data.train, plan.recover, val_loader=data.val))
+        _timed(seconds, "recover", lambda: distill(pruned, plan.recover, teacher=baseline, data=data.train,
+                                                   val_data=data.val, inplace=True))
         log(f"  [{variant}] distilled: test error {_error(pruned, data.test):.2f}%  ({seconds['recover']:.0f} s)")
     torch.manual_seed(seed)
     shared = _timed(seconds, "share", lambda: apply_weight_sharing(pruned, plan.share, data=data.train,

@@ -32,6 +32,7 @@ from _common import environment, parse_args, print_table, write_json  # noqa: E4
 from torchslim.data import default_data_dir, mnist  # noqa: E402
 from torchslim.distillation import Distillation, distill  # noqa: E402
 from torchslim.core.errors import DataError  # noqa: E402
+from torchslim.core.history import history  # noqa: E402
 from torchslim.lowrank import SVD, Tucker, decompose  # noqa: E402
 from torchslim.metrics import count_macs, count_params, evaluate  # noqa: E402
 from torchslim.models import LeNet5, LeNet300, SmallResNet  # noqa: E402
@@ -97,7 +98,7 @@ def _students(data, teacher, samples: int | None, epochs: float, seeds: list[int
             if variant == "labels_only":
                 train(student, loader, kd.train)
             else:
-                distill(student, teacher, loader, kd)
+                distill(student, kd, teacher=teacher, data=loader, inplace=True)
             row[variant] = _pct(evaluate(student, test))
         runs.append(row)
         print(f"      seed {seed}: labels only {row['labels_only']:.2f}%, distilled {row['distilled']:.2f}%",
@@ -152,9 +153,11 @@ def section_tucker(data, settings: dict, test, example) -> dict[str, Any]:
     acc0 = evaluate(model, test)
     # The stem (1 -> 32 channels) has no input mode to compress and costs 0.3% of the MACs.
     config = Tucker(ratio=s["ratio"], exclude=("stem.*",), progress=False)
-    small, report = decompose(model, config, example_inputs=example)
+    small = decompose(model, config, example_inputs=example)
+    report = history(small)[-1]["report"]
     acc_raw = evaluate(small, test)
-    distill(small, model, loader, Distillation(temperature=4.0, alpha=0.5, train=_tc(s["finetune_epochs"], 1e-3)))
+    distill(small, Distillation(temperature=4.0, alpha=0.5, train=_tc(s["finetune_epochs"], 1e-3)), teacher=model,
+            data=loader, inplace=True)
     small.eval()
     acc1 = evaluate(small, test)
     macs0, macs1 = count_macs(model, example), count_macs(small, example)
@@ -188,9 +191,11 @@ def section_svd(data, settings: dict, test, example) -> dict[str, Any]:
     model.eval()
     acc0 = evaluate(model, test)
     config = SVD(ratio=s["ratio"], exclude=("fc3",), progress=False)
-    small, report = decompose(model, config, example_inputs=example)
+    small = decompose(model, config, example_inputs=example)
+    report = history(small)[-1]["report"]
     acc_raw = evaluate(small, test)
-    distill(small, model, loader, Distillation(temperature=4.0, alpha=0.5, train=_tc(s["finetune_epochs"], 5e-4)))
+    distill(small, Distillation(temperature=4.0, alpha=0.5, train=_tc(s["finetune_epochs"], 5e-4)), teacher=model,
+            data=loader, inplace=True)
     small.eval()
     acc1 = evaluate(small, test)
     p0, p1 = count_params(model)[0], count_params(small)[0]

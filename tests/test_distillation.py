@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim.core.config import config_from_dict
+from torchslim.core.history import history
 from torchslim.data import digits
 from torchslim.distillation import Distillation, distill, kd_loss, soft_target_loss
 from torchslim.core.errors import ConfigError, DataError, UnsupportedModelError
@@ -82,9 +83,11 @@ def test_teacher_unchanged_no_grads_student_learns(data, teacher):
     torch.manual_seed(1)
     student = LeNet5(width=0.5)  # stands in for a structurally pruned copy of the teacher
     acc0 = evaluate(student, data.val)
-    out = distill(student, teacher, data.train, Distillation(train=FAST.replace(max_steps=30)))
-    assert out is student
-    assert evaluate(student, data.val) > acc0 + 0.2
+    cfg = Distillation(train=FAST.replace(max_steps=30))
+    out = distill(student, cfg, teacher=teacher, data=data.train)
+    assert out is not student and evaluate(student, data.val) == acc0  # a trained copy
+    assert evaluate(out, data.val) > acc0 + 0.2
+    assert history(out) == [cfg.to_dict()]
     assert teacher.training and all(m.training for m in teacher.modules())
     assert all(p.grad is None for p in teacher.parameters())
     for k, v in teacher.state_dict().items():
@@ -105,7 +108,7 @@ def test_feature_matching_trains_projection(teacher, monkeypatch):
         orig(self, seen["params"], *a, **k)
 
     monkeypatch.setattr(torch.optim.Adam, "__init__", spy)
-    distill(student, teacher, _small_loader(), cfg)
+    distill(student, cfg, teacher=teacher, data=_small_loader(), inplace=True)
     extra = [p for p in seen["params"] if all(p is not q for q in student.parameters())]
     # 1x1 conv 25 -> 50 channels and linear 250 -> 500: weights and biases.
     assert sorted(tuple(p.shape) for p in extra) == [(50,), (50, 25, 1, 1), (500,), (500, 250)]
@@ -121,14 +124,14 @@ def test_output_matching_needs_no_labels(teacher):
     with torch.no_grad():
         gap0 = F.mse_loss(student(x), teacher(x)).item()
     cfg = Distillation(mode="outputs", train=FAST.replace(max_steps=20, lr=3e-3))
-    distill(student, teacher, loader, cfg)
+    student = distill(student, cfg, teacher=teacher, data=loader)
     with torch.no_grad():
         assert F.mse_loss(student(x), teacher(x)).item() < gap0
-    distill(student, teacher, loader, Distillation(mode="outputs", output_loss="cosine", train=FAST))
+    distill(student, Distillation(mode="outputs", output_loss="cosine", train=FAST), teacher=teacher, data=loader)
     # Soft targets alone need no labels either; mixing in hard labels does.
-    distill(student, teacher, loader, Distillation(alpha=1.0, train=FAST))
+    distill(student, Distillation(alpha=1.0, train=FAST), teacher=teacher, data=loader)
     with pytest.raises(DataError, match="no labels"):
-        distill(student, teacher, loader, Distillation(alpha=0.5, train=FAST))
+        distill(student, Distillation(alpha=0.5, train=FAST), teacher=teacher, data=loader)
 
 
 def test_teacher_cache_runs_teacher_once_per_sample(teacher):
@@ -136,8 +139,8 @@ def test_teacher_cache_runs_teacher_once_per_sample(teacher):
     handle = teacher.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
     try:
         torch.manual_seed(0)
-        distill(LeNet5(width=0.25), teacher, _small_loader(n=64),
-                Distillation(cache_teacher=True, train=FAST.replace(epochs=3, max_steps=None)))
+        distill(LeNet5(width=0.25), Distillation(cache_teacher=True, train=FAST.replace(epochs=3, max_steps=None)),
+                teacher=teacher, data=_small_loader(n=64))
     finally:
         handle.remove()
     # One probe batch, then each of the 64 samples once, although 3 shuffled epochs were trained.
@@ -145,16 +148,28 @@ def test_teacher_cache_runs_teacher_once_per_sample(teacher):
 
 
 def test_bad_inputs(teacher):
+    cfg = Distillation(train=FAST)
     with pytest.raises(UnsupportedModelError, match="differ in shape"):
-        distill(LeNet5(num_classes=5), teacher, _small_loader(), Distillation(train=FAST))
+        distill(LeNet5(num_classes=5), cfg, teacher=teacher, data=_small_loader())
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)), batch_size=4)
     with pytest.raises(DataError, match="empty"):
-        distill(LeNet5(), teacher, empty, Distillation(train=FAST))
+        distill(LeNet5(), cfg, teacher=teacher, data=empty)
     with pytest.raises(ConfigError, match="same module"):
-        distill(teacher, teacher, _small_loader(), Distillation(train=FAST))
+        distill(teacher, cfg, teacher=teacher, data=_small_loader(), inplace=True)
     with pytest.raises(ConfigError, match="no layer 'nope'"):
-        distill(LeNet5(), teacher, _small_loader(), Distillation(feature_layers={"nope": "conv1"}, train=FAST))
+        distill(LeNet5(), Distillation(feature_layers={"nope": "conv1"}, train=FAST), teacher=teacher,
+                data=_small_loader())
+    with pytest.raises(ConfigError, match="teacher="):
+        distill(LeNet5(), cfg, data=_small_loader())
     assert not teacher._forward_hooks
+
+
+def test_old_positional_form_warns_and_trains_in_place(teacher, data):
+    torch.manual_seed(0)
+    student = LeNet5(width=0.25)
+    with pytest.warns(DeprecationWarning, match="teacher=teacher"):
+        out = distill(student, teacher, data, Distillation(train=FAST))  # a Splits: train, and val for validation
+    assert out is student and history(student)[-1]["type"] == "Distillation"
 
 
 def test_qat_like_student_learns_from_its_original(teacher, data):
@@ -171,6 +186,7 @@ def test_qat_like_student_learns_from_its_original(teacher, data):
     for layer in (student.conv1, student.conv2, student.fc1, student.fc2):
         P.register_parametrization(layer, "weight", FakeQuant())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    distill(student, teacher, data.train, Distillation(train=FAST.replace(max_steps=10, lr=5e-4)))
+    distill(student, Distillation(train=FAST.replace(max_steps=10, lr=5e-4)), teacher=teacher, data=data.train,
+            inplace=True)
     assert evaluate(student, data.val) > 0.5
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim.core.config import config_from_dict
+from torchslim.core.history import history
 from torchslim.data import digits
 from torchslim.core.errors import ConfigError, DataError
 from torchslim.lowrank import CP, SVD, Tucker, cp_conv, cp_to_sequence, decompose, summarize
@@ -19,6 +20,13 @@ from torchslim.models import LeNet300, SmallMobileNet, SmallResNet
 from torchslim.training.train import TrainConfig, train
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def _decompose(model, config, example_inputs=None, **kwargs):
+    """``decompose``, plus the per-layer report it records in the model's history."""
+    new = decompose(model, config, example_inputs=example_inputs, **kwargs)
+    assert history(new)[-1]["type"] == type(config).__name__
+    return new, history(new)[-1]["report"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,11 +66,11 @@ def test_svd_full_rank_reproduces_and_leaves_original_alone():
     torch.manual_seed(0)
     model = LeNet300().eval()
     before = copy.deepcopy(model.state_dict())
-    new, report = decompose(model, _quiet(SVD(rank=300, require_saving=False)), (X,))
+    new, report = _decompose(model, _quiet(SVD(rank=300, require_saving=False)), (X,))
     # Global rank 300 is more than fc2 (300x100) and fc3 (100x10) can hold: skipped, not an error.
     assert report["fc1"]["skipped"] is None and report["fc1"]["rank"] == 300
     assert "exceeds the maximum 100" in report["fc2"]["skipped"]
-    full, report = decompose(model, _quiet(SVD(rank={"fc1": 300, "fc2": 100, "fc3": 10}, require_saving=False)))
+    full, report = _decompose(model, _quiet(SVD(rank={"fc1": 300, "fc2": 100, "fc3": 10}, require_saving=False)))
     assert (full(X) - model(X)).abs().max() < 1e-4
     assert all(e["error"] < 1e-6 for e in report.values())
     seq = full.fc1
@@ -76,7 +84,7 @@ def test_svd_full_rank_reproduces_and_leaves_original_alone():
 def test_svd_ratio_energy_and_costs():
     torch.manual_seed(0)
     model = LeNet300().eval()
-    new, report = decompose(model, _quiet(SVD(ratio=0.3, exclude=("fc3",))), (X[:1],))
+    new, report = _decompose(model, _quiet(SVD(ratio=0.3, exclude=("fc3",))), (X[:1],))
     for name in ("fc1", "fc2"):
         e = report[name]
         assert e["skipped"] is None and e["params_after"] <= 0.3 * e["params_before"]
@@ -89,7 +97,7 @@ def test_svd_ratio_energy_and_costs():
     macs_drop = sum(e["macs_before"] - e["macs_after"] for e in report.values())
     assert count_macs(model, (X[:1],)) - count_macs(new, (X[:1],)) == macs_drop
 
-    _, report = decompose(model, _quiet(SVD(energy=0.8, layers=("fc1",))))
+    _, report = _decompose(model, _quiet(SVD(energy=0.8, layers=("fc1",))))
     sv = torch.linalg.svdvals(model.fc1.weight.detach().double())
     cum = torch.cumsum(sv ** 2, 0) / (sv ** 2).sum()
     r = report["fc1"]["rank"]
@@ -100,7 +108,7 @@ def test_svd_ratio_energy_and_costs():
 
 def test_no_saving_skipped_and_rank_errors():
     model = LeNet300()
-    _, report = decompose(model, _quiet(SVD(rank={"fc1": 8, "fc3": 10})))
+    _, report = _decompose(model, _quiet(SVD(rank={"fc1": 8, "fc3": 10})))
     assert report["fc1"]["skipped"] is None
     assert report["fc3"]["skipped"].startswith("no saving at rank 10: 1110 params vs 1010")
     assert report["fc3"]["params_after"] == report["fc3"]["params_before"]
@@ -120,7 +128,7 @@ def test_tucker_full_rank_reproduces(kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(6, 10, 3, **kwargs), nn.ReLU())
     x = torch.randn(2, 6, 13, 11)
-    new, report = decompose(model, _quiet(Tucker(ranks=(6, 10), require_saving=False)), (x,))
+    new, report = _decompose(model, _quiet(Tucker(ranks=(6, 10), require_saving=False)), (x,))
     entry = report["0"]
     assert entry["skipped"] is None and entry["rank"] == [6, 10]
     assert (new(x) - model(x)).abs().max() < 1e-4
@@ -135,27 +143,27 @@ def test_tucker_full_rank_reproduces(kwargs):
 def test_tucker_on_resnet_cuts_macs_and_skips_what_it_cannot_handle():
     torch.manual_seed(0)
     model = SmallResNet(widths=(8, 16), blocks=(1, 1)).eval()
-    new, report = decompose(model, _quiet(Tucker(ratio=0.4)), (X[:1],))
+    new, report = _decompose(model, _quiet(Tucker(ratio=0.4)), (X[:1],))
     assert count_macs(new, (X[:1],)) < count_macs(model, (X[:1],))
     assert report["layers.0.conv1"]["skipped"] is None
     s = summarize(report)
     assert count_params(new)[0] == count_params(model)[0] - s["params_before"] + s["params_after"]
     _decomposed_are_plain(new, report)
     # The stem (1 -> 8 channels, 72 weights) needs at least 18 parameters at rank (1, 1).
-    _, report = decompose(model, _quiet(Tucker(ratio=0.2, layers=("stem.*",))))
+    _, report = _decompose(model, _quiet(Tucker(ratio=0.2, layers=("stem.*",))))
     assert report["stem.0"]["skipped"] == "ratio 0.2 unreachable: the smallest rank needs 18 of 72 params"
 
     mobile = SmallMobileNet(width=8, expand=2)
-    _, report = decompose(mobile, _quiet(Tucker(ratio=0.5)), (X[:1],))
+    _, report = _decompose(mobile, _quiet(Tucker(ratio=0.5)), (X[:1],))
     assert "grouped convolution (groups=" in report["blocks.0.depthwise.0"]["skipped"]
-    _, report = decompose(mobile, _quiet(CP(rank=2)), (X[:1],))
+    _, report = _decompose(mobile, _quiet(CP(rank=2)), (X[:1],))
     assert "grouped convolution" in report["blocks.0.depthwise.0"]["skipped"]
 
     class MyConv(nn.Conv2d):
         pass
 
     odd = nn.Sequential(MyConv(4, 4, 3))
-    _, report = decompose(odd, _quiet(Tucker(ranks=2)))
+    _, report = _decompose(odd, _quiet(Tucker(ranks=2)))
     assert "subclass of Conv2d" in report["0"]["skipped"]
     with pytest.raises(ConfigError, match=r"layer '0': ranks \[2, 9\] exceeds the maximum \[4, 4\]"):
         decompose(nn.Sequential(nn.Conv2d(4, 4, 3)), _quiet(Tucker(ranks={"0": (2, 9)})))
@@ -186,7 +194,7 @@ def test_cp_fit_high_rank_small_error_and_report():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, stride=2))
     x = torch.randn(2, 8, 10, 10)
-    new, report = decompose(model, _quiet(CP(rank=48, require_saving=False)), (x,))
+    new, report = _decompose(model, _quiet(CP(rank=48, require_saving=False)), (x,))
     entry = report["0"]
     assert entry["skipped"] is None and entry["error"] < 1e-3
     ref = model(x) - model[0].bias[None, :, None, None]
@@ -202,14 +210,19 @@ def test_sensitivity_scan_on_trained_mlp():
     torch.manual_seed(0)
     model = LeNet300()
     train(model, data.train, TrainConfig(epochs=2, lr=2e-3, device="cpu", progress=False))
-    new, report = decompose(model, _quiet(SVD(max_drop=0.02, scan_batches=2, exclude=("fc3",))), data=data)
+    new, report = _decompose(model, _quiet(SVD(max_drop=0.02, scan_batches=2, exclude=("fc3",))),
+                             val_data=data.val)
     for name in ("fc1", "fc2"):
         e = report[name]
         assert e["skipped"] is None and e["accuracy_drop"] <= 0.02
         assert e["params_after"] < e["params_before"] and e["macs_after"] is not None
     assert evaluate(new, data.val) > evaluate(model, data.val) - 0.06
-    with pytest.raises(ConfigError, match="pass data="):
+    with pytest.raises(ConfigError, match="pass val_data="):
         decompose(model, SVD(max_drop=0.01))
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)), batch_size=4)
     with pytest.raises(DataError, match="empty"):
-        decompose(model, SVD(max_drop=0.01), data=empty)
+        decompose(model, SVD(max_drop=0.01), val_data=empty)
+    # The old form, data= a Splits (its val split), still works and warns.
+    with pytest.warns(DeprecationWarning, match="val_data"):
+        old = decompose(model, _quiet(SVD(max_drop=0.02, scan_batches=2, exclude=("fc3",))), data=data)
+    assert history(old)[-1]["report"] == report

@@ -90,7 +90,7 @@ def test_mixed_config_and_data_errors(trained_lenet5):
         MixedPrecision(budget=0)
     with pytest.raises(ConfigError, match="objective"):
         MixedPrecision(objective="latency_ms")
-    with pytest.raises(DataError, match="calibration_data"):
+    with pytest.raises(DataError, match="pass data="):
         quantize_mixed(trained_lenet5, MixedPrecision(finetune=None))
     with pytest.raises(ConfigError, match="budget cannot be met"):
         mixed_precision_plan(trained_lenet5, MixedPrecision(budget=0.02, candidate_bits=(4, 8)),

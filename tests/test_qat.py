@@ -196,7 +196,7 @@ def test_prepared_model_trains_with_distillation(digits_data, trained_lenet5):
     step_before = prepared.fc1.weight_quant.step.detach().clone()
     cfg = Distillation(feature_layers={"fc1": "fc1"}, train=TrainConfig(epochs=1, lr=1e-4, max_steps=10,
                                                                          progress=False))
-    distill(prepared, trained_lenet5, digits_data.train, cfg)
+    distill(prepared, cfg, teacher=trained_lenet5, data=digits_data.train, inplace=True)
     assert not torch.equal(prepared.fc1.weight_quant.step, step_before)  # LSQ steps train under distillation
     converted = convert(prepared)
     assert evaluate(converted, digits_data.test) >= evaluate(trained_lenet5, digits_data.test) - 0.03

@@ -13,7 +13,7 @@ from torchslim.pipeline.commands import EXIT_BUDGET_MISSED, BudgetMissedWarning,
 from torchslim.pipeline.guard import BudgetError, segments
 from torchslim.pipeline.recipe import (RecipeError, build_data, build_model, load_recipe, parse_recipe,
                                        recipe_from_dict, stage_types)
-from torchslim.pipeline.runner import Finetune
+from torchslim.training.finetune import Finetune
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -10,7 +10,7 @@ from .lowrank import CP, SVD, Tucker, decompose
 from .metrics import evaluate, profile
 from .pipeline.commands import run_recipe as compress
 from .pipeline.recipe import Recipe, load_recipe
-from .training.finetune import Finetune
+from .training.finetune import Finetune, finetune
 from .training.train import TrainConfig, train
 from .pruning import prune
 from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
@@ -33,7 +33,7 @@ from .search.scan import sensitivity
 __all__ = [
     "__version__", "Config", "config_from_dict",
     "TorchslimError", "ConfigError", "DataError", "CheckpointError", "UnsupportedModelError",
-    "save", "load", "read_manifest", "evaluate", "profile", "train", "TrainConfig",
+    "save", "load", "read_manifest", "evaluate", "profile", "train", "TrainConfig", "finetune",
     "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "Finetune",
     "quantize", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
     "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",

@@ -24,3 +24,11 @@ def record(model: nn.Module, config: Config, report: dict[str, Any] | None = Non
 def history(model: nn.Module) -> list[dict[str, Any]]:
     """The records of every technique applied to ``model`` so far, oldest first (config dicts, plus "report")."""
     return list(model.__dict__.get(ATTR, ()))
+
+
+def carry(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give ``target`` (a new model built from ``source``, e.g. a converted graph) ``source``'s history when it
+    has none of its own; returns ``target``."""
+    if target is not source and ATTR not in target.__dict__:
+        target.__dict__[ATTR] = history(source)
+    return target

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.errors import DataError
+from .batches import as_example_inputs, batch_size, call_model, select, split_batch, to_device
 
-__all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader"]
+__all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader", "split_batch",
+           "call_model", "to_device", "batch_size", "as_example_inputs"]
 
 
 @dataclasses.dataclass
@@ -27,9 +29,11 @@ class Splits:
     test: DataLoader
     num_classes: int
 
-    def example_inputs(self, n: int = 1) -> tuple[torch.Tensor]:
-        x, _ = next(iter(self.test))
-        return (x[:n],)
+    def example_inputs(self, n: int = 1) -> tuple | dict:
+        """The first ``n`` samples' inputs of the test split: a tuple of positional inputs or a dict of
+        keyword inputs."""
+        inputs, _ = split_batch(next(iter(self.test)))
+        return as_example_inputs(select(inputs, slice(0, n)))
 
 
 def default_data_dir() -> Path:

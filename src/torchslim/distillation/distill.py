@@ -3,42 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..data import Splits
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
-from ..metrics.evaluate import model_device
+from ..core.history import record
+from ..data import Splits
+from ..data.batches import Inputs, batch_size, call_model, output_tensor, select, split_batch, to_device
+from ..metrics.evaluate import Metric, model_device
+from ..nn.modules import copy_model
+from ..training.losses import Loss, LossFn, resolve_loss
 from ..training.train import default_device, train
 from .config import Distillation
-from .losses import feature_loss, kd_loss, make_projection, output_matching_loss
-
-
-class _LabelledView:
-    """Presents batches as ``(x, y)`` for the trainer; unlabelled batches (``x`` or ``(x,)``) get dummy
-    labels that the loss never reads."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.loader:
-            x, y = _split_batch(batch)
-            yield x, (y if y is not None else torch.zeros(len(x), dtype=torch.long))
-
-
-def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if torch.is_tensor(batch):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
-        y = batch[1] if len(batch) > 1 and torch.is_tensor(batch[1]) else None
-        return batch[0], y
-    raise DataError(f"distillation batches must be a tensor x or a tuple (x, y, ...), got {type(batch).__name__}")
+from .losses import feature_loss, make_projection, output_matching_loss, soft_target_loss
 
 
 def _module(model: nn.Module, name: str, role: str) -> nn.Module:
@@ -57,11 +37,27 @@ def _tensor_output(out, role: str, where: str = "output") -> torch.Tensor:
     return out
 
 
+def _model_output(out: Any, role: str) -> torch.Tensor:
+    try:
+        return output_tensor(out)
+    except UnsupportedModelError:
+        raise UnsupportedModelError(f"the {role}'s output is a {type(out).__name__} with no tensor; distillation "
+                                    "matches tensors: return a tensor, a tuple starting with one or a dict with "
+                                    "'logits'") from None
+
+
+def _input_device(inputs: Inputs) -> torch.device:
+    first = inputs if torch.is_tensor(inputs) else next(
+        (t for t in (inputs.values() if isinstance(inputs, dict) else inputs) if torch.is_tensor(t)), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 class _Teacher:
     """Runs the frozen teacher without gradients on its own device; optionally memoises per-sample results.
 
-    The cache key is a hash of each input sample's bytes, so a sample that comes back in another batch or
-    order hits the cache, and an augmented (changed) sample misses it rather than getting stale targets.
+    The cache key is a hash of each input sample's bytes (over every input tensor), so a sample that comes
+    back in another batch or order hits the cache, and an augmented (changed) sample misses it rather than
+    getting stale targets.
     """
 
     def __init__(self, teacher: nn.Module, layers: list[str], cache: bool):
@@ -83,19 +79,20 @@ class _Teacher:
             h.remove()
 
     @torch.no_grad()
-    def _run(self, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _run(self, inputs: Inputs, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.features = {}
-        out = _tensor_output(self.teacher(x.to(self.device)), "teacher")
+        out = _model_output(call_model(self.teacher, to_device(inputs, self.device)), "teacher")
         return out.to(device), {k: v.to(device) for k, v in self.features.items()}
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, inputs: Inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        device = _input_device(inputs)
         if self.cache is None:
-            return self._run(x, x.device)
-        keys = self._keys(x)
+            return self._run(inputs, device)
+        keys = self._keys(inputs)
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
         if missing:
-            out, feats = self._run(x[missing], x.device)
+            out, feats = self._run(select(inputs, missing), device)
             for j, i in enumerate(missing):
                 self.cache[keys[i]] = (out[j], {k: v[j] for k, v in feats.items()})
         rows = [self.cache[k] for k in keys]
@@ -104,11 +101,19 @@ class _Teacher:
         return out, feats
 
     @staticmethod
-    def _keys(x: torch.Tensor) -> list[bytes]:
-        flat = x.detach().cpu().contiguous().reshape(len(x), -1)
-        raw = flat.view(torch.uint8).numpy() if flat.numel() else flat.numpy()
-        prefix = f"{x.dtype}{tuple(x.shape[1:])}".encode()
-        return [hashlib.blake2b(prefix + row.tobytes(), digest_size=16).digest() for row in raw]
+    def _keys(inputs: Inputs) -> list[bytes]:
+        named = sorted(inputs.items()) if isinstance(inputs, dict) else list(enumerate(
+            (inputs,) if torch.is_tensor(inputs) else inputs))
+        n = batch_size(inputs)
+        prefix = b"".join(f"{k}:{t.dtype}{tuple(t.shape[1:])}".encode() for k, t in named if torch.is_tensor(t))
+        rows = [prefix] * n
+        for _, t in named:
+            if not torch.is_tensor(t):
+                continue
+            flat = t.detach().cpu().contiguous().reshape(n, -1)
+            raw = flat.view(torch.uint8).numpy() if flat.numel() else flat.numpy()
+            rows = [r + row.tobytes() for r, row in zip(rows, raw)]
+        return [hashlib.blake2b(r, digest_size=16).digest() for r in rows]
 
 
 def _check_independent(student: nn.Module, teacher: nn.Module) -> None:
@@ -122,31 +127,55 @@ def _check_independent(student: nn.Module, teacher: nn.Module) -> None:
                           "change the teacher: pass copy.deepcopy(teacher) as the student's source")
 
 
-def distill(student: nn.Module, teacher: nn.Module, data, config: Distillation = Distillation(), *,
-            val_loader=None) -> nn.Module:
-    """Train ``student`` in place to mimic ``teacher`` on ``data`` and return it.
+def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, teacher: nn.Module | None = None,
+            data=None, val_data=None, example_inputs=None, loss_fn: LossFn | str | None = None,
+            metric: Metric | None = None, inplace: bool = False, val_loader=None) -> nn.Module:
+    """Train ``model`` (the student; a copy unless ``inplace``) to mimic the frozen ``teacher`` on ``data``
+    and return it, with ``config`` recorded in its history.
 
-    ``data`` is a loader of ``x`` or ``(x, y, ...)`` batches, or a :class:`~torchslim.data.Splits` (its
-    ``train`` split; its ``val`` split is used for validation unless ``val_loader`` is given). The teacher is
-    put in eval mode and run without gradients; its modes are restored and it is never changed. Feature
-    projections (when widths differ) are trained alongside the student and dropped afterwards.
+    ``data`` yields any batch form of :mod:`torchslim.data.batches`; student and teacher get the same inputs.
+    The hard-label term of ``mode="logits"`` (weight ``1 - alpha``) is ``loss_fn`` (default cross-entropy);
+    ``alpha=1`` or ``mode="outputs"`` needs no labels. ``metric`` is measured on ``val_data`` after each
+    epoch. The teacher is put in eval mode and run without gradients; its modes are restored and it is never
+    changed. Feature projections (when widths differ) are trained alongside the student and dropped afterwards.
+    ``example_inputs`` is accepted for the shared verb signature and not needed.
+
+    The old form ``distill(student, teacher, data, config, val_loader=...)`` (in place; ``data`` may be a
+    :class:`~torchslim.data.Splits`) still works and warns.
     """
+    if isinstance(config, nn.Module):  # the old positional form distill(student, teacher, data, config)
+        warnings.warn("distill(student, teacher, data, config) is deprecated; use distill(student, config, "
+                      "teacher=teacher, data=loader, val_data=...), which returns a trained copy unless "
+                      "inplace=True", DeprecationWarning, stacklevel=2)
+        if len(legacy) > 2:
+            raise TypeError(f"distill() takes at most 4 positional arguments in its old form, got {2 + len(legacy)}")
+        teacher, config = config, legacy[1] if len(legacy) > 1 else Distillation()
+        data = legacy[0] if legacy else data
+        if isinstance(data, Splits):
+            val_loader = val_loader if val_loader is not None else data.val
+            data = data.train
+        val_data, inplace = val_loader if val_loader is not None else val_data, True
+    elif legacy:
+        raise TypeError("distill(model, config, *, teacher=..., data=...) takes the teacher and data as keywords")
+    elif val_loader is not None:
+        raise TypeError("distill(..., val_loader=) belongs to the old form; pass val_data=")
     if not isinstance(config, Distillation):
         raise ConfigError(f"distill expects a Distillation config, got {type(config).__name__}")
+    if teacher is None:
+        raise ConfigError("distill needs teacher= (the model to learn from, e.g. the uncompressed original)")
     if isinstance(data, Splits):
-        val_loader = val_loader if val_loader is not None else data.val
-        data = data.train
+        raise ConfigError("distill takes loaders: pass data=splits.train, val_data=splits.val")
     if data is None:
         raise DataError("distillation data is required but None was given")
     first = next(iter(data), None)  # one pass of iter() serves as both the emptiness check and the probe batch
     if first is None:
         raise DataError("distillation data is empty: it yielded no batch. Pass a loader with at least one batch.")
+    student = model if inplace else copy_model(model)
     _check_independent(student, teacher)
-
-    loader = _LabelledView(data)
-    x0, y0 = _split_batch(first)
-    labelled = y0 is not None
-    if config.mode == "logits" and config.alpha < 1 and not labelled:
+    task = resolve_loss(loss_fn)
+    inputs0, y0 = split_batch(first)
+    hard = config.mode == "logits" and config.alpha < 1
+    if hard and task.needs_target and y0 is None:
         raise DataError(f"the data has no labels but alpha={config.alpha} mixes in the hard-label loss: use "
                         "alpha=1.0 (soft targets only) or mode='outputs' for unlabelled data")
 
@@ -168,23 +197,29 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: Distillation =
             hooks.append(_module(student, s_name, "student").register_forward_hook(student_hook(s_name)))
         runner = _Teacher(teacher, [t for _, t in pairs], config.cache_teacher)
         teacher.eval()
-        projections = _probe(student, runner, x0.to(device), pairs, student_feats, config)
+        projections = _probe(student, runner, to_device(inputs0, device), pairs, student_feats, config)
         projections.to(device)
         proj_for = {s: projections[_key(s)] if _key(s) in projections else None for s, _ in pairs}
 
-        def loss_fn(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-            outputs = _tensor_output(outputs, "student")
-            t_out, t_feats = runner(inputs)
+        def distillation_loss(outputs: Any, batch: Any) -> torch.Tensor:
+            s_out = _model_output(outputs, "student")
+            t_out, t_feats = runner(split_batch(batch)[0])
             if config.mode == "logits":
-                loss = kd_loss(outputs, t_out, targets if labelled else None, config.temperature, config.alpha)
+                # kd_loss's sum, with the hard-label term from loss_fn (cross-entropy by default).
+                loss = s_out.new_zeros(())
+                if config.alpha > 0:
+                    loss = loss + config.alpha * soft_target_loss(s_out, t_out, config.temperature)
+                if config.alpha < 1:
+                    loss = loss + (1 - config.alpha) * task(outputs, batch)
             else:
-                loss = output_matching_loss(outputs, t_out, config.output_loss)
+                loss = output_matching_loss(s_out, t_out, config.output_loss)
             for s_name, t_name in pairs:
                 loss = loss + config.feature_weight * feature_loss(student_feats[s_name], t_feats[t_name],
                                                                    proj_for[s_name])
             return loss
 
-        train(student, loader, config.train, val_loader=val_loader, loss_fn=loss_fn,
+        train(student, data, config.train, val_loader=val_data, metric=metric,
+              loss_fn=Loss(distillation_loss, "distillation", keep_labels=hard and task.keep_labels),
               extra_params=list(projections.parameters()))
     finally:
         for h in hooks:
@@ -193,22 +228,23 @@ def distill(student: nn.Module, teacher: nn.Module, data, config: Distillation =
             runner.remove()
         for m, mode in teacher_modes.items():
             m.training = mode
-    return student
+    return record(student, config)
 
 
 def _key(layer: str) -> str:
     return layer.replace(".", "__")  # ModuleDict keys cannot contain dots
 
 
-def _probe(student: nn.Module, runner: _Teacher, x: torch.Tensor, pairs: list[tuple[str, str]],
+def _probe(student: nn.Module, runner: _Teacher, inputs: Inputs, pairs: list[tuple[str, str]],
            student_feats: dict[str, torch.Tensor], config: Distillation) -> nn.ModuleDict:
     """One no-grad forward of both models: checks that outputs match and builds feature projections."""
     was_training = student.training
     student.eval()
     try:
         with torch.no_grad():
-            s_out = _tensor_output(student(x), "student")
-            t_out, t_feats = runner._run(x, x.device)  # bypasses the cache: the probe is not a training pass
+            s_out = _model_output(call_model(student, inputs), "student")
+            # Bypasses the cache: the probe is not a training pass.
+            t_out, t_feats = runner._run(inputs, _input_device(inputs))
     finally:
         student.train(was_training)
     if s_out.shape != t_out.shape:

@@ -34,6 +34,7 @@ from torch.nn.utils import prune
 from .._version import __version__
 from ..core.errors import CheckpointError, TorchslimError
 from ..core.files import atomic_write
+from ..core.history import history as model_history
 
 __all__ = [
     "save", "load", "read_manifest", "register_encoding", "register_module",
@@ -156,8 +157,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
         raise TorchslimError(f"save: expected an nn.Module, got {type(model).__name__}")
     path = Path(path)
     _check_target(path, overwrite)
+    if history is None:  # what the technique verbs recorded on the model
+        history = model_history(model)
     # Stage configs may be passed as Config objects; they are stored as their to_dict() form.
-    history = [stage.to_dict() if hasattr(stage, "to_dict") else stage for stage in (history or [])]
+    history = [stage.to_dict() if hasattr(stage, "to_dict") else stage for stage in history]
     history = _jsonable(history, "history")
     for i, stage in enumerate(history):
         if not isinstance(stage, dict):

@@ -25,6 +25,7 @@ from torch.nn.utils import prune
 
 from ..core.errors import DataError, TorchslimError
 from ..core.files import atomic_write
+from ..data.batches import as_example_inputs, call_model, output_tensor, split_batch
 from ..nn.modules import copy_model
 
 __all__ = ["export_onnx", "onnx_agreement", "to_onnx_proto", "Agreement", "OnnxExportError", "OnnxExistsError",
@@ -39,12 +40,13 @@ class OnnxExistsError(TorchslimError, FileExistsError):
     """The target path exists and ``overwrite=True`` was not passed."""
 
 
-def export_onnx(model: nn.Module, example_inputs: tuple | torch.Tensor, path: str | os.PathLike, *,
+def export_onnx(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, path: str | os.PathLike, *,
                 opset: int | None = None, dynamic_batch: bool = True, overwrite: bool = False) -> Path:
     """Export ``model`` to an ONNX file at ``path`` and return the path.
 
-    ``example_inputs`` is a tuple of tensors (a bare tensor is accepted) the model is traced with;
-    ``dynamic_batch`` makes dimension 0 of every input symbolic. ``opset`` defaults to the exporter's.
+    ``example_inputs`` is what the model is traced with: a tensor (one input), a tuple of positional inputs or
+    a dict of keyword inputs (the graph's inputs then carry those names); ``dynamic_batch`` makes dimension 0
+    of every input symbolic. ``opset`` defaults to the exporter's.
     The model is not modified (pruning masks are folded into a copy). Raises :class:`OnnxExportError`
     naming the op and layer that has no ONNX translation, and :class:`OnnxExistsError` when ``path``
     exists and ``overwrite`` is False.
@@ -57,29 +59,29 @@ def export_onnx(model: nn.Module, example_inputs: tuple | torch.Tensor, path: st
     return path
 
 
-def to_onnx_proto(model: nn.Module, example_inputs: tuple | torch.Tensor, *, opset: int | None = None,
+def to_onnx_proto(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, *, opset: int | None = None,
                   dynamic_batch: bool = True):
     """The ``onnx.ModelProto`` of ``model`` (see :func:`export_onnx`), without writing a file."""
     if not isinstance(model, nn.Module):
         raise OnnxExportError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
     if hasattr(model, "to_onnx"):  # quantized models carry their own (quantized) graph
         return model.to_onnx()
-    args = _as_args(example_inputs)
+    args, kwargs = _as_args(example_inputs)
     _check_exportable_modules(model)
     model = _export_copy(model)
-    if dynamic_batch:
-        args = tuple(torch.cat([a, a]) if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == 1 else a
-                     for a in args)  # torch.export specialises a batch of 1 to a constant
+    if dynamic_batch:  # torch.export specialises a batch of 1 to a constant
+        args = tuple(_double_batch_of_one(a) for a in args)
+        kwargs = {k: _double_batch_of_one(a) for k, a in kwargs.items()}
     with _quiet():
         try:
-            program = _torch_export(model, args, dynamic_batch)
+            program = _torch_export(model, args, kwargs, dynamic_batch)
         except OnnxExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow etc.: try the older exporter
-            return _torchscript_export(model, args, opset, dynamic_batch, exc)
+            return _torchscript_export(model, args, kwargs, opset, dynamic_batch, exc)
         try:
-            onnx_program = torch.onnx.export(program, args, dynamo=True, opset_version=opset, verbose=False,
-                                             optimize=True)
+            onnx_program = torch.onnx.export(program, args, kwargs=kwargs or None, dynamo=True,
+                                             opset_version=opset, verbose=False, optimize=True)
         except Exception as exc:  # noqa: BLE001
             raise _conversion_error(exc, program) from None
     return onnx_program.model_proto
@@ -104,6 +106,7 @@ def onnx_agreement(model: nn.Module, path: str | os.PathLike, loader, *, max_bat
     """Run ``model`` and the ONNX file at ``path`` (ONNX Runtime, CPU) on ``loader``'s inputs and compare.
 
     Returns the share of samples whose top-1 class agrees and the max / mean absolute logit difference.
+    Batches take any form of :mod:`torchslim.data.batches`; keyword inputs are fed by name.
     """
     sess = ort_session(Path(path).read_bytes())
     names = [i.name for i in sess.get_inputs()]
@@ -116,13 +119,20 @@ def onnx_agreement(model: nn.Module, path: str | os.PathLike, loader, *, max_bat
         for b, batch in enumerate(loader):
             if max_batches is not None and b >= max_batches:
                 break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            inputs = (x,) if torch.is_tensor(x) else tuple(x)
-            if len(inputs) != len(names):
+            x = split_batch(batch)[0]
+            inputs = (x,) if torch.is_tensor(x) else x
+            if isinstance(inputs, dict):
+                missing = [n for n in names if n not in inputs]
+                if missing:
+                    raise DataError(f"the ONNX file takes inputs {names}; the loader's batches lack {missing}")
+                feed = {n: inputs[n] for n in names}
+            elif len(inputs) != len(names):
                 raise DataError(f"the ONNX file takes {len(names)} input(s) {names}, the loader gives {len(inputs)}")
-            ref = model(*inputs)
-            ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).float().cpu()
-            out = torch.from_numpy(sess.run(None, {k: v.detach().cpu().numpy() for k, v in zip(names, inputs)})[0])
+            else:
+                feed = dict(zip(names, inputs))
+            ref = call_model(model, inputs)
+            ref = output_tensor(ref).float().cpu()
+            out = torch.from_numpy(sess.run(None, {k: v.detach().cpu().numpy() for k, v in feed.items()})[0])
             if out.shape != ref.shape:
                 raise TorchslimError(f"ONNX output shape {tuple(out.shape)} differs from the model's {tuple(ref.shape)}")
             diff = (out.float() - ref).abs()
@@ -161,13 +171,17 @@ def ort_session(model_bytes: bytes, threads: int | None = None):
 # Capture
 
 
-def _as_args(example_inputs: Any) -> tuple:
-    if torch.is_tensor(example_inputs):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise OnnxExportError(f"example_inputs must be a tensor or a non-empty tuple of tensors, got "
-                          f"{type(example_inputs).__name__}")
+def _as_args(example_inputs: Any) -> tuple[tuple, dict]:
+    """``(positional, keyword)`` export arguments."""
+    try:
+        inputs = as_example_inputs(example_inputs)
+    except DataError as exc:
+        raise OnnxExportError(str(exc)) from None
+    return ((), inputs) if isinstance(inputs, dict) else (inputs, {})
+
+
+def _double_batch_of_one(a: Any) -> Any:
+    return torch.cat([a, a]) if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == 1 else a
 
 
 def _check_exportable_modules(model: nn.Module) -> None:
@@ -188,25 +202,34 @@ def _export_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _torch_export(model: nn.Module, args: tuple, dynamic_batch: bool):
+def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} if torch.is_tensor(a) and a.dim() > 0 else None for a in args)
-    return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False)
+
+        def spec(a: Any) -> dict | None:
+            return {0: batch} if torch.is_tensor(a) and a.dim() > 0 else None
+
+        # Keyword inputs are matched to forward's parameters by name.
+        dynamic_shapes = {k: spec(a) for k, a in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+    return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def _torchscript_export(model: nn.Module, args: tuple, opset: int | None, dynamic_batch: bool, first: Exception):
+def _torchscript_export(model: nn.Module, args: tuple, kwargs: dict, opset: int | None, dynamic_batch: bool,
+                        first: Exception):
     import onnx
 
-    names = [f"input_{i}" for i in range(len(args))]
-    axes = {n: {0: "batch"} for n, a in zip(names, args) if torch.is_tensor(a) and a.dim() > 0} if dynamic_batch else None
+    names = list(kwargs) if kwargs else [f"input_{i}" for i in range(len(args))]
+    values = list(kwargs.values()) if kwargs else list(args)
+    axes = ({n: {0: "batch"} for n, a in zip(names, values) if torch.is_tensor(a) and a.dim() > 0}
+            if dynamic_batch else None)
     buf = _BytesSink()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, args, buf, dynamo=False, opset_version=opset or 17, input_names=names,
-                              dynamic_axes=axes)
+            # A trailing dict in args is passed to forward as keyword arguments.
+            torch.onnx.export(model, (*args, kwargs) if kwargs else args, buf, dynamo=False,
+                              opset_version=opset or 17, input_names=names, dynamic_axes=axes)
     except Exception as exc:  # noqa: BLE001
         raise OnnxExportError(f"cannot export {type(model).__name__} to ONNX. torch.export failed "
                               f"({_first_line(first)}) and the TorchScript exporter failed too ({_first_line(exc)}). "

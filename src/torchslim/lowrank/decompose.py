@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..core.errors import ConfigError
+from ..core.history import record
 from ..data import Splits, check_loader
-from ..core.errors import ConfigError, DataError
-from ..metrics.evaluate import model_device
+from ..data.batches import as_example_inputs, select, split_batch
+from ..metrics.evaluate import Metric
 from ..nn.modules import copy_model
+from ..training.losses import LossFn
 from .config import CP, SVD, Tucker
 from .cp import cp_conv, cp_max_rank, cp_params
 from .svd import energy_rank, linear_svd, svd_linear, svd_max_rank, svd_params
+from .scan import Scanner, record_shapes, set_module
 from .tucker import (
     tucker_conv,
     tucker_energy_ranks,
@@ -211,99 +215,41 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def decompose(model: nn.Module, config: SVD | Tucker | CP, *, data=None, val_data=None, example_inputs=None,
+              loss_fn: LossFn | str | None = None, metric: Metric | None = None, inplace: bool = False) -> nn.Module:
+    """Return ``model`` (a copy unless ``inplace``) with its Linear / Conv2d layers replaced by low-rank
+    ``nn.Sequential`` of plain ``nn.Linear`` / ``nn.Conv2d``, with ``config`` and a per-layer report recorded in
+    its history (``torchslim.core.history.history(model)[-1]["report"]``).
 
-
-def _record_shapes(model: nn.Module, names: list[str], example_inputs: tuple) -> dict[str, tuple]:
-    """Per-sample (input shape, output shape) of each named layer on ``example_inputs``."""
-    shapes: dict[str, tuple] = {}
-
-    def hook(name):
-        def fn(module, inputs, output):
-            shapes.setdefault(name, (tuple(inputs[0].shape[1:]), tuple(output.shape[1:])))
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    try:
-        with torch.no_grad():
-            model(*[x.to(device) if torch.is_tensor(x) else x for x in example_inputs])
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return shapes
-
-
-class _Scanner:
-    """Accuracy of (a private copy of) the original model on a few fixed batches, with one layer swapped
-    for a candidate: each layer's sensitivity is measured alone, so drops of several layers roughly add up."""
-
-    def __init__(self, model: nn.Module, loader, batches: int):
-        self.model = copy_model(model)
-        self.device = model_device(model)
-        self.batches = []
-        for i, batch in enumerate(loader):
-            if i >= batches:
-                break
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise DataError("the max_drop sensitivity scan measures accuracy: data must yield (x, y) batches")
-            self.batches.append((batch[0].to(self.device), batch[1].to(self.device)))
-        self.baseline = self.accuracy()
-
-    @torch.no_grad()
-    def accuracy(self) -> float:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            correct = total = 0
-            for x, y in self.batches:
-                correct += (self.model(x).argmax(1) == y).sum().item()
-                total += y.numel()
-        finally:
-            self.model.train(was_training)
-        return correct / max(total, 1)
-
-    def drop_with(self, name: str, candidate: nn.Module) -> float:
-        original = self.model.get_submodule(name)
-        _set_module(self.model, name, candidate)
-        try:
-            return self.baseline - self.accuracy()
-        finally:
-            _set_module(self.model, name, original)
-
-
-def decompose(model: nn.Module, config: SVD | Tucker | CP, example_inputs: tuple | None = None,
-              data=None) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
-    """Return a low-rank copy of ``model`` (the original is left untouched) and a per-layer report.
-
-    Decomposed layers become ``nn.Sequential`` of plain ``nn.Linear`` / ``nn.Conv2d``. The report maps
-    every candidate layer name to ``{"method", "rank", "params_before", "params_after", "macs_before",
-    "macs_after", "error", "skipped"}``: ``error`` is the relative (Frobenius) reconstruction error of the
-    kernel, ``skipped`` None or the reason the layer was left alone; MACs (per sample) are None without
-    ``example_inputs`` (or ``data``, whose first sample is then used). ``data`` (a loader of ``(x, y)`` or
-    :class:`~torchslim.data.Splits`, whose ``val`` split is used) is required by ``max_drop``.
+    The report maps every candidate layer name to ``{"method", "rank", "params_before", "params_after",
+    "macs_before", "macs_after", "error", "skipped"}``: ``error`` is the relative (Frobenius) reconstruction error
+    of the kernel, ``skipped`` None or the reason the layer was left alone; MACs (per sample) are None without
+    ``example_inputs`` (a tensor, tuple or dict) or ``val_data`` (whose first sample is then used).
+    ``max_drop`` scans each layer's ``metric`` (default top-1 accuracy) on ``val_data``. Nothing is trained:
+    ``loss_fn`` is accepted for the shared verb signature. ``data`` used to mean the scan data: a
+    :class:`~torchslim.data.Splits` there (its ``val`` split) or a loader without ``val_data`` still works and warns.
     """
     method_cls = _METHODS.get(type(config))
     if method_cls is None:
         raise ConfigError(f"decompose expects an SVD, Tucker or CP config, got {type(config).__name__}")
     method = method_cls(config)
-    loader = data.val if isinstance(data, Splits) else data
+    if isinstance(data, Splits) or (data is not None and val_data is None):
+        warnings.warn("decompose(data=...) for its scans is deprecated: pass val_data= (a loader, e.g. "
+                      "splits.val)", DeprecationWarning, stacklevel=2)
+        val_data = data.val if isinstance(data, Splits) else data
+    loader = val_data
     if loader is not None:
-        check_loader(loader, "decomposition data")
+        check_loader(loader, "decomposition data (val_data)")
     if config.selection == "sensitivity" and loader is None:
-        raise ConfigError(f"{type(config).__name__}(max_drop=...) scans each layer's accuracy: pass data= "
-                          "(a loader of (x, y) batches)")
-    if example_inputs is None and loader is not None:
-        first = next(iter(loader))
-        example_inputs = ((first[0] if isinstance(first, (tuple, list)) else first)[:1],)
+        raise ConfigError(f"{type(config).__name__}(max_drop=...) scans each layer's metric: pass val_data= "
+                          "(a loader of labelled batches)")
+    if example_inputs is not None:
+        example_inputs = as_example_inputs(example_inputs)
+    elif loader is not None:
+        inputs = split_batch(next(iter(loader)))[0]
+        example_inputs = as_example_inputs(select(inputs, slice(0, 1)))
 
-    new = copy_model(model)
+    new = model if inplace else copy_model(model)
     candidates = [(n, m) for n, m in new.named_modules() if n and isinstance(m, method.layer_type)]
     names = [n for n, _ in candidates]
     rank_value = getattr(config, method.rank_field)
@@ -312,8 +258,8 @@ def decompose(model: nn.Module, config: SVD | Tucker | CP, example_inputs: tuple
         if unknown:
             raise ConfigError(f"{method.rank_field} names layer(s) {unknown} that are not "
                               f"{method.layer_type.__name__} layers of the model; candidates: {names}")
-    shapes = _record_shapes(new, names, example_inputs) if example_inputs is not None and names else {}
-    scanner = _Scanner(model, loader, config.scan_batches) if config.selection == "sensitivity" else None
+    shapes = record_shapes(new, names, example_inputs) if example_inputs is not None and names else {}
+    scanner = Scanner(model, loader, config.scan_batches, metric) if config.selection == "sensitivity" else None
 
     report: dict[str, dict[str, Any]] = {}
     bar = tqdm(candidates, desc=f"decompose ({method.name})", disable=not config.progress or len(candidates) < 2,
@@ -321,13 +267,13 @@ def decompose(model: nn.Module, config: SVD | Tucker | CP, example_inputs: tuple
     for name, layer in bar:
         report[name], module = _decompose_layer(name, layer, method, shapes.get(name), scanner)
         if module is not None:
-            _set_module(new, name, module)
+            set_module(new, name, module)
     bar.close()
-    return new, report
+    return record(new, config, report)
 
 
 def _decompose_layer(name: str, layer: nn.Module, method: _Method, shapes: tuple | None,
-                     scanner: _Scanner | None) -> tuple[dict[str, Any], nn.Module | None]:
+                     scanner: Scanner | None) -> tuple[dict[str, Any], nn.Module | None]:
     """The report entry of one layer and its replacement (None when the layer is left alone)."""
     config = method.config
     params_before = sum(p.numel() for p in layer.parameters())
@@ -399,8 +345,8 @@ def _decompose_layer(name: str, layer: nn.Module, method: _Method, shapes: tuple
     return entry, module
 
 
-def _scan(scanner: _Scanner, method: _Method, name: str, layer: nn.Module, ranks: list, max_drop: float):
-    """Binary search (accuracy grows with rank) for the smallest rank whose drop is <= ``max_drop``."""
+def _scan(scanner: Scanner, method: _Method, name: str, layer: nn.Module, ranks: list, max_drop: float):
+    """Binary search (the metric grows with rank) for the smallest rank whose drop is <= ``max_drop``."""
     tried: dict[int, tuple[float, tuple[nn.Module, float]]] = {}
 
     def drop_at(i: int) -> float:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..data.batches import as_example_inputs, batch_size, call_model, to_device
 from .evaluate import model_device
 
 
@@ -57,42 +58,45 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def count_macs(model: nn.Module, example_inputs: tuple) -> int:
-    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter`` (FLOPs / 2).
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (a tensor, a tuple of positional inputs or
+    a dict of keyword inputs), counted by ``torch.utils.flop_counter`` (FLOPs / 2).
 
     Models that run outside PyTorch's operators (a quantized ONNX graph) record their work per sample in
     ``model.info["macs_per_sample"]``, since the counter cannot see inside them."""
+    example_inputs = as_example_inputs(example_inputs)
     info = getattr(model, "info", None)
     if isinstance(info, dict) and info.get("macs_per_sample") is not None:
-        batch = example_inputs[0].shape[0] if example_inputs and torch.is_tensor(example_inputs[0]) else 1
-        return int(info["macs_per_sample"]) * int(batch)
+        return int(info["macs_per_sample"]) * batch_size(example_inputs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(*example_inputs)
+            call_model(model, example_inputs)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops() // 2)
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, example_inputs: tuple, warmup: int = 5, repeats: int = 30,
+def measure_latency(model: nn.Module, example_inputs, warmup: int = 5, repeats: int = 30,
                     min_seconds: float = 0.0) -> float:
-    """Median wall time of one forward pass in milliseconds, after ``warmup`` runs (CUDA-synchronised)."""
+    """Median wall time of one forward pass on ``example_inputs`` (a tensor, tuple or dict) in milliseconds,
+    after ``warmup`` runs (CUDA-synchronised)."""
+    example_inputs = as_example_inputs(example_inputs)
     device = model_device(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     was_training = model.training
     model.eval()
     try:
         for _ in range(warmup):
-            model(*example_inputs)
+            call_model(model, example_inputs)
         sync()
         times: list[float] = []
         start = time.perf_counter()
         while len(times) < repeats or time.perf_counter() - start < min_seconds:
             t0 = time.perf_counter()
-            model(*example_inputs)
+            call_model(model, example_inputs)
             sync()
             times.append(time.perf_counter() - t0)
     finally:
@@ -100,20 +104,17 @@ def measure_latency(model: nn.Module, example_inputs: tuple, warmup: int = 5, re
     return statistics.median(times) * 1e3
 
 
-def compare_latency(models: dict[str, nn.Module], example_inputs: tuple, rounds: int = 3,
+def compare_latency(models: dict[str, nn.Module], example_inputs, rounds: int = 3,
                     repeats: int = 20) -> dict[str, float]:
     """Latency (ms) of several models measured side by side: rounds interleave the models so that machine
     noise hits all alike, and each model keeps its best round's median."""
     best = {name: float("inf") for name in models}
-    inputs = {name: _to_device(example_inputs, model_device(m)) for name, m in models.items()}
+    example_inputs = as_example_inputs(example_inputs)
+    inputs = {name: to_device(example_inputs, model_device(m)) for name, m in models.items()}
     for _ in range(rounds):
         for name, model in models.items():
             best[name] = min(best[name], measure_latency(model, inputs[name], repeats=repeats))
     return best
-
-
-def _to_device(example_inputs: tuple, device: torch.device) -> tuple:
-    return tuple(x.to(device) if torch.is_tensor(x) else x for x in example_inputs)
 
 
 def saved_size(model: nn.Module, **save_kwargs) -> int:
@@ -126,14 +127,15 @@ def saved_size(model: nn.Module, **save_kwargs) -> int:
         return os.path.getsize(path)
 
 
-def profile(model: nn.Module, example_inputs: tuple, *, latency: bool = True, size: bool = True,
+def profile(model: nn.Module, example_inputs, *, latency: bool = True, size: bool = True,
             repeats: int = 30) -> Profile:
     """Params, non-zero params, MACs, median latency (ms) and bytes on disk of ``model``.
 
-    ``example_inputs`` are moved to the model's device; latency is measured on that device.
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) are moved to the
+    model's device; latency is measured on that device.
     """
     device = model_device(model)
-    example_inputs = _to_device(example_inputs, device)
+    example_inputs = to_device(as_example_inputs(example_inputs), device)
     params, nonzero = count_params(model)
     return Profile(
         params=params,

@@ -5,7 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.history import record
+from ..data.batches import as_example_inputs
+from ..metrics.evaluate import Metric
 from ..nn.modules import copy_model
+from ..training.losses import LossFn
 from .config import Schedule, StructuredPruning, UnstructuredPruning
 from .graph import build_groups
 from .importance import Importance, bn_l1_penalty, register_importance
@@ -19,22 +23,26 @@ __all__ = ["prune", "UnstructuredPruning", "StructuredPruning", "Schedule", "lay
            "Importance", "register_importance", "register_op_rule"]
 
 
-def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning, *, example_inputs: tuple | None = None,
-          data=None, val_data=None, inplace: bool = False) -> nn.Module:
+def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning, *, data=None, val_data=None,
+          example_inputs=None, loss_fn: LossFn | str | None = None, metric: Metric | None = None,
+          inplace: bool = False) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the pruned model (a copy unless ``inplace``).
 
-    ``example_inputs`` (a tuple of tensors) is needed to trace the model for structured pruning;
-    ``data`` (a loader of ``(inputs, targets)``) feeds fine-tuning schedules and Taylor importance;
-    ``val_data`` is evaluated after each fine-tuning epoch.
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) is needed to trace
+    the model for structured pruning; ``data`` (any batch form of :mod:`torchslim.data.batches`) feeds
+    fine-tuning schedules and Taylor importance, with ``loss_fn`` (default cross-entropy); ``metric`` is
+    measured on ``val_data`` after each fine-tuning epoch. The config is recorded in the model's history.
     """
+    if not isinstance(config, (UnstructuredPruning, StructuredPruning)):
+        raise ConfigError(f"prune() takes UnstructuredPruning or StructuredPruning, got {type(config).__name__}")
+    if isinstance(config, StructuredPruning) and example_inputs is None:
+        raise ConfigError("structured pruning traces the model: pass example_inputs= (a batch of inputs: a tensor, "
+                          "a tuple of positional inputs or a dict of keyword inputs)")
     if not inplace:
         model = copy_model(model)
     if isinstance(config, UnstructuredPruning):
-        run_unstructured(model, config, data, val_data)
-    elif isinstance(config, StructuredPruning):
-        if example_inputs is None:
-            raise ConfigError("structured pruning traces the model: pass example_inputs=(a batch of inputs,)")
-        run_structured(model, config, tuple(example_inputs), data, val_data)
+        run_unstructured(model, config, data, val_data, loss_fn=loss_fn, metric=metric)
     else:
-        raise ConfigError(f"prune() takes UnstructuredPruning or StructuredPruning, got {type(config).__name__}")
-    return model
+        run_structured(model, config, as_example_inputs(example_inputs), data, val_data, loss_fn=loss_fn,
+                       metric=metric)
+    return record(model, config)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import inspect
 import math
 from collections import Counter
 from typing import Any, Iterator
@@ -31,6 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..core.errors import UnsupportedModelError
 from .oprules import call_rule, module_rule, node_arg, traced_whole
+from ..data.batches import as_example_inputs
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 
@@ -108,15 +110,48 @@ class _Tracer(fx.Tracer):
                 or traced_whole(m))
 
 
-def trace_model(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model`` and record tensor shapes from one eval-mode run on ``example_inputs``.
+def _unbound_defaults(model: nn.Module, example_inputs: tuple | dict) -> dict[str, Any]:
+    """Forward parameters ``example_inputs`` leaves out that have a default: traced as those constants, so
+    that ``if mask is not None:`` in a forward does not stop the tracer."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    given = set(example_inputs) if isinstance(example_inputs, dict) else set(list(params)[:len(example_inputs)])
+    return {n: p.default for n, p in params.items() if n not in given and p.default is not p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _placeholder_args(gm: fx.GraphModule, example_inputs: tuple | dict) -> tuple:
+    """``example_inputs`` as the positional arguments of the traced graph (keyword inputs by name)."""
+    if not isinstance(example_inputs, dict):
+        return tuple(example_inputs)
+    args = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = str(node.target).lstrip("*")
+        if name in example_inputs:
+            args.append(example_inputs[name])
+        elif node.args:
+            args.append(node.args[0])
+        else:
+            raise UnsupportedModelError(f"example_inputs lacks {name!r}, an input of {type(gm).__name__}'s forward "
+                                        f"without a default; given: {sorted(example_inputs)}")
+    return tuple(args)
+
+
+def trace_model(model: nn.Module, example_inputs: tuple | dict, exclude: tuple[str, ...] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` and record tensor shapes from one eval-mode run on ``example_inputs``
+    (a tuple of positional inputs or a dict of keyword inputs).
 
     The GraphModule shares ``model``'s submodules; the run changes no state (eval mode, no grad).
     """
     name = type(model).__name__
+    example_inputs = as_example_inputs(example_inputs)
     try:
         tracer = _Tracer(tuple(exclude))
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_unbound_defaults(model, example_inputs) or None)
         gm = fx.GraphModule(tracer.root, graph, name)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
         raise UnsupportedModelError(
@@ -128,7 +163,7 @@ def trace_model(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...
     model.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(gm).propagate(*_placeholder_args(gm, example_inputs))
     except Exception as exc:
         raise UnsupportedModelError(
             f"running traced {name} on example_inputs failed: {type(exc).__name__}: {exc}. Pass "
@@ -481,7 +516,7 @@ class _Builder:
         return out
 
 
-def build_groups(model: nn.Module, example_inputs: tuple, exclude: tuple[str, ...] = ()) -> list[Group]:
+def build_groups(model: nn.Module, example_inputs: tuple | dict, exclude: tuple[str, ...] = ()) -> list[Group]:
     """Trace ``model`` and return its channel-dependency groups in execution order of their leaders.
 
     Groups feeding the model output, touching an op the tracer does not understand, or containing a

@@ -11,19 +11,19 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..core.registry import Registry
+from ..data.batches import call_model, split_batch, to_device
 from ..metrics.evaluate import model_device
+from ..training.losses import LossFn, resolve_loss
 from .graph import Group, Member
 
 __all__ = ["Importance", "register_importance", "importance_names", "group_importance", "bn_l1_penalty",
            "METHODS"]
 
 METHODS = ("l1", "l2", "taylor", "bn_scale")
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -67,17 +67,14 @@ def _bn_scale(model: nn.Module, group: Group) -> torch.Tensor:
     return score
 
 
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets)
-
-
-def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: LossFn | None,
+def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: LossFn | str | None,
             batches: int) -> list[torch.Tensor]:
     """|sum over each channel's weights of grad * weight| per batch, summed over batches and members
-    (Molchanov et al. 2019). Runs in eval mode so BN statistics and dropout stay untouched."""
+    (Molchanov et al. 2019), the gradient being that of ``loss_fn`` (default cross-entropy). Runs in eval
+    mode so BN statistics and dropout stay untouched."""
     if data is None:
-        raise ConfigError("importance='taylor' needs data= (a loader of (inputs, targets) batches)")
-    loss_fn = loss_fn or _cross_entropy
+        raise ConfigError("importance='taylor' needs data= (a loader of training batches)")
+    loss = resolve_loss(loss_fn)
     params = {(m.module, m.param): _tensor(model, m) for g in groups for m in g.members}
     params = {k: p for k, p in params.items() if isinstance(p, nn.Parameter)}
     saved = {p: (p.grad, p.requires_grad) for p in model.parameters()}
@@ -92,13 +89,11 @@ def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: Loss
         for batch in data:
             if seen >= batches:
                 break
-            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                raise DataError("taylor importance expects (inputs, targets) batches from data=, got "
-                                f"{type(batch).__name__}")
-            x, y = batch[0].to(device), batch[1].to(device)
+            batch = to_device(batch, device)
+            inputs, _ = split_batch(batch, keep_labels=loss.keep_labels)
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss_fn(model(x), y, x).backward()
+                loss(call_model(model, inputs), batch).backward()
             for g, score in zip(groups, scores):
                 for m in g.members:
                     p = params.get((m.module, m.param))
@@ -218,13 +213,12 @@ def _checked(name: str, group: Group, score) -> torch.Tensor:
 
 
 def group_importance(model: nn.Module, groups: list[Group], method: str, *, data: Iterable | None = None,
-                     loss_fn: LossFn | None = None, batches: int = 4) -> list[torch.Tensor]:
+                     loss_fn: LossFn | str | None = None, batches: int = 4) -> list[torch.Tensor]:
     """One mean-normalised score per channel for each group (higher = more important).
 
     ``method`` names a registered criterion: ``l1``/``l2`` (sum of |w| / w^2 over every coupled weight),
-    ``taylor`` (needs ``data``, batches of ``(inputs, targets)``; ``loss_fn(outputs, targets, inputs)``,
-    cross-entropy by default), ``bn_scale`` (|gamma| of the group's BatchNorm layers) or one added with
-    :func:`register_importance`.
+    ``taylor`` (needs ``data``; ``loss_fn(outputs, batch)`` or a named task, cross-entropy by default),
+    ``bn_scale`` (|gamma| of the group's BatchNorm layers) or one added with :func:`register_importance`.
     """
     if method not in IMPORTANCES:
         raise ConfigError(f"importance must be one of {importance_names()} (or a name registered with "

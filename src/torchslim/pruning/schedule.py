@@ -6,8 +6,12 @@ from torch import nn
 
 from ..data import check_loader
 from ..core.errors import ConfigError
+from ..metrics.evaluate import Metric
+from ..training.losses import LossFn
 from ..training.train import train
 from .config import Schedule, StructuredPruning, UnstructuredPruning
+from .importance import bn_l1_penalty
+from .structured import structured_prune
 from .unstructured import (
     apply_masks,
     magnitude_masks,
@@ -50,21 +54,23 @@ def _require_data(config, data) -> None:
         check_loader(data, f"data (needed to fine-tune in the {config.schedule.kind} schedule)")
 
 
-def run_unstructured(model: nn.Module, config: UnstructuredPruning, data=None, val_data=None) -> dict:
-    """Apply ``config`` to ``model`` in place following its schedule; returns per-layer sparsity."""
+def run_unstructured(model: nn.Module, config: UnstructuredPruning, data=None, val_data=None, *,
+                     loss_fn: LossFn | str | None = None, metric: Metric | None = None) -> dict:
+    """Apply ``config`` to ``model`` in place following its schedule; returns per-layer sparsity.
+    Fine-tuning trains on ``data`` with ``loss_fn`` and measures ``metric`` on ``val_data``."""
     sched = config.schedule
     _require_data(config, data)
     if sched.kind == "gradual":
-        return _gradual_unstructured(model, config, data, val_data)
+        return _gradual_unstructured(model, config, data, val_data, loss_fn, metric)
     summary: dict = {}
     for share in step_targets(sched):
         summary = unstructured_prune(model, config, _scale(config.sparsity, share))
         if sched.finetune is not None:
-            train(model, data, sched.finetune, val_loader=val_data)
+            train(model, data, sched.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     return summary
 
 
-def _gradual_unstructured(model: nn.Module, config: UnstructuredPruning, data, val_data) -> dict:
+def _gradual_unstructured(model: nn.Module, config: UnstructuredPruning, data, val_data, loss_fn, metric) -> dict:
     """One fine-tuning run; masks follow the cubic ramp, updated ``steps`` times in the first
     ``RAMP_SHARE`` (half) of it so the rest recovers at the final sparsity."""
     sched = config.schedule
@@ -79,18 +85,16 @@ def _gradual_unstructured(model: nn.Module, config: UnstructuredPruning, data, v
             apply_masks(layers, magnitude_masks(layers, _scale(config.sparsity, share), config.scope))
             state["next"] += 1
 
-    train(model, data, sched.finetune, val_loader=val_data, on_step=on_step)
+    train(model, data, sched.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric, on_step=on_step)
     # Short runs may end before the last update; the result must still meet the target.
     return unstructured_prune(model, config)
 
 
-def run_structured(model: nn.Module, config: StructuredPruning, example_inputs: tuple, data=None,
-                   val_data=None) -> dict:
+def run_structured(model: nn.Module, config: StructuredPruning, example_inputs, data=None, val_data=None, *,
+                   loss_fn: LossFn | str | None = None, metric: Metric | None = None) -> dict:
     """Apply ``config`` to ``model`` in place following its schedule; returns the last step's summary
-    with ``removed_channels`` spanning the whole schedule."""
-    from .importance import bn_l1_penalty
-    from .structured import structured_prune
-
+    with ``removed_channels`` spanning the whole schedule. ``loss_fn`` drives fine-tuning and Taylor
+    importance, ``metric`` is measured on ``val_data`` after each fine-tuning epoch."""
     sched = config.schedule
     _require_data(config, data)
     if config.importance == "taylor":
@@ -99,18 +103,20 @@ def run_structured(model: nn.Module, config: StructuredPruning, example_inputs: 
         if sched.finetune is None:
             raise ConfigError("bn_penalty > 0 trains with an L1 penalty on BN scales before pruning: set "
                               "schedule.finetune to a TrainConfig")
-        train(model, data, sched.finetune, val_loader=val_data, penalty=bn_l1_penalty(model, config.bn_penalty))
+        train(model, data, sched.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric,
+              penalty=bn_l1_penalty(model, config.bn_penalty))
     done = _scale(config.ratio, 0.0)
     first: dict[str, list[int]] = {}
     summary: dict = {}
     for share in step_targets(sched):
         target = _scale(config.ratio, share)
-        summary = structured_prune(model, config, example_inputs, data=data, ratio=_relative(target, done))
+        summary = structured_prune(model, config, example_inputs, data=data, loss_fn=loss_fn,
+                                   ratio=_relative(target, done))
         for layer, (before, _after) in summary.get("removed_channels", {}).items():
             first.setdefault(layer, before)
         done = target
         if sched.finetune is not None:
-            train(model, data, sched.finetune, val_loader=val_data)
+            train(model, data, sched.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     summary["removed_channels"] = {k: [first.get(k, v[0]), v[1]] for k, v in
                                    summary.get("removed_channels", {}).items()}
     return summary

@@ -17,10 +17,12 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..data.batches import as_example_inputs, call_model
 from ..nn.modules import copy_model
+from ..training.losses import LossFn
 from .config import StructuredPruning
 from .graph import UNSUPPORTED, Group, Member, build_groups
-from .importance import LossFn, group_importance
+from .importance import group_importance
 
 __all__ = ["structured_prune", "plan_keep", "apply_keep", "masked_like"]
 
@@ -166,12 +168,12 @@ def _update_attributes(module: nn.Module, count: int) -> None:
         module.num_features = count
 
 
-def _output_shapes(model: nn.Module, example_inputs: tuple) -> list[tuple[int, ...]]:
+def _output_shapes(model: nn.Module, example_inputs: tuple | dict) -> list[tuple[int, ...]]:
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            out = model(*example_inputs)
+            out = call_model(model, example_inputs)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -191,13 +193,13 @@ def _output_shapes(model: nn.Module, example_inputs: tuple) -> list[tuple[int, .
     return shapes
 
 
-def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs: tuple, data: Iterable | None = None,
-                     loss_fn: LossFn | None = None, ratio: float | dict[str, float] | None = None) -> dict:
+def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs, data: Iterable | None = None,
+                     loss_fn: LossFn | str | None = None, ratio: float | dict[str, float] | None = None) -> dict:
     """Remove channels of ``model`` IN PLACE as ``config`` says and return a summary.
 
     ``ratio`` overrides ``config.ratio`` (a float, or {leading layer name: ratio}); ``example_inputs``
-    is a tuple of tensors used to trace the model; ``data`` (``(inputs, targets)`` batches) and
-    ``loss_fn(outputs, targets, inputs)`` feed ``importance="taylor"``.
+    (a tensor, a tuple of positional inputs or a dict of keyword inputs) is used to trace the model;
+    ``data`` and ``loss_fn(outputs, batch)`` (default cross-entropy) feed ``importance="taylor"``.
 
     Returns ``{"groups": n, "pruned_groups": n, "removed_channels": {leader: [before, after]},
     "kept": {leader: [kept channel indices]}, "members": {leader: [coupled tensor slices as dicts]},
@@ -211,7 +213,7 @@ def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs
     if config.scope == "global" and isinstance(config.ratio, dict):
         raise ConfigError("scope='global' ranks channels across groups with one overall ratio; use "
                           "scope='layer' for a per-layer ratio mapping")
-    example_inputs = tuple(example_inputs)
+    example_inputs = as_example_inputs(example_inputs)
     _check_model(model)
     before_shapes = _output_shapes(model, example_inputs)
     groups = build_groups(model, example_inputs, config.exclude)

@@ -258,7 +258,7 @@ class LSQQuantizer(Quantizer):
             mean_abs = x.detach().abs().mean().reshape(1)
             if not bool(mean_abs > 0):
                 raise DataError(f"{self.where or 'LSQ'}: the first batch is all zeros, so the step size cannot be "
-                                "initialised from it; pass varied calibration data (calibration_data=)")
+                                "initialised from it; pass varied calibration data (data=)")
         else:
             # Over the unpruned weights: zeros from a pruning mask would shrink the step and clip the rest.
             w = x.detach() if self.step.numel() > 1 else x.detach().reshape(1, -1)

@@ -19,6 +19,8 @@ from torch import nn
 from ..core.config import Config
 from ..core.checks import check_choice, check_positive
 from ..core.errors import ConfigError
+from ..metrics.evaluate import Metric
+from ..training.losses import LossFn
 from ..training.train import TrainConfig
 from .qat import (
     _UNSUPPORTED_CHOICES,
@@ -111,24 +113,29 @@ class TernaryWeights(_LowBit, Config):
 
 
 def apply_lowbit(model: nn.Module, config: BinaryWeights | TernaryWeights, *, data, val_data=None,
-                 calibration_data=None) -> nn.Module:
-    """Train a copy of ``model`` with binary or ternary weights on ``data`` and return the converted model."""
+                 calibration_data=None, loss_fn: LossFn | str | None = None, metric: Metric | None = None,
+                 inplace: bool = False) -> nn.Module:
+    """Train ``model`` (a copy unless ``inplace``) with binary or ternary weights on ``data`` with ``loss_fn``
+    (``metric`` measured on ``val_data``) and return the converted model."""
     if not isinstance(config, (BinaryWeights, TernaryWeights)):
         raise ConfigError(f"expected BinaryWeights or TernaryWeights, got {type(config).__name__}")
-    return run_qat(prepare_qat(model, config), config.train, data, val_data, calibration_data,
-                   config.calibration_batches)
+    return run_qat(prepare_qat(model, config, inplace=inplace), config.train, data, val_data, calibration_data,
+                   config.calibration_batches, loss_fn=loss_fn, metric=metric)
 
 
-def apply_binary(model: nn.Module, config: BinaryWeights, *, data, val_data=None, calibration_data=None) -> nn.Module:
-    """Binary-weight training of a copy of ``model``; returns the converted model (codes in {-1, +1})."""
+def apply_binary(model: nn.Module, config: BinaryWeights, *, data, val_data=None, calibration_data=None,
+                 **training) -> nn.Module:
+    """Binary-weight training of ``model``; returns the converted model (codes in {-1, +1}). ``training``:
+    ``loss_fn``, ``metric``, ``inplace`` as in :func:`apply_lowbit`."""
     if not isinstance(config, BinaryWeights):
         raise ConfigError(f"apply_binary takes a BinaryWeights config, got {type(config).__name__}")
-    return apply_lowbit(model, config, data=data, val_data=val_data, calibration_data=calibration_data)
+    return apply_lowbit(model, config, data=data, val_data=val_data, calibration_data=calibration_data, **training)
 
 
 def apply_ternary(model: nn.Module, config: TernaryWeights, *, data, val_data=None,
-                  calibration_data=None) -> nn.Module:
-    """Ternary-weight training of a copy of ``model``; returns the converted model (codes in {-1, 0, +1})."""
+                  calibration_data=None, **training) -> nn.Module:
+    """Ternary-weight training of ``model``; returns the converted model (codes in {-1, 0, +1}). ``training``:
+    ``loss_fn``, ``metric``, ``inplace`` as in :func:`apply_lowbit`."""
     if not isinstance(config, TernaryWeights):
         raise ConfigError(f"apply_ternary takes a TernaryWeights config, got {type(config).__name__}")
-    return apply_lowbit(model, config, data=data, val_data=val_data, calibration_data=calibration_data)
+    return apply_lowbit(model, config, data=data, val_data=val_data, calibration_data=calibration_data, **training)

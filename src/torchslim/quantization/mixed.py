@@ -33,7 +33,10 @@ from tqdm.auto import tqdm
 from ..core.config import Config
 from ..core.checks import check_choice, check_fraction, check_positive
 from ..data import check_loader
+from ..data.batches import call_model, output_tensor, split_batch, to_device
 from ..core.errors import ConfigError, DataError
+from ..metrics.evaluate import Metric
+from ..training.losses import LossFn
 from ..training.train import TrainConfig
 from .modules import to_qat_module
 from .qat import (
@@ -64,7 +67,8 @@ class MixedPrecision(Config):
     ``budget``: the fraction of the float32 model's ``objective`` (``size``: bits of the parameters;
     ``bops``: MACs x weight bits x activation bits) the quantized model may use, e.g. 0.15.
     ``metric``: ``output_error`` (relative squared error of the outputs, needs no labels) or
-    ``accuracy`` (drop in top-1 accuracy), measured on ``sensitivity_batches`` batches.
+    ``accuracy`` (drop in top-1 accuracy, or in the ``metric`` function passed to ``quantize``), measured on
+    ``sensitivity_batches`` batches.
     ``activation_bits`` quantizes layer inputs too (same width everywhere). ``finetune``: QAT after the
     allocation (None: convert right away, i.e. post-training). Weights are per channel and symmetric,
     with a learned step (LSQ) when ``learned_step``.
@@ -122,20 +126,18 @@ class MixedPrecisionPlan:
         return out
 
 
-def _batches(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _batches(loader, n: int) -> list:
+    """The first ``n`` batches of ``loader``, as it yields them."""
     out = []
     for i, batch in enumerate(loader):
         if i >= n:
             break
-        if isinstance(batch, (list, tuple)):
-            out.append((batch[0], batch[1] if len(batch) > 1 else None))
-        else:
-            out.append((batch, None))
+        out.append(batch)
     return out
 
 
 @torch.no_grad()
-def _macs_per_sample(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, int]:
+def _macs_per_sample(model: nn.Module, layers: dict[str, nn.Module], inputs) -> dict[str, int]:
     macs: dict[str, int] = {}
     hooks = []
     for name, m in layers.items():
@@ -144,7 +146,7 @@ def _macs_per_sample(model: nn.Module, layers: dict[str, nn.Module], x: torch.Te
             macs[name] = int(out.numel() // out.shape[0] * per_out)
         hooks.append(m.register_forward_hook(hook))
     try:
-        model(x)
+        call_model(model, inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -162,21 +164,25 @@ def _damage(out: torch.Tensor, ref: torch.Tensor, y: torch.Tensor | None, metric
 
 
 @torch.no_grad()
-def measure_sensitivity(model: nn.Module, config: MixedPrecision, data) -> tuple[dict[str, dict[int, float]],
-                                                                                   dict[str, nn.Module]]:
-    """{layer: {bits: damage}} from quantizing one layer's weights at a time; also the layers measured."""
+def measure_sensitivity(model: nn.Module, config: MixedPrecision, data, metric: Metric | None = None
+                        ) -> tuple[dict[str, dict[int, float]], dict[str, nn.Module]]:
+    """{layer: {bits: damage}} from quantizing one layer's weights at a time; also the layers measured.
+    With ``config.metric="accuracy"`` and a ``metric(model, loader)`` function, the damage is the drop in
+    ``metric`` on the sensitivity batches (as a list of batches)."""
     check_loader(data, "sensitivity data")
     work = copy_model(model).eval()
     layers = quantizable_layers(work, config.exclude, config.unsupported)
     if not layers:
         raise ConfigError(f"{type(model).__name__}: no quantizable layer (Linear/Conv1d/Conv2d) after exclude")
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
-    batches = [(x.to(device), y.to(device) if y is not None else None)
-               for x, y in _batches(data, config.sensitivity_batches)]
-    refs = [work(x) for x, _ in batches]
+    raw = [to_device(b, device) for b in _batches(data, config.sensitivity_batches)]
+    batches = [split_batch(b) for b in raw]
+    refs = [output_tensor(call_model(work, x)) for x, _ in batches]
     for r in refs:
         if not torch.isfinite(r).all():
             raise DataError("the float model's outputs on the sensitivity data contain NaN/inf; check the data")
+    use_metric = metric is not None and config.metric == "accuracy"
+    base = float(metric(work, raw)) if use_metric else 0.0
     sens: dict[str, dict[int, float]] = {}
     total = len(layers) * len(config.candidate_bits)
     bar = tqdm(total=total, desc="sensitivity", leave=False, dynamic_ncols=True)
@@ -185,11 +191,14 @@ def measure_sensitivity(model: nn.Module, config: MixedPrecision, data) -> tuple
         for bits in config.candidate_bits:
             lq = dataclasses.replace(config.layer(bits), activation_bits=None)  # weights only: isolate this layer
             work.set_submodule(name, to_qat_module(copy.deepcopy(layer), lq.weight_quantizer(layer, name), None))
-            num = den = 0.0
-            for (x, y), ref in zip(batches, refs):
-                a, b = _damage(work(x), ref, y, config.metric)
-                num, den = num + a, den + b
-            sens[name][bits] = num / max(den, 1e-30)
+            if use_metric:
+                sens[name][bits] = base - float(metric(work, raw))
+            else:
+                num = den = 0.0
+                for (x, y), ref in zip(batches, refs):
+                    a, b = _damage(output_tensor(call_model(work, x)), ref, y, config.metric)
+                    num, den = num + a, den + b
+                sens[name][bits] = num / max(den, 1e-30)
             bar.update(1)
         work.set_submodule(name, layer)
     bar.close()
@@ -239,10 +248,13 @@ def allocate_bits(sensitivity: dict[str, dict[int, float]], cost: dict[str, dict
     return {n: plan[n] for n in names}
 
 
-def mixed_precision_plan(model: nn.Module, config: MixedPrecision, data) -> MixedPrecisionPlan:
-    """Measure per-layer sensitivity on ``data`` and allocate bit widths within ``config.budget``."""
-    sens, layers = measure_sensitivity(model, config, data)
-    x = _batches(data, 1)[0][0].to(next((p.device for p in model.parameters()), torch.device("cpu")))
+def mixed_precision_plan(model: nn.Module, config: MixedPrecision, data, metric: Metric | None = None
+                         ) -> MixedPrecisionPlan:
+    """Measure per-layer sensitivity on ``data`` (with ``metric``, see :func:`measure_sensitivity`) and
+    allocate bit widths within ``config.budget``."""
+    sens, layers = measure_sensitivity(model, config, data, metric)
+    x = to_device(split_batch(_batches(data, 1)[0])[0], next((p.device for p in model.parameters()),
+                                                             torch.device("cpu")))
     work = copy_model(model).eval()
     macs = _macs_per_sample(work, {n: work.get_submodule(n) for n in layers}, x)
     weights = {n: m.weight.numel() for n, m in layers.items()}
@@ -266,30 +278,33 @@ def mixed_precision_plan(model: nn.Module, config: MixedPrecision, data) -> Mixe
 
 
 def quantize_mixed(model: nn.Module, config: MixedPrecision, *, data=None, val_data=None,
-                   calibration_data=None) -> tuple[nn.Module, MixedPrecisionPlan]:
-    """Plan (sensitivity on ``calibration_data``, else ``val_data``, else ``data``), prepare, fine-tune on
-    ``data`` when ``config.finetune`` is set, convert. Returns ``(converted model, plan)``."""
+                   calibration_data=None, loss_fn: LossFn | str | None = None, metric: Metric | None = None,
+                   inplace: bool = False) -> tuple[nn.Module, MixedPrecisionPlan]:
+    """Plan (sensitivity on ``calibration_data``, else ``val_data``, else ``data``, with ``metric``), prepare
+    ``model`` (a copy unless ``inplace``), fine-tune on ``data`` with ``loss_fn`` when ``config.finetune`` is
+    set, convert. Returns ``(converted model, plan)``."""
     if not isinstance(config, MixedPrecision):
         raise ConfigError(f"expected a MixedPrecision config, got {type(config).__name__}")
     sens_data = next((d for d in (calibration_data, val_data, data) if d is not None), None)
     if sens_data is None:
-        raise DataError("mixed precision measures layer sensitivity on data: pass calibration_data= (or "
-                        "val_data= / data=)")
+        raise DataError("mixed precision measures layer sensitivity on data: pass data= (or val_data=, or "
+                        "calibration_data= to the internal quantize_mixed)")
     if config.finetune is not None and data is None:
         raise DataError("MixedPrecision.finetune trains after the allocation: pass data= (a training loader) or "
                         "set finetune=None")
-    plan = mixed_precision_plan(model, config, sens_data)
-    prepared = prepare(model, {n: config.layer(b) for n, b in plan.bits.items()})
+    plan = mixed_precision_plan(model, config, sens_data, metric)
+    prepared = prepare(model, {n: config.layer(b) for n, b in plan.bits.items()}, inplace=inplace)
     calib = calibration_data if calibration_data is not None else sens_data
     if config.activation_bits is not None:
         calibrate(prepared, calib, config.calibration_batches)
     if config.finetune is not None:
-        return run_qat(prepared, config.finetune, data, val_data), plan
+        return run_qat(prepared, config.finetune, data, val_data, loss_fn=loss_fn, metric=metric), plan
     return convert(prepared, inplace=True), plan
 
 
 def apply_mixed_precision(model: nn.Module, config: MixedPrecision, *, data=None, val_data=None,
-                          calibration_data=None) -> nn.Module:
-    """Mixed-precision quantization of a copy of ``model``; returns the converted model
-    (:func:`quantize_mixed` also returns the plan)."""
-    return quantize_mixed(model, config, data=data, val_data=val_data, calibration_data=calibration_data)[0]
+                          calibration_data=None, **training) -> nn.Module:
+    """Mixed-precision quantization of ``model``; returns the converted model (:func:`quantize_mixed`, whose
+    ``loss_fn``, ``metric`` and ``inplace`` ``training`` passes on, also returns the plan)."""
+    return quantize_mixed(model, config, data=data, val_data=val_data, calibration_data=calibration_data,
+                          **training)[0]

@@ -70,7 +70,7 @@ class Observer:
     def _check_seen(self) -> None:
         if self.batches == 0:
             raise DataError(f"layer {self.layer!r}: the observer was never updated: the calibration data was empty "
-                            "or never reached this layer; pass calibration_data with at least one batch")
+                            "or never reached this layer; pass calibration data (data=) with at least one batch")
 
     @property
     def is_constant(self) -> bool:

@@ -28,6 +28,8 @@ from torch.nn.utils import prune as torch_prune
 from ..core.config import Config
 from ..core.checks import check_choice, check_positive
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
+from ..data.batches import as_example_inputs, batch_size, call_model, split_batch
+from ..metrics.profile import count_macs
 from ..nn.modules import copy_model
 from ..export.onnx import _export_copy, array, ort_session, to_onnx_proto
 from .backends import STATIC_BACKENDS
@@ -187,23 +189,19 @@ class Float8(Config):
 
 def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_data=None, example_inputs=None,
                  data=None, val_data=None) -> QuantizedGraphModel:
-    """Statically quantize a copy of ``model`` to int8, calibrated on ``calibration_data`` (a loader of
-    ``(inputs, targets)`` or of input tensors; ``data`` is used when it is None).
+    """Statically quantize a copy of ``model`` to int8, calibrated on ``calibration_data`` (any batch form of
+    :mod:`torchslim.data.batches`, a list of batches or one tensor; ``data`` is used when it is None).
 
     Returns a :class:`QuantizedGraphModel`: call it with float tensors, get float outputs, computed by
     integer kernels (ONNX Runtime's or PyTorch's, whichever ``config.backend`` names or ``auto`` measured
-    fastest). ``example_inputs`` (default: the first calibration batch) is what the model is traced and the
-    backends are timed with.
+    fastest). ``example_inputs`` (a tensor, tuple or dict; default: the first calibration batch) is what the
+    model is traced and the backends are timed with.
     """
     if not isinstance(config, StaticQuantization):
         raise ConfigError(f"apply_static takes a StaticQuantization config, got {type(config).__name__}")
     batches = calibration_batches(calibration_data if calibration_data is not None else data,
                                   config.calibration_batches)
-    if example_inputs is None:
-        example_inputs = batches[0]
-    elif torch.is_tensor(example_inputs):
-        example_inputs = (example_inputs,)
-    example = tuple(t.detach().cpu() if torch.is_tensor(t) else t for t in example_inputs)
+    example = _detached(batches[0] if example_inputs is None else as_example_inputs(example_inputs))
     float_model, folded = _folded_copy(model)
     proto = global_pool_rewrite(to_onnx_proto(float_model, example, opset=config.opset, dynamic_batch=True))
 
@@ -211,7 +209,7 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
         options = {"percentile": config.percentile} if name == "percentile" else {}
         return lambda layer: make_observer(name, ACTIVATION_SPEC, layer=layer, **options)
 
-    observers = calibrate_graph(proto, [tuple(array(t) for t in b) for b in batches], factory(config.observer),
+    observers = calibrate_graph(proto, [_arrays(b) for b in batches], factory(config.observer),
                                 make_input_observer=factory(config.input_observer or config.observer), progress=True)
     for inp in proto.graph.input:
         obs = observers.get(inp.name)
@@ -254,38 +252,51 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
     return QuantizedGraphModel.from_onnx(graphs[chosen], backend=chosen, info=info)
 
 
-def calibration_batches(data, limit: int) -> list[tuple[torch.Tensor, ...]]:
-    """Up to ``limit`` input batches from ``data``: a loader of ``(inputs, targets)`` pairs or of inputs,
-    a list of tensors, or one tensor. Raises DataError when there is none."""
+def _detached(inputs: tuple | dict) -> tuple | dict:
+    if isinstance(inputs, dict):
+        return {k: t.detach().cpu() if torch.is_tensor(t) else t for k, t in inputs.items()}
+    return tuple(t.detach().cpu() if torch.is_tensor(t) else t for t in inputs)
+
+
+def _arrays(inputs: tuple | dict) -> tuple | dict:
+    if isinstance(inputs, dict):
+        return {k: array(t) for k, t in inputs.items()}
+    return tuple(array(t) for t in inputs)
+
+
+def calibration_batches(data, limit: int) -> list[tuple[torch.Tensor, ...] | dict[str, torch.Tensor]]:
+    """Up to ``limit`` model inputs (tuples of positional tensors or dicts of keyword tensors) from ``data``:
+    a loader (any batch form of :mod:`torchslim.data.batches`), a list of batches, or one tensor. Raises
+    DataError when there is none."""
     if data is None:
-        raise DataError("static quantization needs calibration data: pass calibration_data= a loader (or list) of "
+        raise DataError("static quantization needs calibration data: pass data= a loader (or list) of "
                         "representative input batches")
     items: Iterable = [data] if torch.is_tensor(data) else data
-    out: list[tuple[torch.Tensor, ...]] = []
+    out: list[tuple[torch.Tensor, ...] | dict[str, torch.Tensor]] = []
     for item in items:
         if len(out) >= limit:
             break
-        # (inputs, targets) pairs as DataLoaders yield them; inputs may be a tuple for multi-input models.
-        x = item[0] if isinstance(item, (tuple, list)) and item else item
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        if not inputs or not all(torch.is_tensor(t) for t in inputs):
-            raise DataError(f"calibration batch {len(out)} is not a tensor (or (inputs, targets) pair): "
-                            f"{type(item).__name__}")
-        if any(t.numel() == 0 for t in inputs):
-            raise DataError(f"calibration batch {len(out)} is empty (shape {[tuple(t.shape) for t in inputs]})")
-        out.append(tuple(t.detach().cpu() for t in inputs))
+        try:
+            x = split_batch(item)[0]
+        except DataError:
+            x = None
+        inputs = (x,) if torch.is_tensor(x) else x
+        tensors = list(inputs.values()) if isinstance(inputs, dict) else inputs
+        if not tensors or not all(torch.is_tensor(t) for t in tensors):
+            raise DataError(f"calibration batch {len(out)} is not a tensor, an (inputs, targets) pair or a dict of "
+                            f"tensors: {type(item).__name__}")
+        if any(t.numel() == 0 for t in tensors):
+            raise DataError(f"calibration batch {len(out)} is empty (shape {[tuple(t.shape) for t in tensors]})")
+        out.append(_detached(inputs))
     if not out:
         raise DataError("calibration data is empty: it yielded no batch; pass a loader (or list of tensors) with at "
                         "least one batch of representative inputs")
     return out
 
 
-def _macs_per_sample(model: nn.Module, example: tuple) -> int | None:
-    from ..metrics import count_macs
-
-    batch = example[0].shape[0] if example and torch.is_tensor(example[0]) and example[0].dim() > 0 else 1
+def _macs_per_sample(model: nn.Module, example: tuple | dict) -> int | None:
     try:
-        return int(count_macs(model, example) // max(1, batch))
+        return int(count_macs(model, example) // max(1, batch_size(example)))
     except Exception:  # noqa: BLE001 - a profile nicety, never a reason to fail quantization
         return None
 
@@ -307,11 +318,13 @@ def _folded_copy(model: nn.Module) -> tuple[nn.Module, str]:
         return model, "onnx exporter"
 
 
-def _agreement(float_proto, runner, example: tuple) -> dict[str, float]:
+def _agreement(float_proto, runner, example: tuple | dict) -> dict[str, float]:
     """Float vs int8 outputs on the example batch (a sanity check recorded with the model)."""
     ref = ort_session(float_proto.SerializeToString())
-    a = ref.run(None, dict(zip([i.name for i in ref.get_inputs()], (array(t) for t in example))))[0]
-    b = runner(*example)
+    names = [i.name for i in ref.get_inputs()]
+    arrays = _arrays(example)
+    a = ref.run(None, {n: arrays[n] for n in names} if isinstance(arrays, dict) else dict(zip(names, arrays)))[0]
+    b = call_model(runner, example)
     b = (b[0] if isinstance(b, tuple) else b).numpy()
     out = {"max_abs_diff": float(np.abs(a - b).max()), "max_abs_output": float(np.abs(a).max())}
     if a.ndim >= 2:
@@ -488,7 +501,7 @@ def _rows_per_layer(model: nn.Module, example_inputs) -> dict[str, int]:
     was_training = model.training
     try:
         model.eval()
-        model(*(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+        call_model(model, as_example_inputs(example_inputs))
     finally:
         model.train(was_training)
         for h in hooks:

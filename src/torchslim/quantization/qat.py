@@ -25,7 +25,10 @@ from torch import nn
 from ..core.config import Config
 from ..core.checks import check_choice, check_positive
 from ..data import check_loader
+from ..data.batches import call_model, split_batch, to_device
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
+from ..metrics.evaluate import Metric
+from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
 from ..nn.modules import copy_model
 from .fake import (
@@ -264,13 +267,14 @@ def prepare(model: nn.Module, plan: dict[str, LayerQuant], *, inplace: bool = Fa
     return model
 
 
-def prepare_qat(model: nn.Module, config: Config) -> nn.Module:
-    """A copy of ``model`` ready for quantization-aware training as ``config`` (``QAT``, ``BinaryWeights``,
-    ``TernaryWeights``) says. Train it with ``torchslim.train`` or any loop, then call :func:`convert`."""
+def prepare_qat(model: nn.Module, config: Config, *, inplace: bool = False) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) ready for quantization-aware training as ``config`` (``QAT``,
+    ``BinaryWeights``, ``TernaryWeights``) says. Train it with ``torchslim.train`` or any loop, then call
+    :func:`convert`."""
     plan_fn = getattr(config, "layer_plan", None)
     if plan_fn is None:
         raise ConfigError(f"prepare_qat takes QAT, BinaryWeights or TernaryWeights, got {type(config).__name__}")
-    return prepare(model, plan_fn(model))
+    return prepare(model, plan_fn(model), inplace=inplace)
 
 
 def _quantizers(model: nn.Module) -> list[Quantizer]:
@@ -285,7 +289,8 @@ def _quantizers(model: nn.Module) -> list[Quantizer]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, data, num_batches: int = 8) -> nn.Module:
-    """Set the activation ranges of a prepared ``model`` from ``num_batches`` batches of ``data`` (in place).
+    """Set the activation ranges of a prepared ``model`` from ``num_batches`` batches of ``data`` (in place;
+    any batch form of :mod:`torchslim.data.batches`, targets unused).
 
     Raises DataError when ``data`` is empty or gives a layer a constant input (no range to quantize),
     and TorchslimError naming the layer when an activation holds NaN/inf.
@@ -302,8 +307,7 @@ def calibrate(model: nn.Module, data, num_batches: int = 8) -> nn.Module:
         for i, batch in enumerate(data):
             if i >= num_batches:
                 break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x.to(device))
+            call_model(model, to_device(split_batch(batch)[0], device))
     finally:
         for q in quantizers:
             q.stop_calibration()
@@ -332,21 +336,25 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 def run_qat(prepared: nn.Module, train_config: TrainConfig, data, val_data=None, calibration_data=None,
-            calibration_batches: int = 8) -> nn.Module:
-    """Calibrate (when ``calibration_data`` is given), train and convert a prepared model."""
+            calibration_batches: int = 8, *, loss_fn: LossFn | str | None = None,
+            metric: Metric | None = None) -> nn.Module:
+    """Calibrate (when ``calibration_data`` is given), train with ``loss_fn`` (``metric`` measured on
+    ``val_data``) and convert a prepared model."""
     check_loader(data, "QAT training data (data=)")
     if calibration_data is not None:
         calibrate(prepared, calibration_data, calibration_batches)
-    train(prepared, data, train_config, val_loader=val_data)
+    train(prepared, data, train_config, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     return convert(prepared, inplace=True)
 
 
-def apply_qat(model: nn.Module, config: QAT, *, data, val_data=None, calibration_data=None) -> nn.Module:
-    """Quantization-aware training of a copy of ``model``: prepare, calibrate activation ranges on
-    ``calibration_data`` (else they start from the first training batches), train on ``data`` with
-    ``config.train`` (``val_data`` evaluated each epoch) and return the CONVERTED model."""
+def apply_qat(model: nn.Module, config: QAT, *, data, val_data=None, calibration_data=None,
+              loss_fn: LossFn | str | None = None, metric: Metric | None = None, inplace: bool = False) -> nn.Module:
+    """Quantization-aware training of ``model`` (a copy unless ``inplace``): prepare, calibrate activation
+    ranges on ``calibration_data`` (else they start from the first training batches), train on ``data`` with
+    ``config.train`` and ``loss_fn`` (``metric`` measured on ``val_data`` each epoch) and return the
+    CONVERTED model."""
     if not isinstance(config, QAT):
         raise ConfigError(f"apply_qat takes a QAT config, got {type(config).__name__}")
     check_loader(data, "QAT training data (data=)")
-    return run_qat(prepare_qat(model, config), config.train, data, val_data, calibration_data,
-                   config.calibration_batches)
+    return run_qat(prepare_qat(model, config, inplace=inplace), config.train, data, val_data, calibration_data,
+                   config.calibration_batches, loss_fn=loss_fn, metric=metric)

@@ -28,6 +28,8 @@ from ..data import check_loader
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..export import coding  # noqa: F401  (registers the "huffman" and "ans" checkpoint encodings)
 from ..export.checkpoint import register_module
+from ..metrics.evaluate import Metric
+from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
 from ..nn.modules import copy_model, decoded_once
 
@@ -269,12 +271,13 @@ def _targets(model: nn.Module, config: WeightSharing) -> dict[str, int]:
 
 
 def apply_weight_sharing(model: nn.Module, config: WeightSharing, *, data=None, val_data=None,
+                         loss_fn: LossFn | str | None = None, metric: Metric | None = None,
                          inplace: bool = False) -> nn.Module:
     """Replace ``model``'s Linear/Conv layers by k-means shared-weight layers and fine-tune the centroids.
 
     Pruned weights (zeros, or ``torch.nn.utils.prune`` masks) become the fixed zero code and stay zero.
-    ``data`` (a loader of ``(inputs, targets)``) is needed when ``config.finetune`` is set; ``val_data``
-    is evaluated after each fine-tuning epoch. Returns a copy unless ``inplace``.
+    ``data`` is needed when ``config.finetune`` is set (trained with ``loss_fn``, default cross-entropy);
+    ``metric`` is measured on ``val_data`` after each fine-tuning epoch. Returns a copy unless ``inplace``.
     """
     if not isinstance(config, WeightSharing):
         raise ConfigError(f"apply_weight_sharing takes a WeightSharing config, got {type(config).__name__}")
@@ -296,7 +299,7 @@ def apply_weight_sharing(model: nn.Module, config: WeightSharing, *, data=None, 
         parent_name, _, child = name.rpartition(".")
         model.get_submodule(parent_name).add_module(child, shared)
     if config.finetune is not None:
-        train(model, data, config.finetune, val_loader=val_data)
+        train(model, data, config.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     return model
 
 

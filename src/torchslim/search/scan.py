@@ -21,6 +21,7 @@ from ..core.errors import ConfigError, UnsupportedModelError
 from ..core.files import atomic_write, save_figure
 from ..core.technique import Techniques
 from ..data import Splits, check_loader
+from ..data.batches import call_model, output_tensor, split_batch, to_device
 from ..metrics import evaluate
 from ..metrics.evaluate import model_device
 from ..nn.modules import copy_model
@@ -33,11 +34,11 @@ from .knobs import Knob, stage_configs
 __all__ = ["knob_sensitivity", "output_error", "sensitivity", "SensitivityResult"]
 
 
-def _batches(loader, device: torch.device) -> list[tuple[torch.Tensor, Any]]:
+def _batches(loader, device: torch.device) -> list[tuple[Any, Any]]:
     out = []
     for batch in loader:
-        x, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (tuple, list)) else (batch, None)
-        out.append((x.to(device), y))
+        x, y = split_batch(batch)
+        out.append((to_device(x, device), y))
     return out
 
 
@@ -46,7 +47,7 @@ def _outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     was = model.training
     model.eval()
     try:
-        return [model(x).detach().float().cpu() for x, _ in batches]
+        return [output_tensor(call_model(model, x)).detach().float().cpu() for x, _ in batches]
     finally:
         model.train(was)
 

@@ -7,18 +7,16 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import Config
 from ..core.checks import check_choice, check_positive
 from ..data import check_loader
+from ..data.batches import call_model, split_batch, to_device
 from ..core.errors import TorchslimError
-from ..metrics.evaluate import evaluate, model_device
-
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``loss_fn(outputs, targets, inputs) -> scalar``; inputs let a distillation loss call its teacher."""
+from ..metrics.evaluate import Metric, evaluate, model_device
+from .losses import LossFn, resolve_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +61,15 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(outputs, targets)
-
-
 def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *, val_loader=None,
-          loss_fn: LossFn | None = None, penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+          loss_fn: LossFn | str | None = None, metric: Metric | None = None,
+          penalty: Callable[[nn.Module], torch.Tensor] | None = None,
           on_step: Callable[[int, int], None] | None = None, extra_params=()) -> History:
     """Train ``model`` in place and return its loss / validation history.
 
+    Batches may take any form of :mod:`torchslim.data.batches`. ``loss_fn(outputs, batch)`` or a named task
+    (``"cross_entropy"``, the default, ``"mse"``, ``"model_loss"``; see :mod:`torchslim.training.losses`);
+    ``metric(model, loader)`` is measured on ``val_loader`` after each epoch (default: top-1 accuracy).
     ``penalty(model)`` is added to the loss (e.g. an L1 term on BN scales); ``on_step(step, total_steps)``
     runs before each optimizer step's forward pass (e.g. to update gradual pruning masks);
     ``extra_params`` are trained alongside the model's (e.g. a distillation projection).
@@ -83,11 +81,12 @@ def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *
 
     if distributed.should_wrap(model):
         return distributed.train_distributed(model, train_loader, config, val_loader=val_loader, loss_fn=loss_fn,
-                                             penalty=penalty, on_step=on_step, extra_params=extra_params)
+                                             metric=metric, penalty=penalty, on_step=on_step,
+                                             extra_params=extra_params)
     check_loader(train_loader, "training loader")
     device = torch.device(config.device) if config.device else default_device()
     model.to(device)
-    loss_fn = loss_fn or _cross_entropy
+    loss_fn = resolve_loss(loss_fn)
     params = list(model.parameters()) + list(extra_params)
     optimizer = make_optimizer(params, config)
     total = max(1, int(math.ceil(config.epochs * len(train_loader))))
@@ -105,14 +104,14 @@ def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *
     bar = tqdm(total=total, desc="train", disable=None if config.progress else True, leave=False, dynamic_ncols=True)
     step = 0
     while step < total:
-        for x, y in train_loader:
+        for batch in train_loader:
             if step >= total:
                 break
             if on_step is not None:
                 on_step(step, total)
-            x, y = x.to(device), y.to(device)
-            outputs = model(x)
-            loss = loss_fn(outputs, y, x)
+            batch = to_device(batch, device)
+            outputs = call_model(model, split_batch(batch, keep_labels=loss_fn.keep_labels)[0])
+            loss = loss_fn(outputs, batch)
             if penalty is not None:
                 loss = loss + penalty(model)
             if not torch.isfinite(loss):
@@ -128,7 +127,7 @@ def train(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *
             bar.set_postfix(loss=f"{loss.item():.4f}")
             epoch_end = step % len(train_loader) == 0 or step == total
             if val_loader is not None and epoch_end:
-                acc = evaluate(model, val_loader, device)
+                acc = float(metric(model, val_loader)) if metric is not None else evaluate(model, val_loader, device)
                 history.val_accuracy.append(acc)
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{acc:.4f}")
     bar.close()

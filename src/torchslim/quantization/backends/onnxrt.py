@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ...core.errors import ConfigError, DataError, TorchslimError, UnsupportedModelError
+from ...data.batches import call_model
 from ...export.onnx import ort_session
 from ..observers import Observer
 
@@ -169,10 +170,12 @@ def global_pool_rewrite(model):
 # Calibration
 
 
-def calibrate_graph(model, batches: Iterable[tuple[np.ndarray, ...]], make_observer: Callable[[str], Observer],
+def calibrate_graph(model, batches: Iterable[tuple[np.ndarray, ...] | dict[str, np.ndarray]],
+                    make_observer: Callable[[str], Observer],
                     *, make_input_observer: Callable[[str], Observer] | None = None,
                     progress: bool = False) -> dict[str, Observer]:
-    """Run the float graph on ``batches`` with every activation exposed, feeding one observer per tensor.
+    """Run the float graph on ``batches`` (tuples of positional inputs or dicts of named ones) with every
+    activation exposed, feeding one observer per tensor.
 
     ``make_observer(layer_description)`` builds an observer (``make_input_observer`` for the graph inputs,
     when given); the result maps tensor name -> observer. ``progress`` shows a bar on a terminal.
@@ -199,10 +202,7 @@ def calibrate_graph(model, batches: Iterable[tuple[np.ndarray, ...]], make_obser
     observers: dict[str, Observer] = {}
     seen = 0
     for batch in tqdm(batches, desc="calibrate", disable=None if progress else True, leave=False):
-        if len(batch) != len(input_names):
-            raise DataError(f"the model takes {len(input_names)} input(s) {input_names}, a calibration batch has "
-                            f"{len(batch)}")
-        feed = dict(zip(input_names, batch))
+        feed = _feed(input_names, batch, "a calibration batch", DataError)
         for name, value in feed.items():
             if np.issubdtype(value.dtype, np.floating):
                 if name not in observers:
@@ -308,19 +308,30 @@ _DTYPES = {np.dtype(k): v for k, v in ((np.float32, torch.float32), (np.float16,
                                        (np.bool_, torch.bool))}
 
 
+def _feed(names: list[str], batch: Any, what: str, error: type[Exception]) -> dict[str, Any]:
+    """Graph inputs by name from positional values (a tuple) or named ones (a dict)."""
+    if isinstance(batch, dict):
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise error(f"the model takes input(s) {names}; {what} lacks {missing} (it has {sorted(batch)})")
+        return {n: batch[n] for n in names}
+    if len(batch) != len(names):
+        raise error(f"the model takes {len(names)} input(s) {names}, {what} has {len(batch)}")
+    return dict(zip(names, batch))
+
+
 class OrtRunner:
-    """Runs a graph in an ONNX Runtime CPU session: torch tensors in, torch tensors out."""
+    """Runs a graph in an ONNX Runtime CPU session: torch tensors in (positional or by input name), torch
+    tensors out."""
 
     def __init__(self, model, threads: int | None = None):
         self.session = ort_session(model.SerializeToString(), threads)
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, *inputs: torch.Tensor):
-        if len(inputs) != len(self.inputs):
-            raise TorchslimError(f"the quantized model takes {len(self.inputs)} input(s) {self.inputs}, "
-                                 f"got {len(inputs)}")
+    def __call__(self, *inputs: torch.Tensor, **named: torch.Tensor):
+        given = {**dict(zip(self.inputs, inputs)), **named} if named else inputs
         feed = {}
-        for name, x in zip(self.inputs, inputs):
+        for name, x in _feed(self.inputs, given, "the call", TorchslimError).items():
             if not torch.is_tensor(x):
                 raise TorchslimError(f"input {name!r} must be a tensor, got {type(x).__name__}")
             x = x.detach().cpu()
@@ -413,9 +424,11 @@ class QuantizedGraphModel(nn.Module):
             self._runner_threads = threads
         return self._runner
 
-    def forward(self, *inputs: torch.Tensor):
-        device = inputs[0].device if inputs and torch.is_tensor(inputs[0]) else torch.device("cpu")
-        out = self._get_runner()(*(x.detach().cpu() if torch.is_tensor(x) else x for x in inputs))
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor):
+        first = next(iter([*inputs, *named.values()]), None)
+        device = first.device if torch.is_tensor(first) else torch.device("cpu")
+        out = self._get_runner()(*(x.detach().cpu() if torch.is_tensor(x) else x for x in inputs),
+                                 **{k: x.detach().cpu() if torch.is_tensor(x) else x for k, x in named.items()})
         if isinstance(out, tuple):
             return tuple(o.to(device) for o in out)
         return out.to(device)
@@ -437,17 +450,17 @@ class QuantizedGraphModel(nn.Module):
         return f"backend={self.backend!r}, graph_bytes={self.graph.numel()}, tensors={len(self._names)}"
 
 
-def measure_runners(runners: dict[str, Callable[..., Any]], inputs: tuple[torch.Tensor, ...], *, rounds: int = 12,
+def measure_runners(runners: dict[str, Callable[..., Any]], inputs: tuple | dict, *, rounds: int = 12,
                     warmup: int = 2) -> dict[str, float]:
-    """Median latency (ms) of each runner on ``inputs``, measured round-robin (side by side)."""
+    """Median latency (ms) of each runner on ``inputs`` (positional or named), measured round-robin."""
     for run in runners.values():
         for _ in range(warmup):
-            run(*inputs)
+            call_model(run, inputs)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(rounds):
         for name, run in runners.items():
             t0 = time.perf_counter()
-            run(*inputs)
+            call_model(run, inputs)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 

@@ -77,8 +77,8 @@ class TorchInt8Program:
                                                 "int8 kernels; use an ONNX Runtime backend for this model")
                 self.steps.append(lower(node, attrs))
 
-    def __call__(self, *inputs: torch.Tensor):
-        values: dict[str, Any] = dict(zip(self.inputs, inputs))
+    def __call__(self, *inputs: torch.Tensor, **named: torch.Tensor):
+        values: dict[str, Any] = {**dict(zip(self.inputs, inputs)), **named}
         with _engine(self.engine), torch.no_grad():
             for step in self.steps:
                 step(values)
