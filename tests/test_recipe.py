@@ -1,6 +1,7 @@
 """Recipes: line-precise validation before any work, the guarded pipeline, the report and the compress command."""
 
 import argparse
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -8,12 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchslim import ConfigError, Schedule, TorchslimError, TrainConfig, UnstructuredPruning
-from torchslim.pipeline.commands import EXIT_BUDGET_MISSED, BudgetMissedWarning, add_commands, run_recipe
+from torchslim import Config, ConfigError, Schedule, TorchslimError, TrainConfig, UnstructuredPruning
+from torchslim.cli.commands import EXIT_BUDGET_MISSED, add_commands
+from torchslim.core.technique import Technique
+from torchslim.nn.modules import copy_model
+from torchslim.pipeline.commands import BudgetMissedWarning, run_recipe
 from torchslim.pipeline.guard import BudgetError, segments
-from torchslim.pipeline.recipe import (RecipeError, build_data, build_model, load_recipe, parse_recipe,
-                                       recipe_from_dict, stage_types)
+from torchslim.pipeline.recipe import RecipeError, build_data, build_model, load_recipe, parse_recipe, recipe_from_dict
 from torchslim.training.finetune import Finetune
+from torchslim.techniques import BUILTIN
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -66,7 +70,7 @@ stages:
     assert r.line(("stages", 0, "sparsity", "fc1")) == 6
     again = recipe_from_dict(r.to_dict())
     assert again == r and again.key() == r.key()
-    assert {"UnstructuredPruning", "StructuredPruning", "Finetune"} <= set(stage_types())
+    assert {"UnstructuredPruning", "StructuredPruning", "Finetune"} <= set(BUILTIN.names())
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -255,3 +259,38 @@ def test_example_recipes_are_valid(path):
     assert recipe.stages
     if path.name.startswith("lenet5_") or path.name == "custom_model.yaml":  # ours: each states its budget
         assert recipe.budget.max_accuracy_drop is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleWeights(Config):
+    """A user's technique, known only to the registry passed in."""
+
+    factor: float = 1.0
+
+
+def _scale(model, config, *, data=None, val_data=None, example_inputs=None, loss_fn=None, metric=None):
+    model = copy_model(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data.mul_(config.factor)
+    return model
+
+
+def test_a_recipe_names_a_technique_of_the_registry_it_is_given(tmp_path):
+    registry = BUILTIN.copy()
+    registry.register(Technique(config=ScaleWeights, apply=_scale, family="scale",
+                                cannot_follow={"quantize": "scaling breaks quantized weights"}))
+    text = TINY.replace("POLICY", "warn").replace(
+        "  - name: prune\n    type: UnstructuredPruning\n    sparsity: SPARSITY\n    check: false\n",
+        "  - {name: scale, type: ScaleWeights, factor: 1.0}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:7: stages\[0\].type: 'ScaleWeights' is a config but not a "
+                                          r"pipeline stage"):
+        parse_recipe(text, source="r.yaml")
+    assert parse_recipe(text, techniques=registry).stages[0].config == ScaleWeights(1.0)
+    with pytest.raises(RecipeError, match=r"r.yaml:4: stages\[1\].type: ScaleWeights cannot follow WeightSharing "
+                                          r"\(stages\[0\]\): scaling breaks quantized weights"):
+        parse_recipe("data: {builtin: digits}\nstages:\n  - {type: WeightSharing, bits: 4}\n"
+                     "  - {type: ScaleWeights}\n", source="r.yaml", techniques=registry)
+    (tmp_path / "r.yaml").write_text(text)
+    report = run_recipe(tmp_path / "r.yaml", tmp_path / "out", techniques=registry, log=lambda s: None)
+    assert [s["config"]["type"] for s in report["stages"]] == ["ScaleWeights", "Finetune"]

@@ -16,7 +16,7 @@ import torch
 from torchslim import ConfigError, SearchOptions, StructuredPruning, UnstructuredPruning, evaluate
 from torchslim.export.checkpoint import load
 from torchslim.models import LeNet5, LeNet300
-from torchslim.pipeline.commands import EXIT_BUDGET_MISSED, add_commands
+from torchslim.cli.commands import EXIT_BUDGET_MISSED, add_commands
 from torchslim.pipeline.recipe import BudgetSpec, StageSpec, build_data, load_recipe
 from torchslim.search.allocation import lagrangian_path
 from torchslim.search.api import search

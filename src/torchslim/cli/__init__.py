@@ -6,12 +6,11 @@ import argparse
 import sys
 
 from ..core.errors import TorchslimError
+from .commands import add_commands, finish
+from .demo import run_demo
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..pipeline.commands import finish
-    from .demo import run_demo
-
     return finish(run_demo(args.out, seed=args.seed, overwrite=args.overwrite, quick=args.quick), args.out)
 
 
@@ -25,8 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     demo.set_defaults(func=_demo)
-    from ..pipeline.commands import add_commands
-
     add_commands(sub)
     return parser
 

@@ -4,8 +4,14 @@ for the smallest file within a one-point accuracy budget, and write the report."
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
+
+from ..pipeline.commands import BudgetMissedWarning
+from ..pipeline.recipe import parse_recipe
+from ..search.api import search
+from ..search.options import SearchOptions
 
 
 def demo_recipe_text(quick: bool = False, seed: int = 0) -> str:
@@ -35,12 +41,6 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, search, save and report (report.json, report.md, pareto.png, accuracy_vs_size.png, model.slim);
     returns the report. A missed budget is written to the report (``report["budget"]["met"]``)."""
-    import warnings
-
-    from ..search import SearchOptions, search
-    from ..pipeline.commands import BudgetMissedWarning
-    from ..pipeline.recipe import parse_recipe
-
     out = Path(out_dir)
     recipe = parse_recipe(demo_recipe_text(quick, seed), source="<demo recipe>")
     db = out / "search.db"

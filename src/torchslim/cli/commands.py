@@ -1,0 +1,167 @@
+"""``torchslim compress``, ``torchslim sensitivity`` and ``torchslim search``.
+
+Exit codes: 0 success; 2 bad input or another torchslim error (``cli.main``); 3 the result misses the accuracy
+budget (outputs are written and say so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import ConfigError, TorchslimError
+from ..pipeline.commands import BudgetMissedWarning, run_recipe
+from ..pipeline.recipe import build_data, build_model, load_recipe, metric_function
+from ..search.api import search
+from ..search.options import SearchOptions
+from ..search.scan import sensitivity
+from ..training import distributed
+
+__all__ = ["add_commands", "finish", "EXIT_BUDGET_MISSED"]
+
+EXIT_BUDGET_MISSED = 3
+
+
+def _recipe_arg(args: argparse.Namespace) -> str:
+    path = args.recipe_opt or args.recipe
+    if path is None:
+        raise ConfigError("name a recipe: torchslim COMMAND RECIPE.yaml (or --recipe RECIPE.yaml)")
+    return path
+
+
+def _default_out(recipe_path: str, command: str) -> str:
+    return str(Path("out") / f"{Path(recipe_path).stem}-{command}")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _compress(args: argparse.Namespace) -> int:
+    path = _recipe_arg(args)
+    if args.validate_only:
+        return _validate(path)
+    recipe = load_recipe(path)
+    out = args.out or _default_out(path, "compress")
+    with distributed.process_group(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetMissedWarning)
+        # Under torchrun every process runs the pipeline in lockstep; one of them talks.
+        log = print if distributed.is_main_process() else (lambda s: None)
+        report = run_recipe(recipe, out, overwrite=args.overwrite, max_accuracy_drop=args.max_accuracy_drop, log=log)
+    if not distributed.is_main_process():
+        return 0
+    return finish(report, out)
+
+
+def _validate(path: Path) -> int:
+    """``--validate-only``: the recipe, its factories and files, the data, and the layer names it uses (the model
+    is built but not trained)."""
+    recipe = load_recipe(path)
+    build_model(recipe, build_data(recipe), check=True, train=False)
+    print(f"{path}: valid ({len(recipe.stages)} stage(s): {', '.join(s.name for s in recipe.stages)}); "
+          "model, data and layer names checked")
+    return 0
+
+
+def finish(report: dict[str, Any], out: str | Path) -> int:
+    """Print the few lines a command ends with (metric, size, MACs and latency against the baseline) and return
+    its exit code: ``EXIT_BUDGET_MISSED`` when the result misses the budget, else 0."""
+    r = report["ratios"]
+    lat = r["latency"]
+    speed = f"latency {lat:.2f}x lower" if lat >= 1 else f"latency {1 / lat:.2f}x HIGHER"
+    print(f"\n{report.get('metric', 'accuracy')} {report['baseline']['accuracy']:.4f} -> "
+          f"{report['compressed']['accuracy']:.4f} on test (drop {100 * report['accuracy_drop']:.2f} points)")
+    print(f"bytes on disk {report['baseline']['size_bytes']:,} -> {report['compressed']['size_bytes']:,} "
+          f"({r['size']:.2f}x smaller); non-zero params {r['nonzero_params']:.1f}x fewer; MACs {r['macs']:.2f}x "
+          f"fewer; {speed} (measured side by side at batch {report.get('recipe', {}).get('example_batch', 1)})")
+    print(f"report: {Path(out) / 'report.md'}")
+    if report["budget"].get("met") is False:
+        _stderr(f"torchslim: BUDGET MISSED; the report shows what was found: {Path(out) / 'report.md'}")
+        return EXIT_BUDGET_MISSED
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    path = _recipe_arg(args)
+    if args.validate_only:
+        return _validate(path)
+    recipe = load_recipe(path)
+    out = Path(args.out or _default_out(path, "sensitivity"))
+    if (out / "sensitivity.json").exists() and not args.overwrite:
+        raise TorchslimError(f"{out / 'sensitivity.json'} exists; pass --overwrite to replace it")
+    data = build_data(recipe)
+    model = build_model(recipe, data, check=True)
+    result = sensitivity(model, data.val, sparsities=_floats(args.sparsities),
+                         bits=[int(b) for b in _floats(args.bits)], layers=args.layers or None,
+                         metric=None if recipe.metric == "accuracy" else metric_function(recipe),
+                         metric_name=recipe.metric)
+    paths = result.write(out)
+    print(result.to_markdown())
+    print(f"written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    path = _recipe_arg(args)
+    if args.validate_only:
+        return _validate(path)
+    recipe = load_recipe(path)
+    out = args.out or _default_out(path, "search")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetMissedWarning)
+        options = SearchOptions(max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
+                                strategy=args.strategy, trials=args.trials, storage=args.storage,
+                                study_name=args.study_name, workers=args.workers, worker_only=args.worker,
+                                overwrite=args.overwrite)
+        result = search(recipe, out, options)
+    if args.worker:
+        print(f"worker done: {result.n_complete} complete trial(s) in the study")
+        return 0
+    return finish(result.report, out)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``compress``, ``sensitivity`` and ``search`` to the ``torchslim`` command line."""
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("recipe", nargs="?", help="recipe YAML file")
+        p.add_argument("--recipe", dest="recipe_opt", metavar="RECIPE",
+                       help="recipe YAML file (same as the positional)")
+        p.add_argument("--out", help="output folder (default out/<recipe>-<command>)")
+        p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+        p.add_argument("--validate-only", action="store_true", help="check the recipe and stop")
+
+    c = subparsers.add_parser("compress", help="run a recipe's stages with guard rails and write the report")
+    common(c)
+    c.add_argument("--max-accuracy-drop", type=float, help="budget (overrides the recipe's), e.g. 0.01 = 1 point")
+    c.set_defaults(func=_compress)
+
+    s = subparsers.add_parser("sensitivity", help="per-layer metric against sparsity and bit width (one-shot)")
+    common(s)
+    s.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95,0.98",
+                   help="comma-separated sparsities to try per layer (default %(default)s)")
+    s.add_argument("--bits", default="8,6,4,3,2", help="comma-separated weight bit widths (default %(default)s)")
+    s.add_argument("--layers", nargs="*", help="fnmatch patterns of layers to scan (default: all Linear/Conv)")
+    s.set_defaults(func=_sensitivity)
+
+    q = subparsers.add_parser("search", help="per-layer rates minimising size/latency/MACs s.t. an accuracy budget")
+    common(q)
+    q.add_argument("--max-accuracy-drop", type=float, help="budget on the validation split (e.g. 0.005)")
+    q.add_argument("--objective", choices=("size", "latency", "macs"))
+    q.add_argument("--strategy", choices=("fast", "optuna"))
+    q.add_argument("--trials", type=int, help="trials for the optuna strategy (all workers together)")
+    q.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db)")
+    q.add_argument("--study-name", help="study name in the storage (default derived from the recipe)")
+    q.add_argument("--workers", type=int, help="worker processes on this machine (optuna strategy)")
+    q.add_argument("--worker", action="store_true",
+                   help="only run trials against --storage (another machine's search writes the report)")
+    q.set_defaults(func=_search)
