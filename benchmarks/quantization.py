@@ -39,7 +39,7 @@ from torchslim.metrics import evaluate, measure_latency  # noqa: E402
 from torchslim.models import LeNet5, LeNet300  # noqa: E402
 from torchslim.quantization.lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary  # noqa: E402
 from torchslim.quantization.mixed import MixedPrecision, quantize_mixed  # noqa: E402
-from torchslim.quantization.modules import encode_intpack  # noqa: E402
+from torchslim.quantization.codecs import encode_intpack  # noqa: E402
 from torchslim.quantization.qat import QAT, apply_qat  # noqa: E402
 
 NAME = "quantization"

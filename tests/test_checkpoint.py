@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -13,6 +14,8 @@ from torch.nn.utils import prune
 
 from torchslim import CheckpointError, TorchslimError
 from torchslim.export import checkpoint as ckpt
+from torchslim.export.checkpoint import codecs, encodings
+from torchslim.export.checkpoint import format as fmt
 from torchslim.models import LeNet5, LeNet300, SmallMobileNet, SmallResNet
 
 
@@ -245,25 +248,25 @@ def test_encoding_selection_and_exact_decoding(tmp_path):
     # every built-in encoding decodes exactly, whichever wins
     for name, t in [("w", model[2].weight.detach()), ("h", model[3].weight.detach()), ("z", torch.zeros(3, 700))]:
         for enc_name in ("dense", "bitmask", "relative"):
-            e = ckpt._ENCODINGS[enc_name]
+            e = ckpt.ENCODINGS.get(enc_name)
             parts, _ = e.encode(t.contiguous())
             back = e.decode(parts, {"shape": list(t.shape), "dtype": str(t.dtype)[6:]})
-            assert ckpt._same(back, t), (name, enc_name)
+            assert encodings.same(back, t), (name, enc_name)
 
 
 def test_relative_encoding_inserts_fillers():
     t = torch.zeros(1000)
     t[[0, 255, 256, 766]] = 1.0
-    parts, _ = ckpt._ENCODINGS["relative"].encode(t)
+    parts, _ = ckpt.ENCODINGS.get("relative").encode(t)
     # gaps: 0 -> 1, 255 -> 255, 256 -> 1, 766 = 256 + 510 -> filler 255 + 255
     assert parts["gaps"].tolist() == [1, 255, 1, 255, 255]
     assert parts["values"].tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
-    assert torch.equal(ckpt._ENCODINGS["relative"].decode(parts, {"shape": [1000]}), t)
+    assert torch.equal(ckpt.ENCODINGS.get("relative").decode(parts, {"shape": [1000]}), t)
 
 
 def test_registered_encoding_and_module(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_ENCODINGS", dict(ckpt._ENCODINGS))
-    monkeypatch.setattr(ckpt, "_MODULES", dict(ckpt._MODULES))
+    monkeypatch.setattr(ckpt.ENCODINGS, "_items", dict(ckpt.ENCODINGS.items()))
+    monkeypatch.setattr(ckpt.MODULES, "_items", dict(ckpt.MODULES.items()))
 
     def encode(t):  # a constant tensor needs one value
         if t.numel() < 2 or not bool((t == t.reshape(-1)[0]).all()):
@@ -292,15 +295,55 @@ def test_registered_encoding_and_module(tmp_path, monkeypatch):
     assert torch.equal(model(_img()), loaded(_img()))
 
     # a process that has not registered the type gets told which module, which type and what to do
-    del ckpt._MODULES[name]
+    del ckpt.MODULES._items[name]
     with pytest.raises(CheckpointError, match=r"'relu1'.*Scaled.*register_module"):
         ckpt.load(path)
     with pytest.raises(TorchslimError, match=r"relu1.*register_module"):
         ckpt.save(model, tmp_path / "again.slim")
 
 
+def test_register_codecs_takes_declared_codecs_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.ENCODINGS, "_items", dict(ckpt.ENCODINGS.items()))
+    monkeypatch.setattr(ckpt.MODULES, "_items", dict(ckpt.MODULES.items()))
+    codec = ckpt.ModuleCodec(Scaled, lambda m: {"features": m.weight.numel(), "scale": m.scale},
+                             lambda a: Scaled(a["features"], a["scale"]))
+    negated = ckpt.Encoding("negated", lambda t: ({"data": -t}, {}) if t.dtype == torch.int32 else None,
+                            lambda parts, entry: -parts["data"])
+    assert codec.name == f"{__name__}.Scaled"
+    ckpt.register_codecs(codec, negated)
+    assert ckpt.MODULES.get(codec.name) is codec and ckpt.ENCODINGS.get("negated") is negated
+    with pytest.raises(TorchslimError, match="already registered"):
+        ckpt.register_codecs(codec)
+    with pytest.raises(TorchslimError, match="already registered"):
+        ckpt.register_codecs(negated)
+    with pytest.raises(TorchslimError, match="already registered as"):
+        ckpt.register_codecs(ckpt.ModuleCodec(Scaled, codec.to_args, codec.from_args, name="Scaled"))
+    with pytest.raises(TorchslimError, match="ModuleCodec and Encoding"):
+        ckpt.register_codecs((Scaled, codec.to_args, codec.from_args))
+    with pytest.raises(TorchslimError, match="nn.Module subclass"):
+        ckpt.ModuleCodec(int, codec.to_args, codec.from_args)
+    with pytest.raises(TorchslimError, match="without '::'"):
+        ckpt.Encoding("a::b", negated.encode, negated.decode)
+
+    model = LeNet300()
+    model.relu1 = Scaled(300, 0.5)
+    path = ckpt.save(model, tmp_path / "m.slim")
+    assert isinstance(ckpt.load(path).relu1, Scaled)
+    del ckpt.MODULES._items[codec.name]
+    with pytest.raises(CheckpointError, match=rf"'relu1' has type '{re.escape(codec.name)}'.*register_codecs"):
+        ckpt.load(path)
+
+
+def test_quantization_codecs_are_registered_by_importing_torchslim():
+    import torchslim.quantization
+
+    for codec in torchslim.quantization.CODECS:
+        registry = ckpt.MODULES if isinstance(codec, ckpt.ModuleCodec) else ckpt.ENCODINGS
+        assert registry.get(codec.name) is codec
+
+
 def test_lossy_encoding_is_caught_at_save(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt, "_ENCODINGS", dict(ckpt._ENCODINGS))
+    monkeypatch.setattr(ckpt.ENCODINGS, "_items", dict(ckpt.ENCODINGS.items()))
     ckpt.register_encoding("lossy", lambda t: ({"v": t.new_zeros(1)}, {}) if t.is_floating_point() else None,
                            lambda parts, entry: torch.zeros(entry["shape"]))
     with pytest.raises(TorchslimError, match="lossy.*exactly"):
@@ -372,13 +415,19 @@ def _rewrite(path, edit):
     manifest = json.loads(json.loads(raw[8:_data_start(raw)])["__metadata__"]["torchslim"])
     tensors = safetensors.torch.load(raw)
     edit(manifest)
-    manifest["sha256"] = ckpt._digest(manifest, {k: ckpt._tensor_bytes(v) for k, v in tensors.items()})
+    manifest["sha256"] = fmt.digest(manifest, {k: fmt.tensor_bytes(v) for k, v in tensors.items()})
     path.write_bytes(safetensors.torch.save(tensors, metadata={"torchslim": json.dumps(manifest)}))
 
 
 def test_newer_format_version(saved):
     _rewrite(saved, lambda m: m.update(format_version=99))
     with pytest.raises(CheckpointError, match=r"format_version 99, newer.*upgrade torchslim"):
+        ckpt.load(saved)
+
+
+def test_unregistered_encoding(saved):
+    _rewrite(saved, lambda m: m["tensors"]["fc1.weight"].update(encoding="zip"))
+    with pytest.raises(CheckpointError, match=r"'fc1.weight' uses encoding 'zip'.*register_codecs"):
         ckpt.load(saved)
 
 
@@ -496,12 +545,12 @@ def test_local_class_and_deleted_module_are_refused(tmp_path):
     nn.Dropout(0.3), nn.PReLU(7),
 ], ids=lambda m: type(m).__name__)
 def test_builtin_module_specs_rebuild_exactly(module):
-    name, codec = ckpt._codec_for(module)
-    assert name == type(module).__name__
-    args = ckpt._jsonable(codec.to_args(module), "args")
+    codec = codecs.codec_for(module)
+    assert codec.name == type(module).__name__
+    args = fmt.jsonable(codec.to_args(module), "args")
     json.dumps(args)
     rebuilt = codec.from_args(json.loads(json.dumps(args)))
-    assert type(rebuilt) is type(module) and ckpt._plain(codec.to_args(rebuilt)) == args
+    assert type(rebuilt) is type(module) and fmt.plain(codec.to_args(rebuilt)) == args
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in module.state_dict().items()}
 
 

@@ -23,15 +23,6 @@ FAST = TrainConfig(epochs=1, lr=1e-2, device="cpu", progress=False)
 VOCAB, LENGTH, CLASSES = 20, 6, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores: extra intra-op threads only spin against other processes' work.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TwoInputs(nn.Module):
     """A regression model with two positional inputs: ``forward(tokens, mask)``."""
 
@@ -314,3 +305,37 @@ def test_two_input_model_distills_with_the_users_loss():
     with torch.no_grad():
         gaps = [float(F.mse_loss(m(tokens, mask), teacher(tokens, mask))) for m in (student, out)]
     assert gaps[1] < gaps[0] * 0.7
+
+
+def test_recipe_runner_takes_a_two_input_model_with_the_users_loss_and_metric(tmp_path):
+    """compress() with Python objects: structured pruning traced on tuple inputs, unstructured pruning and a
+    fine-tuning stage, all trained on the user's regression loss and judged by the user's metric."""
+    torch.manual_seed(0)
+    model = TwoInputs(hidden=32)
+    train(model, _pairs(), FAST.replace(epochs=3), loss_fn=regression_loss)
+    data = torchslim.data.Splits("pairs", train=_pairs(), val=_pairs(shuffle=False, seed=1),
+                                 test=_pairs(shuffle=False, seed=2), num_classes=0)
+    ft = TrainConfig(epochs=8, lr=1e-2, device="cpu", progress=False)
+    recipe = torchslim.Recipe(stages=[
+        ("channels", torchslim.StructuredPruning(ratio=0.5, exclude=("fc2",))),
+        ("weights", torchslim.UnstructuredPruning(sparsity=0.5)),
+        ("finetune", torchslim.Finetune(ft))])
+    seen = []
+
+    def loss(outputs, batch):
+        seen.append(1)
+        return regression_loss(outputs, batch)
+
+    report = torchslim.compress(recipe, tmp_path / "out", model=model, data=data, loss_fn=loss, metric=neg_mse,
+                                log=lambda s: None)
+    assert seen, "the fine-tuning stage did not train with the user's loss"
+    slim = torchslim.load(tmp_path / "out" / "model.slim")
+    assert slim.fc1.out_features == 16  # half the hidden units removed for real
+    assert [h["type"] for h in torchslim.read_manifest(tmp_path / "out" / "model.slim")["history"]] == [
+        "StructuredPruning", "UnstructuredPruning", "Finetune"]
+    # The report's metric is the user's (negative MSE), measured on the test split, before and after.
+    assert report["compressed"]["accuracy"] == pytest.approx(neg_mse(slim, data.test), rel=1e-4)
+    assert report["baseline"]["accuracy"] == pytest.approx(neg_mse(model, data.test), rel=1e-4)
+    # Still a working regressor: its error stays well below that of predicting zero (the targets' mean square).
+    zero = -float(sum(float((y ** 2).sum()) for _, y in data.test) / len(data.test.dataset))
+    assert report["compressed"]["accuracy"] > 0.7 * zero

@@ -12,7 +12,8 @@ import torchslim
 from torchslim import ConfigError, DataError, TorchslimError
 from torchslim.core.config import config_from_dict
 from torchslim.data import digits, mnist
-from torchslim.metrics import count_macs, count_params, evaluate, measure_latency, profile
+from torchslim.export import profile
+from torchslim.metrics import count_macs, count_params, evaluate, measure_latency
 from torchslim.models import LeNet5, LeNet300, SmallMobileNet, build_model
 
 

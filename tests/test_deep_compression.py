@@ -76,9 +76,9 @@ def test_paper_variant_restricts_encodings_for_that_save_only(tmp_path):
     with torch.no_grad():
         model.fc1.weight.mul_(torch.rand_like(model.fc1.weight) < 0.05)
     shared = apply_weight_sharing(model, WeightSharing(bits=4))
-    registered = set(ckpt._ENCODINGS)
+    registered = set(ckpt.ENCODINGS)
     paper = bench.save_checkpoint(shared, tmp_path / "p.slim", bench.PAPER_ENCODINGS)
-    assert set(ckpt._ENCODINGS) == registered
+    assert set(ckpt.ENCODINGS) == registered
     best = bench.save_checkpoint(shared, tmp_path / "b.slim", None)
     assert ckpt.read_manifest(paper)["tensors"]["fc1.codes"]["encoding"] == "huffman"
     assert best.stat().st_size <= paper.stat().st_size

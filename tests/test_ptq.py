@@ -18,7 +18,8 @@ from torchslim.quantization.backends.cuda import E4M3_MAX, Fp8Linear, fp8_dequan
 from torchslim.quantization.backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
 from torchslim.metrics import count_macs
 from torchslim.quantization.backends.onnxrt import QuantizedGraphModel, calibrate_graph, quantize_graph
-from torchslim.quantization.backends.weight_only import WeightOnlyLinear, pack_codes, quantize_groups, unpack_codes
+from torchslim.nn.bitpack import pack_bits, unpack_bits
+from torchslim.quantization.backends.weight_only import WeightOnlyLinear, quantize_groups
 from torchslim.quantization.observers import make_observer
 from torchslim.quantization.ptq import (ACTIVATION_SPEC, DynamicQuantization, Float8, StaticQuantization, WeightOnly,
                                         apply_dynamic, apply_fp8, apply_static, apply_weight_only)
@@ -283,8 +284,8 @@ def test_pack_unpack_and_group_round_trip_bounds(bits):
     for symmetric in (True, False):
         u, scale, zero = quantize_groups(w, bits, 32, symmetric)
         assert u.min() >= 0 and u.max() <= 2 ** bits - 1
-        assert torch.equal(unpack_codes(pack_codes(u, bits), bits), u)
-        assert pack_codes(u, bits).numel() == w.numel() * bits // 8
+        assert torch.equal(unpack_bits(pack_bits(u, bits), bits), u)
+        assert pack_bits(u, bits).numel() == w.numel() * bits // 8
         z = (2 ** (bits - 1)) if symmetric else zero.float()[..., None]
         deq = ((u.float().reshape(16, 2, 32) - z) * scale.float()[..., None]).reshape(16, 64)
         step = scale.float().repeat_interleave(32, 1)

@@ -13,8 +13,8 @@ from torchslim.export import checkpoint as ckpt
 from torchslim.metrics import evaluate
 from torchslim.models import LeNet5
 from torchslim.quantization.fake import FakeQuantize, LSQQuantizer, MinMaxQuantizer
-from torchslim.quantization.modules import (QConv2d, QLinear, QuantConv2d, QuantLinear, decode_intpack,
-                                            encode_intpack)
+from torchslim.quantization.codecs import decode_intpack, encode_intpack
+from torchslim.quantization.modules import QConv2d, QLinear, QuantConv2d, QuantLinear
 from torchslim.quantization.qat import QAT, apply_qat, calibrate, convert, prepare_qat, quantizable_layers
 from torchslim.quantization.spec import QuantSpec
 
@@ -227,7 +227,7 @@ def test_quantized_checkpoint_is_packed_and_round_trips(tmp_path, digits_data, t
 
 def test_load_in_a_fresh_process(tmp_path, digits_data, trained_lenet5):
     """``torchslim.load`` of a converted model must work without importing torchslim.quantization first:
-    the checkpoint imports ``torchslim.quantization``, which has to register the codes encoding."""
+    importing any part of torchslim registers quantization's codecs and its codes encoding."""
     import os
     import subprocess
     import sys

@@ -4,10 +4,10 @@ from ._version import __version__
 from .core.config import Config, config_from_dict
 from .distillation import Distillation, distill
 from .core.errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
-from .export.checkpoint import load, read_manifest, save
+from .export import load, profile, read_manifest, save
 from .export.onnx import export_onnx
 from .lowrank import CP, SVD, Tucker, decompose
-from .metrics import evaluate, profile
+from .metrics import evaluate
 from .pipeline.commands import run_recipe as compress
 from .pipeline.recipe import Recipe, load_recipe
 from .training.finetune import Finetune, finetune
@@ -26,7 +26,7 @@ from .quantization import (
                            WeightSharing,
                            quantize,
 )
-from . import search  # callable: torchslim.search(recipe, out_dir, SearchOptions(...))
+from . import search, techniques  # search is callable: torchslim.search(recipe, out_dir, SearchOptions(...))
 from .search.options import SearchOptions
 from .search.scan import sensitivity
 

@@ -1,4 +1,4 @@
-"""Entropy coding and bit packing for checkpoints.
+"""Entropy coding for checkpoints.
 
 Two lossless coders for streams of small non-negative integers, both from the ``constriction`` library:
 
@@ -10,10 +10,10 @@ Two lossless coders for streams of small non-negative integers, both from the ``
 
 On top of them, :func:`encode_codes` / :func:`decode_codes` store an integer tensor whose zeros are pruned
 positions (weight-sharing codes): positions as Deep Compression's relative indices (gaps of at most
-``2**b - 2`` zeros; a filler symbol skips ``2**b - 1`` zeros), then the non-zero values. Importing this
-module registers two checkpoint encodings for int16 code tensors, ``"huffman"`` (Deep Compression: index
-bounds of 5 bits for fully connected and 8 bits for conv weights) and ``"ans"`` (index bound chosen per
-tensor); the checkpoint keeps the smaller per tensor and names it in the manifest.
+``2**b - 2`` zeros; a filler symbol skips ``2**b - 1`` zeros), then the non-zero values. The checkpoint
+stores int16 code tensors this way as its ``"huffman"`` (Deep Compression: index bounds of 5 bits for fully
+connected and 8 bits for conv weights) and ``"ans"`` (index bound chosen per tensor) encodings, keeping the
+smaller per tensor.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "pack_bits", "unpack_bits", "entropy_bits", "huffman_code_lengths",
+    "entropy_bits", "huffman_code_lengths",
     "huffman_encode", "huffman_decode", "ans_encode", "ans_decode",
     "relative_indices", "positions_from_relative", "encode_codes", "decode_codes", "CODERS",
     "huffman_size", "ans_size", "index_bits_for", "PAPER_INDEX_BITS", "CODE_DTYPE",
@@ -42,26 +42,7 @@ _MIN_ELEMENTS = 64  # below this, model tables cost more than entropy coding sav
 
 
 # ----------------------------------------------------------------------------------------------
-# Bit packing and small integers
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack non-negative integers < 2**bits into a uint8 array, ``bits`` per value, LSB first."""
-    values = np.asarray(values, dtype=np.uint64).reshape(-1)
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits must be in 1..32, got {bits}")
-    if values.size and int(values.max()) >> bits:
-        raise ValueError(f"a value ({int(values.max())}) does not fit in {bits} bits")
-    shifts = np.arange(bits, dtype=np.uint64)
-    plane = ((values[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(plane.reshape(-1), bitorder="little")
-
-
-def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: ``count`` integers of ``bits`` bits each (int64)."""
-    plane = np.unpackbits(np.asarray(data, dtype=np.uint8), count=count * bits, bitorder="little")
-    weights = (np.uint64(1) << np.arange(bits, dtype=np.uint64))
-    return (plane.reshape(count, bits).astype(np.uint64) * weights).sum(1).astype(np.int64)
+# Small integers
 
 
 def _varint(n: int) -> bytes:
@@ -379,38 +360,7 @@ def decode_codes(data: bytes | memoryview | np.ndarray, meta: dict[str, Any], co
     return torch.from_numpy(out).to(dtype).reshape(shape)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoint encodings
-
-
 CODE_DTYPE = torch.int16
-"""The dtype the checkpoint encodings apply to: weight-sharing codes. Other integer tensors (e.g. the
-QAT modules' int8 codes, which have their own "intpack" encoding) are left to their own encodings."""
-
-
-def _make_encoding(coder: str):
-    def encode(t: torch.Tensor):
-        if t.dtype != CODE_DTYPE:
-            return None
-        out = encode_codes(t, coder)
-        if out is None:
-            return None
-        data, meta = out
-        return {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8) if data
-                else torch.zeros(0, dtype=torch.uint8)}, meta
-
-    def decode(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
-        dtype = getattr(torch, entry["dtype"])
-        return decode_codes(parts["data"].numpy(), entry, coder, list(entry["shape"]), dtype)
-
-    return encode, decode
-
-
-def _register() -> None:
-    from .checkpoint import register_encoding
-
-    for coder in CODERS:
-        register_encoding(coder, *_make_encoding(coder))
-
-
-_register()
+"""The dtype the checkpoint's "huffman" and "ans" encodings apply to: weight-sharing codes. Other integer
+tensors (e.g. the QAT modules' int8 codes, which have their own "intpack" encoding) are left to their own
+encodings."""

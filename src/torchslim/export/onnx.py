@@ -26,6 +26,7 @@ from torch.nn.utils import prune
 from ..core.errors import DataError, TorchslimError
 from ..core.files import atomic_write
 from ..data.batches import as_example_inputs, call_model, output_tensor, split_batch
+from ..nn.masks import masked_names
 from ..nn.modules import copy_model
 
 __all__ = ["export_onnx", "onnx_agreement", "to_onnx_proto", "Agreement", "OnnxExportError", "OnnxExistsError",
@@ -196,9 +197,8 @@ def _export_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy with ``torch.nn.utils.prune`` masks folded into the weights."""
     model = copy_model(model).eval()
     for module in model.modules():
-        for hook in list(module._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(module, hook._tensor_name)
+        for name in masked_names(module):
+            prune.remove(module, name)
     return model
 
 

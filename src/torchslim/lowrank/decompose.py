@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from typing import Any
 
@@ -14,7 +13,7 @@ from ..core.history import record
 from ..data import Splits, check_loader
 from ..data.batches import as_example_inputs, select, split_batch
 from ..metrics.evaluate import Metric
-from ..nn.modules import copy_model
+from ..nn.modules import copy_model, match
 from ..training.losses import LossFn
 from .config import CP, SVD, Tucker
 from .cp import cp_conv, cp_max_rank, cp_params
@@ -211,10 +210,6 @@ def _numel(shape: tuple) -> int:
     return n
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def decompose(model: nn.Module, config: SVD | Tucker | CP, *, data=None, val_data=None, example_inputs=None,
               loss_fn: LossFn | str | None = None, metric: Metric | None = None, inplace: bool = False) -> nn.Module:
     """Return ``model`` (a copy unless ``inplace``) with its Linear / Conv2d layers replaced by low-rank
@@ -286,9 +281,9 @@ def _decompose_layer(name: str, layer: nn.Module, method: _Method, shapes: tuple
         entry["skipped"] = reason
         return entry, None
 
-    if config.layers and not _matches(name, config.layers):
+    if config.layers and match(name, config.layers) is None:
         return skip("not selected by config.layers")
-    if _matches(name, config.exclude):
+    if match(name, config.exclude) is not None:
         return skip("excluded by config.exclude")
     reason = method.unsupported(layer)
     if reason:

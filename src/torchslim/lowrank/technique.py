@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from typing import Any, Callable
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.technique import FieldSpace, LayerList, SearchSpace, Technique
+from ..nn.modules import match
 from .config import CP, SVD, Tucker
 from .cp import cp_max_rank
 from .decompose import decompose
@@ -23,9 +23,9 @@ _ORDER = {"unstructured": "decomposing replaces the masked weights by dense fact
 
 def _selected(config: Config, name: str) -> bool:
     layers = getattr(config, "layers", ())
-    if layers and not any(fnmatch.fnmatchcase(name, p) for p in layers):
+    if layers and match(name, layers) is None:
         return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in getattr(config, "exclude", ()))
+    return match(name, getattr(config, "exclude", ())) is None
 
 
 def _linears(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:

@@ -1,4 +1,4 @@
-"""Measurement: parameters, non-zeros, MACs, latency, bytes on disk, accuracy."""
+"""Measurement: parameters, non-zeros, MACs, latency, accuracy (bytes on disk: ``torchslim.export.saved_size``)."""
 
 from .evaluate import evaluate
 from .profile import (
@@ -8,7 +8,6 @@ from .profile import (
     count_params,
     measure_latency,
     profile,
-    saved_size,
 )
 
-__all__ = ["Profile", "profile", "evaluate", "count_params", "count_macs", "measure_latency", "compare_latency", "saved_size"]
+__all__ = ["Profile", "profile", "evaluate", "count_params", "count_macs", "measure_latency", "compare_latency"]

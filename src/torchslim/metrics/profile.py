@@ -1,17 +1,16 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..data.batches import as_example_inputs, batch_size, call_model, to_device
+from ..nn.masks import effective, masked_names
 from .evaluate import model_device
 
 
@@ -32,13 +31,12 @@ def _effective_params(model: nn.Module):
     """Parameters as the model uses them: ``weight_orig * weight_mask`` for masked layers."""
     seen = set()
     for module in model.modules():
+        masked = {f"{name}_orig": name for name in masked_names(module)}
         for name, p in list(module.named_parameters(recurse=False)):
-            if name.endswith("_orig"):
-                mask = getattr(module, name[: -len("_orig")] + "_mask", None)
-                if mask is not None:
-                    yield p, p.detach() * mask
-                    seen.add(id(p))
-                    continue
+            if name in masked:
+                yield p, effective(module, masked[name]).detach()
+                seen.add(id(p))
+                continue
             if id(p) not in seen:
                 seen.add(id(p))
                 yield p, p.detach()
@@ -117,22 +115,12 @@ def compare_latency(models: dict[str, nn.Module], example_inputs, rounds: int = 
     return best
 
 
-def saved_size(model: nn.Module, **save_kwargs) -> int:
-    """Bytes of the real ``torchslim.save`` file of ``model``."""
-    from ..export.checkpoint import save
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.slim"
-        save(model, path, **save_kwargs)
-        return os.path.getsize(path)
-
-
-def profile(model: nn.Module, example_inputs, *, latency: bool = True, size: bool = True,
-            repeats: int = 30) -> Profile:
-    """Params, non-zero params, MACs, median latency (ms) and bytes on disk of ``model``.
+def profile(model: nn.Module, example_inputs, *, latency: bool = True, repeats: int = 30,
+            size_fn: Callable[[nn.Module], int] | None = None) -> Profile:
+    """Params, non-zero params, MACs, median latency (ms) and ``size_fn(model)`` bytes of ``model``.
 
     ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) are moved to the
-    model's device; latency is measured on that device.
+    model's device; latency is measured on that device. Without ``size_fn``, ``size_bytes`` is None (``torchslim.profile`` passes the saved checkpoint's size).
     """
     device = model_device(model)
     example_inputs = to_device(as_example_inputs(example_inputs), device)
@@ -142,6 +130,6 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, size: boo
         nonzero_params=nonzero,
         macs=count_macs(model, example_inputs),
         latency_ms=measure_latency(model, example_inputs, repeats=repeats) if latency else None,
-        size_bytes=saved_size(model) if size else None,
+        size_bytes=size_fn(model) if size_fn is not None else None,
         device=str(device),
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -41,3 +43,8 @@ def decoded_once(module: nn.Module, decode, *sources: torch.Tensor) -> torch.Ten
     value = decode()
     module.__dict__["_decoded"] = (key, [t.detach().clone() if t.is_floating_point() else None for t in sources], value)
     return value
+
+
+def match(name: str, patterns: Iterable[str]) -> str | None:
+    """The first of ``patterns`` (fnmatch, case-sensitive) that the layer name ``name`` matches, or None."""
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)

@@ -15,9 +15,9 @@ from torch import nn
 
 from ..core.errors import TorchslimError
 from ..core.technique import Techniques
+from ..export import saved_size
 from ..export.checkpoint import save
 from ..metrics import compare_latency, profile
-from ..metrics.profile import saved_size
 from ..techniques import BUILTIN
 from ..training import distributed
 from ..training.train import default_device
@@ -43,7 +43,7 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
 
     ``latency_ms`` is left None: ``side_by_side_latency`` fills it for the baseline and the compressed model
     together, so that machine noise hits both alike."""
-    p = profile(model, example_inputs, size=False, latency=False)
+    p = profile(model, example_inputs, latency=False)
     return {"accuracy": float(metric_fn(model, loader)), "params": p.params, "nonzero_params": p.nonzero_params,
             "macs": p.macs, "latency_ms": None, "size_bytes": saved_size(model, **(save_kw or {}))}
 

@@ -4,23 +4,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from .._version import __version__
-from ..metrics import evaluate, profile
-from ..core.files import atomic_write, save_figure
+from ..core.files import save_figure
 
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes")
-
-
-def measure(model: nn.Module, example_inputs: tuple, loader, latency: bool = True) -> dict[str, Any]:
-    """The report's metric block for ``model``: accuracy on ``loader`` plus its profile.
-
-    With ``latency=False`` the latency is left None, for the caller to measure side by side with
-    ``metrics.compare_latency`` (latencies taken minutes apart on a shared machine do not compare)."""
-    p = profile(model, example_inputs, latency=latency)
-    return {"accuracy": evaluate(model, loader), "params": p.params, "nonzero_params": p.nonzero_params,
-            "macs": p.macs, "latency_ms": p.latency_ms, "size_bytes": p.size_bytes}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -112,13 +99,3 @@ def plot_accuracy_vs_size(report: dict, path: Path) -> None:
     fig.tight_layout()
     save_figure(fig, path)
 
-
-def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.json, report.md and accuracy_vs_size.png into ``out_dir`` (atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plot = out / "accuracy_vs_size.png"
-    plot_accuracy_vs_size(report, plot)
-    atomic_write(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    atomic_write(out / "report.md", render_markdown(report, plot.name).encode())
-    return {"json": out / "report.json", "markdown": out / "report.md", "plot": plot}

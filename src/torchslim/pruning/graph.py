@@ -20,7 +20,6 @@ channels, so the pruned model is then not exactly the original with those channe
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import inspect
 import math
 from collections import Counter
@@ -31,8 +30,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..core.errors import UnsupportedModelError
-from .oprules import call_rule, module_rule, node_arg, traced_whole
 from ..data.batches import as_example_inputs
+from ..nn.modules import match
+from .oprules import call_rule, module_rule, node_arg, traced_whole
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 
@@ -92,10 +92,6 @@ class Group:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
-    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
-
-
 class _Tracer(fx.Tracer):
     """Keeps excluded modules opaque, so excluding an untraceable submodule lets the rest be traced, and
     modules with a user-registered op rule, so that the rule sees them."""
@@ -106,7 +102,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (super().is_leaf_module(m, module_qualified_name)
-                or (bool(module_qualified_name) and _matches(module_qualified_name, self.exclude) is not None)
+                or (bool(module_qualified_name) and match(module_qualified_name, self.exclude) is not None)
                 or traced_whole(m))
 
 
@@ -312,7 +308,7 @@ class _Builder:
                 continue  # sizes, dims, shapes: no tensor, no channels
             if any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node)) \
                     or self.shape(node) is None:
-                excluded = node.op == "call_module" and _matches(node.target, self.exclude)
+                excluded = node.op == "call_module" and match(node.target, self.exclude)
                 self.unknown(node, f"{self.describe(node)} takes or returns a tuple of tensors"
                              + (" (excluded)" if excluded else ""), EXCLUDED if excluded else UNSUPPORTED)
                 continue
@@ -329,9 +325,9 @@ class _Builder:
                                "layer; its channels are kept")
         elif rule is not None:
             rule(self, node, mod, name)
-        elif _matches(name, self.exclude):
+        elif match(name, self.exclude):
             self.unknown(node, f"its channels reach excluded module {name!r} (pattern "
-                               f"{_matches(name, self.exclude)!r}), which is kept whole", EXCLUDED)
+                               f"{match(name, self.exclude)!r}), which is kept whole", EXCLUDED)
         else:
             self.unknown(node)
 
@@ -529,7 +525,7 @@ def build_groups(model: nn.Module, example_inputs: tuple | dict, exclude: tuple[
     groups = builder.groups()
     for g in groups:
         for m in g.members:
-            pattern = _matches(m.module, tuple(exclude)) if m.role != "in" else None
+            pattern = match(m.module, tuple(exclude)) if m.role != "in" else None
             if pattern is not None:
                 g.reasons.append((EXCLUDED, f"{m.module!r} matches exclude pattern {pattern!r}"))
                 break

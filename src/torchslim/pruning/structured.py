@@ -8,7 +8,6 @@ layer attribute, leaving a smaller dense model of the same classes.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 import warnings
 from typing import Iterable
@@ -18,7 +17,8 @@ from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..data.batches import as_example_inputs, call_model
-from ..nn.modules import copy_model
+from ..nn.masks import masked_names
+from ..nn.modules import copy_model, match
 from ..training.losses import LossFn
 from .config import StructuredPruning
 from .graph import UNSUPPORTED, Group, Member, build_groups
@@ -29,13 +29,13 @@ __all__ = ["structured_prune", "plan_keep", "apply_keep", "masked_like"]
 
 def _check_model(model: nn.Module) -> None:
     for name, module in model.named_modules():
+        layer = name or type(model).__name__
+        masked = masked_names(module)
+        if masked:
+            raise UnsupportedModelError(
+                f"layer {layer!r} carries an unstructured pruning mask ({masked[0]}_orig); apply structured pruning "
+                f"before unstructured pruning, or call torch.nn.utils.prune.remove(module, {masked[0]!r}) first")
         for pname, p in module.named_parameters(recurse=False):
-            layer = name or type(model).__name__
-            if pname.endswith("_orig"):
-                raise UnsupportedModelError(
-                    f"layer {layer!r} carries an unstructured pruning mask ({pname}); apply structured pruning "
-                    "before unstructured pruning, or call torch.nn.utils.prune.remove(module, "
-                    f"{pname[:-5]!r}) first")
             if not torch.isfinite(p.detach()).all():
                 raise TorchslimError(f"layer {layer!r} has NaN/inf values in {pname!r}; channel importance "
                                      "would be meaningless. Fix or retrain the model first.")
@@ -47,7 +47,7 @@ def _group_ratios(groups: list[Group], ratio: float | dict[str, float]) -> list[
     if not isinstance(ratio, dict):
         return [float(ratio)] * len(groups)
     leaders = [g.leader for g in groups]
-    unknown = [k for k in ratio if k not in leaders and not fnmatch.filter(leaders, k)]
+    unknown = [k for k in ratio if k not in leaders and all(match(leader, (k,)) is None for leader in leaders)]
     if unknown:
         raise ConfigError(f"ratio names layer(s) {unknown} that lead no channel group; a group's ratio is set "
                           f"by its leading layer, one of {leaders}")
@@ -56,7 +56,8 @@ def _group_ratios(groups: list[Group], ratio: float | dict[str, float]) -> list[
         if leader in ratio:
             out.append(float(ratio[leader]))
         else:
-            out.append(next((float(v) for k, v in ratio.items() if fnmatch.fnmatchcase(leader, k)), 0.0))
+            pattern = match(leader, ratio)
+            out.append(0.0 if pattern is None else float(ratio[pattern]))
     return out
 
 

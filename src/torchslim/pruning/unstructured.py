@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..nn.masks import effective
+from ..nn.modules import match
 from .config import UnstructuredPruning
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -17,19 +17,12 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Linear and Conv layers of ``model`` by name, minus those matching an ``exclude`` pattern."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, PRUNABLE) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)}
-
-
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the layer computes with: ``weight_orig * weight_mask`` when masked."""
-    if hasattr(module, "weight_mask"):
-        return module.weight_orig.detach() * module.weight_mask
-    return module.weight.detach()
+            if isinstance(m, PRUNABLE) and match(name, exclude) is None}
 
 
 def _check_finite(layers: dict[str, nn.Module]) -> None:
     for name, m in layers.items():
-        if not torch.isfinite(effective_weight(m)).all():
+        if not torch.isfinite(effective(m).detach()).all():
             raise TorchslimError(f"layer {name!r} has NaN/inf weights; magnitude pruning would be meaningless. "
                                  "Fix or retrain the model first.")
 
@@ -51,12 +44,12 @@ def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, fl
         if unknown:
             raise ConfigError(f"sparsity names unknown or excluded layer(s) {unknown}; prunable layers: "
                               f"{sorted(layers)}")
-        return {n: _keep_top(effective_weight(layers[n]).abs(), round(s * layers[n].weight.numel()))
+        return {n: _keep_top(effective(layers[n]).detach().abs(), round(s * layers[n].weight.numel()))
                 for n, s in sparsity.items()}
     if scope == "layer":
-        return {n: _keep_top(effective_weight(m).abs(), round(sparsity * m.weight.numel()))
+        return {n: _keep_top(effective(m).detach().abs(), round(sparsity * m.weight.numel()))
                 for n, m in layers.items()}
-    flat = torch.cat([effective_weight(m).abs().flatten() for m in layers.values()])
+    flat = torch.cat([effective(m).detach().abs().flatten() for m in layers.values()])
     keep = _keep_top(flat, round(sparsity * flat.numel()))
     masks, offset = {}, 0
     for n, m in layers.items():
@@ -91,7 +84,7 @@ def unstructured_prune(model: nn.Module, config: UnstructuredPruning,
 
 def layer_sparsity(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, float]:
     """Fraction of zero weights per prunable layer."""
-    return {n: 1.0 - torch.count_nonzero(effective_weight(m)).item() / m.weight.numel()
+    return {n: 1.0 - torch.count_nonzero(effective(m).detach()).item() / m.weight.numel()
             for n, m in prunable_layers(model, exclude).items()}
 
 

@@ -11,40 +11,26 @@
   zero point and code range are kept and applied too, so the converted model computes exactly what the
   trained one did.
 
-Importing this module registers all of them with the checkpoint (:func:`register_checkpoint_support`)
-together with the ``"intpack"`` tensor encoding, which stores integer code tensors at their real bit width
-(1 bit for binary, base-3 at 1.6 bits for ternary, b bits for b-bit codes), deflated when that is smaller.
+Their checkpoint codecs are in :mod:`.codecs`.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..core.config import config_from_dict
 from ..core.errors import TorchslimError
+from ..nn.masks import effective, masked_names
 from ..nn.modules import decoded_once
-from .fake import (
-    BinaryQuantizer,
-    FakeQuantize,
-    LSQQuantizer,
-    MinMaxQuantizer,
-    Quantizer,
-    TernaryQuantizer,
-)
-from .spec import QuantSpec
+from .fake import FakeQuantize, Quantizer
 
 __all__ = [
     "QuantLinear", "QuantConv1d", "QuantConv2d", "QLinear", "QConv1d", "QConv2d",
     "FLOAT_TO_QAT", "QAT_MODULES", "CONVERTED_MODULES", "to_qat_module", "to_converted_module",
-    "effective_weight", "encode_intpack", "decode_intpack", "register_checkpoint_support",
 ]
 
 
@@ -104,21 +90,6 @@ QAT_MODULES = (QuantLinear, QuantConv1d, QuantConv2d)
 _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 
 
-def _pruned_names(module: nn.Module) -> list[str]:
-    return [h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
-
-
-def effective_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
-    """The tensor a layer computes with: ``<name>_orig * <name>_mask`` when pruned, else ``<name>``.
-
-    Read from the reparametrisation rather than the cached attribute, which is only refreshed by a
-    forward pass and so lags one optimizer step behind.
-    """
-    if hasattr(module, f"{name}_orig") and hasattr(module, f"{name}_mask"):
-        return getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")
-    return getattr(module, name)
-
-
 def to_qat_module(module: nn.Module, weight_quant: Quantizer, input_quant: Quantizer | None) -> nn.Module:
     """The QAT wrapper of a float ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``, sharing its parameters.
 
@@ -129,7 +100,7 @@ def to_qat_module(module: nn.Module, weight_quant: Quantizer, input_quant: Quant
     if cls is None:
         raise TorchslimError(f"no QAT wrapper for {type(module).__name__}; supported: "
                              f"{[c.__name__ for c in FLOAT_TO_QAT]}")
-    pruned = {name: getattr(module, f"{name}_mask") for name in _pruned_names(module)}
+    pruned = {name: getattr(module, f"{name}_mask") for name in masked_names(module)}
     params = {name: getattr(module, f"{name}_orig") if name in pruned else getattr(module, name)
               for name in ("weight", "bias")}
     with torch.device("meta"):  # the real tensors are moved in below; skip a throw-away initialisation
@@ -283,7 +254,7 @@ def to_converted_module(module: nn.Module, where: str = "") -> nn.Module:
     wq = module.weight_quant
     if not isinstance(wq, Quantizer):
         raise TorchslimError(f"{where}: its weight quantizer is {type(wq).__name__}, not a torchslim quantizer")
-    w = effective_weight(module).detach()
+    w = effective(module).detach()
     if not torch.isfinite(w).all():
         raise TorchslimError(f"{where}: the weight contains NaN/inf values (training diverged?); cannot convert")
     codes = wq.codes(w)
@@ -314,173 +285,5 @@ def to_converted_module(module: nn.Module, where: str = "") -> nn.Module:
         new.input_scale.copy_(in_scale.float().reshape(()))
         new.input_zero.copy_(in_zero.to(torch.int32).reshape(()))
     if has_bias:
-        new.bias.copy_(effective_weight(module, "bias").detach())
+        new.bias.copy_(effective(module, "bias").detach())
     return new.train(False)
-
-
-# ----------------------------------------------------------------------------------------------
-# "intpack": integer code tensors stored at their real bit width
-
-
-_CHUNK = 1 << 20  # codes per packing chunk (a multiple of 8, so chunks concatenate bit-exactly)
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def _pack_bits(idx: np.ndarray, bits: int) -> bytes:
-    out = []
-    for start in range(0, idx.size, _CHUNK):
-        chunk = idx[start:start + _CHUNK]
-        planes = np.unpackbits(chunk[:, None], axis=1)[:, 8 - bits:]  # MSB-first, low ``bits`` kept
-        out.append(np.packbits(planes.reshape(-1)).tobytes())
-    return b"".join(out)
-
-
-def _unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
-    raw = np.frombuffer(data, dtype=np.uint8)
-    out = np.empty(n, dtype=np.uint8)
-    per_chunk = _CHUNK * bits // 8
-    for i, start in enumerate(range(0, n, _CHUNK)):
-        count = min(_CHUNK, n - start)
-        planes = np.unpackbits(raw[i * per_chunk:(i + 1) * per_chunk], count=count * bits).reshape(count, bits)
-        full = np.zeros((count, 8), dtype=np.uint8)
-        full[:, 8 - bits:] = planes
-        out[start:start + count] = np.packbits(full, axis=1).reshape(-1)
-    return out
-
-
-_POW3 = np.array([1, 3, 9, 27, 81], dtype=np.uint16)
-
-
-def _pack_trits(idx: np.ndarray) -> bytes:
-    """Five base-3 digits per byte (3^5 = 243 <= 256): 1.6 bits per ternary code."""
-    pad = (-idx.size) % 5
-    digits = np.concatenate([idx, np.zeros(pad, dtype=np.uint8)]).reshape(-1, 5).astype(np.uint16)
-    return (digits * _POW3).sum(1).astype(np.uint8).tobytes()
-
-
-def _unpack_trits(data: bytes, n: int) -> np.ndarray:
-    b = np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
-    digits = (b[:, None] // _POW3) % 3
-    return digits.reshape(-1)[:n].astype(np.uint8)
-
-
-def encode_intpack(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """Checkpoint encoding of an integer tensor with at most 256 distinct values.
-
-    The values are replaced by their index in the sorted table of distinct values, and the indices packed
-    at ``ceil(log2(k))`` bits (base-3, 1.6 bits, when there are exactly 3 values; nothing at all for a
-    constant tensor). The packed bytes are deflated (zlib) when that is smaller: quantized weights are
-    bell-shaped, so the middle codes dominate and compress further. Returns None for other tensors.
-    """
-    if t.dtype not in _INT_DTYPES or t.numel() == 0:
-        return None
-    flat = t.reshape(-1)
-    values = torch.unique(flat)
-    k = values.numel()
-    if k > 256:
-        return None
-    idx = torch.searchsorted(values, flat).to(torch.uint8).numpy()
-    if k == 1:
-        width: int | str = 0
-        packed = b""
-    elif k == 3:
-        width, packed = "trit", _pack_trits(idx)
-    else:
-        width = max(1, math.ceil(math.log2(k)))
-        packed = _pack_bits(idx, width)
-    deflated = zlib.compress(packed, 9) if packed else b""
-    use_zlib = len(deflated) < len(packed)
-    data = deflated if use_zlib else packed
-    lo = int(values[0])
-    contiguous = int(values[-1]) - lo + 1 == k
-    meta: dict[str, Any] = {"width": width, "zlib": use_zlib, "lo": lo, "levels": k}
-    if not contiguous:
-        meta["values"] = [int(v) for v in values]
-    return {"data": torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else
-            torch.zeros(0, dtype=torch.uint8)}, meta
-
-
-def decode_intpack(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
-    """Inverse of :func:`encode_intpack`."""
-    n = math.prod(entry["shape"])
-    dtype = getattr(torch, entry["dtype"])
-    data = parts["data"].numpy().tobytes()
-    if entry["zlib"]:
-        data = zlib.decompress(data)
-    width = entry["width"]
-    if width == 0:
-        idx = np.zeros(n, dtype=np.uint8)
-    elif width == "trit":
-        idx = _unpack_trits(data, n)
-    else:
-        idx = _unpack_bits(data, int(width), n)
-    values = entry.get("values")
-    if values is None:
-        values = list(range(entry["lo"], entry["lo"] + entry["levels"]))
-    table = torch.tensor(values, dtype=torch.int64)
-    return table[torch.from_numpy(idx.astype(np.int64))].to(dtype).reshape(entry["shape"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoint registration
-
-
-def _spec_args(spec: QuantSpec) -> dict[str, Any]:
-    return spec.to_dict()
-
-
-def _spec_from(args: dict[str, Any]) -> QuantSpec:
-    spec = config_from_dict(dict(args), "QuantSpec")
-    assert isinstance(spec, QuantSpec)
-    return spec
-
-
-def _tuples(v: Any) -> Any:
-    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
-
-
-def _qat_args(m: nn.Module) -> dict[str, Any]:
-    if isinstance(m, nn.Linear):
-        return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
-    args = {a: getattr(m, a) for a in _CONV_ATTRS}
-    args["bias"] = m.bias is not None
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
-
-
-def _converted_args(m: nn.Module) -> dict[str, Any]:
-    if isinstance(m, QLinear):
-        args: dict[str, Any] = {"in_features": m.in_features, "out_features": m.out_features}
-    else:
-        args = {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
-                "stride": list(m.stride), "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-                "dilation": list(m.dilation), "groups": m.groups}
-    args["bias"] = m.bias is not None
-    return {**args, **m._codes_args()}
-
-
-def register_checkpoint_support() -> None:
-    """Register the quantized modules and the ``"intpack"`` encoding with ``torchslim.export.checkpoint``.
-
-    Called once when this module is imported; ``torchslim.save`` then writes converted models with their
-    codes bit-packed and ``torchslim.load`` rebuilds both converted and QAT-prepared models.
-    """
-    from ..export.checkpoint import register_encoding, register_module
-
-    register_encoding("intpack", encode_intpack, decode_intpack)
-    for cls in (*QAT_MODULES, *CONVERTED_MODULES):
-        to_args = _qat_args if cls in QAT_MODULES else _converted_args
-        register_module(cls, to_args, lambda a, cls=cls: cls(**{k: _tuples(v) for k, v in a.items()}))
-    register_module(MinMaxQuantizer,
-                    lambda m: {"spec": _spec_args(m.spec), "observe": m.observe, "momentum": m.momentum},
-                    lambda a: MinMaxQuantizer(_spec_from(a["spec"]), observe=a["observe"], momentum=a["momentum"]))
-    register_module(LSQQuantizer,
-                    lambda m: {"spec": _spec_args(m.spec), "channels": m.step.numel(), "activation": m.activation},
-                    lambda a: LSQQuantizer(_spec_from(a["spec"]), a["channels"], activation=a["activation"]))
-    register_module(BinaryQuantizer, lambda m: {}, lambda a: BinaryQuantizer())
-    register_module(TernaryQuantizer,
-                    lambda m: {"channels": m.alpha.numel() if m.learned_scale else 1, "threshold": m.threshold,
-                               "learned_scale": m.learned_scale},
-                    lambda a: TernaryQuantizer(a["channels"], a["threshold"], a["learned_scale"]))
-
-
-register_checkpoint_support()

@@ -16,21 +16,20 @@ low-bit, and fp8 on CUDA. One config and one ``apply_*`` function per technique;
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import warnings
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
 from ..core.config import Config
 from ..core.checks import check_choice, check_positive
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..data.batches import as_example_inputs, batch_size, call_model, split_batch
 from ..metrics.profile import count_macs
-from ..nn.modules import copy_model
+from ..nn.masks import effective, masked_names
+from ..nn.modules import copy_model, match
 from ..export.onnx import _export_copy, array, ort_session, to_onnx_proto
 from .backends import STATIC_BACKENDS
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported
@@ -348,10 +347,6 @@ def _report_float(layers: list[dict[str, str]], policy: str, what: str, how: str
 # Module replacement (dynamic, weight-only, fp8)
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
     if name == "":
         return module
@@ -374,14 +369,13 @@ def _convert(model: nn.Module, choose, exclude: tuple[str, ...], what: str, poli
     """Replace every layer ``choose(name, module)`` returns a module for; report weighted layers left float."""
     model = copy_model(model)
     for module in model.modules():  # refresh pruned weights (the cached value can be one step stale)
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, torch_prune.BasePruningMethod):
-                setattr(module, hook._tensor_name, hook.apply_mask(module).detach())
+        for name in masked_names(module):
+            setattr(module, name, effective(module, name).detach())
     converted: list[str] = []
     skipped: list[dict[str, str]] = []
     opaque = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     for name, module in list(_weighted_leaves(model).items()):
-        if _matches(name, exclude) or _inside(name, converted):
+        if match(name, exclude) is not None or _inside(name, converted):
             continue
         if _inside(name, opaque):  # MultiheadAttention reads its projections' weights directly
             skipped.append({"layer": name, "op": type(module).__name__, "reason": "inside MultiheadAttention"})
@@ -392,7 +386,7 @@ def _convert(model: nn.Module, choose, exclude: tuple[str, ...], what: str, poli
             converted.append(name)
         else:
             skipped.append({"layer": name, "op": type(module).__name__, "reason": result or "no kernel"})
-    if exclude and not any(_matches(n, exclude) for n, _ in model.named_modules()):
+    if exclude and all(match(n, exclude) is None for n, _ in model.named_modules()):
         raise ConfigError(f"exclude={list(exclude)} matches no layer of the model")
     if not converted:
         names = ", ".join(f"{d['layer']} ({d['op']}: {d['reason']})" for d in skipped[:8]) or "none"

@@ -15,9 +15,7 @@ or raise ``UnsupportedModelError`` with ``unsupported="raise"``.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import warnings
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -30,7 +28,8 @@ from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
-from ..nn.modules import copy_model
+from ..nn.masks import effective
+from ..nn.modules import copy_model, match
 from .fake import (
     BinaryQuantizer,
     LSQQuantizer,
@@ -113,10 +112,9 @@ class LayerQuant(Config):
         spec = QuantSpec(bits=self.bits, symmetric=self.symmetric,
                          granularity="channel" if self.per_channel else "tensor", axis=0, signed=True)
         if self.learned_step:
-            weight = module.weight
-            q = LSQQuantizer(spec, out, where=where).to(weight.device)
-            weight = module.weight_orig * module.weight_mask if hasattr(module, "weight_mask") else module.weight
-            q(weight.detach())  # initialise the step from the trained weights now, before any optimizer exists
+            q = LSQQuantizer(spec, out, where=where).to(module.weight.device)
+            # Initialise the step from the trained weights now, before any optimizer exists.
+            q(effective(module).detach())
             return q
         return MinMaxQuantizer(spec, where=where)
 
@@ -186,10 +184,6 @@ class QAT(Config):
 # Layer discovery
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
 def quantizable_layers(model: nn.Module, exclude: tuple[str, ...] = (), unsupported: str = "warn"
                        ) -> dict[str, nn.Module]:
     """Layers of ``model`` that get quantized (Linear, Conv1d, Conv2d), in module order.
@@ -204,7 +198,7 @@ def quantizable_layers(model: nn.Module, exclude: tuple[str, ...] = (), unsuppor
     def visit(prefix: str, module: nn.Module) -> None:
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
-            if _matches(path, exclude):
+            if match(path, exclude) is not None:
                 continue
             if isinstance(child, QAT_MODULES) or isinstance(child, CONVERTED_MODULES):
                 raise UnsupportedModelError(f"layer {path!r} is already quantized ({type(child).__name__}); "

@@ -13,7 +13,6 @@ whichever is smaller per layer, relative indices for the pruned positions) and t
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import warnings
 from typing import Any
 
@@ -26,12 +25,12 @@ from ..core.config import Config
 from ..core.checks import check_choice
 from ..data import check_loader
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
-from ..export import coding  # noqa: F401  (registers the "huffman" and "ans" checkpoint encodings)
-from ..export.checkpoint import register_module
+from ..export.checkpoint import ModuleCodec
 from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
-from ..nn.modules import copy_model, decoded_once
+from ..nn.masks import effective
+from ..nn.modules import copy_model, decoded_once, match
 
 __all__ = ["WeightSharing", "apply_weight_sharing", "SharedLinear", "SharedConv1d", "SharedConv2d",
            "SharedConv3d", "SharedWeight", "kmeans_codebook", "sharing_summary", "MAX_BITS"]
@@ -189,17 +188,11 @@ def _shared_from(module: nn.Module, num_centroids: int, bits: int) -> SharedWeig
     if has_bias:
         with torch.no_grad():
             shared.bias.copy_(module.bias.detach())
-    return shared.to(_effective_weight(module).device)
+    return shared.to(effective(module).device)
 
 
 # ----------------------------------------------------------------------------------------------
 # k-means
-
-
-def _effective_weight(module: nn.Module) -> torch.Tensor:
-    if hasattr(module, "weight_orig") and hasattr(module, "weight_mask"):
-        return (module.weight_orig * module.weight_mask).detach()
-    return module.weight.detach()
 
 
 def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed: int = 0
@@ -254,7 +247,7 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed:
 def shareable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
     """Linear and Conv layers of ``model`` by name, minus those matching an ``exclude`` pattern."""
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, _SHAREABLE) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)}
+            if isinstance(m, _SHAREABLE) and match(name, exclude) is None}
 
 
 def _targets(model: nn.Module, config: WeightSharing) -> dict[str, int]:
@@ -288,7 +281,7 @@ def apply_weight_sharing(model: nn.Module, config: WeightSharing, *, data=None, 
     targets = _targets(model, config)
     for name, bits in targets.items():
         module = model.get_submodule(name)
-        weight = _effective_weight(module)
+        weight = effective(module).detach()
         if not torch.isfinite(weight).all():
             raise TorchslimError(f"layer {name!r} has NaN/inf weights; k-means would be meaningless. Fix or retrain "
                                  "the model first.")
@@ -311,29 +304,29 @@ def sharing_summary(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint registration
+# Checkpoint codecs
 
 
-def _register() -> None:
-    def linear_args(m: SharedLinear) -> dict[str, Any]:
-        return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                "num_centroids": m.codebook.numel(), "bits": m.bits}
-
-    register_module(SharedLinear, linear_args, lambda a: SharedLinear(**a))
-
-    def conv_args(m: _SharedConv) -> dict[str, Any]:
-        args = {a: getattr(m, a) for a in _CONV_ARGS}
-        args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
-        return {**args, "bias": m.bias is not None, "num_centroids": m.codebook.numel(), "bits": m.bits}
-
-    def conv_builder(cls: type[_SharedConv]):
-        def build(a: dict[str, Any]) -> _SharedConv:
-            a = {k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}
-            return cls(**a)
-        return build
-
-    for cls in (SharedConv1d, SharedConv2d, SharedConv3d):
-        register_module(cls, conv_args, conv_builder(cls))
+def _linear_args(m: SharedLinear) -> dict[str, Any]:
+    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+            "num_centroids": m.codebook.numel(), "bits": m.bits}
 
 
-_register()
+def _conv_args(m: _SharedConv) -> dict[str, Any]:
+    args = {a: getattr(m, a) for a in _CONV_ARGS}
+    args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+    return {**args, "bias": m.bias is not None, "num_centroids": m.codebook.numel(), "bits": m.bits}
+
+
+def _conv_builder(cls: type[_SharedConv]):
+    def build(a: dict[str, Any]) -> _SharedConv:
+        a = {k: tuple(v) if isinstance(v, list) else v for k, v in a.items()}
+        return cls(**a)
+    return build
+
+
+CODECS = (
+    ModuleCodec(SharedLinear, _linear_args, lambda a: SharedLinear(**a)),
+    *(ModuleCodec(cls, _conv_args, _conv_builder(cls)) for cls in (SharedConv1d, SharedConv2d, SharedConv3d)),
+)
+"""Checkpoint codecs of the shared layers (their codes are stored by the checkpoint's "huffman"/"ans" encodings)."""

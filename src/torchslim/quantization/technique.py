@@ -1,20 +1,29 @@
-"""The quantization techniques' descriptors: apply, family and search spaces."""
+"""The quantization techniques' descriptors (apply, family, search space, checkpoint codecs) and ``quantize``,
+which applies any of them. A new quantization format is a config, an apply function and a line in _APPLY."""
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 from torch import nn
 
 from ..core.config import Config
+from ..core.errors import ConfigError
+from ..core.history import carry, record
 from ..core.rates import int_choice, soften_bits
 from ..core.technique import FieldSpace, SearchSpace, Technique
-from . import quantize
-from .lowbit import BinaryWeights, TernaryWeights
-from .mixed import MixedPrecision
-from .ptq import DynamicQuantization, Float8, StaticQuantization, WeightOnly
-from .qat import QAT
-from .sharing import WeightSharing, shareable_layers
+from ..metrics.evaluate import Metric
+from ..training.losses import LossFn
+from . import backends, codecs, sharing
+from .lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary
+from .mixed import MixedPrecision, apply_mixed_precision
+from .ptq import (DynamicQuantization, Float8, StaticQuantization, WeightOnly, apply_dynamic, apply_fp8, apply_static,
+                  apply_weight_only)
+from .qat import QAT, apply_qat
+from .sharing import WeightSharing, apply_weight_sharing, shareable_layers
+
+CODECS = (*codecs.CODECS, *backends.CODECS, *sharing.CODECS)
 
 
 def _shareable(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
@@ -58,8 +67,57 @@ WEIGHT_ONLY_SPACE = SearchSpace(
     fields=(FieldSpace("bits", low=2, high=8, mild=8, grid=(4, 2), encode=int_choice, choices=(8, 4, 2)),),
     apply=_replace, oneshot=lambda c: c, soften=_soften_weight_only)
 
+def _trained(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def apply(model, config, *, data, val_data, example_inputs, loss_fn, metric, inplace):
+        return fn(model, config, data=data, val_data=val_data, calibration_data=data, loss_fn=loss_fn,
+                  metric=metric, inplace=inplace)
+    return apply
+
+
+def _post_training(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def apply(model, config, *, data, val_data, example_inputs, loss_fn, metric, inplace):
+        return fn(model, config, calibration_data=data, example_inputs=example_inputs, data=data, val_data=val_data)
+    return apply
+
+
+def _sharing(model, config, *, data, val_data, example_inputs, loss_fn, metric, inplace):
+    return apply_weight_sharing(model, config, data=data, val_data=val_data, loss_fn=loss_fn, metric=metric,
+                                inplace=inplace)
+
+
+_APPLY: dict[type[Config], Callable[..., nn.Module]] = {
+    QAT: _trained(apply_qat), BinaryWeights: _trained(apply_binary), TernaryWeights: _trained(apply_ternary),
+    MixedPrecision: _trained(apply_mixed_precision), StaticQuantization: _post_training(apply_static),
+    DynamicQuantization: _post_training(apply_dynamic), WeightOnly: _post_training(apply_weight_only),
+    Float8: _post_training(apply_fp8), WeightSharing: _sharing,
+}
+
+
+def quantize(model: nn.Module, config: Config, *, data=None, val_data=None, example_inputs=None,
+             loss_fn: LossFn | str | None = None, metric: Metric | None = None, inplace: bool = False,
+             calibration_data=None) -> nn.Module:
+    """Quantize ``model`` as ``config`` says and return the converted (deployable) model.
+
+    ``data`` (any batch form of :mod:`torchslim.data.batches`) calibrates activation ranges (static PTQ, QAT)
+    and trains QAT, binary/ternary, centroid fine-tuning and mixed precision, with ``loss_fn`` (default
+    cross-entropy); ``metric`` is measured on ``val_data`` while training and drives mixed precision's
+    accuracy scan. ``example_inputs`` (a tensor, tuple or dict) is what static PTQ traces and times.
+    The model is copied unless ``inplace`` (which lets the trained techniques reuse it); the config is
+    recorded in the returned model's history. ``calibration_data`` is a deprecated alias of ``data``.
+    """
+    if calibration_data is not None:
+        warnings.warn("quantize(calibration_data=...) is deprecated: pass the calibration / training loader as "
+                      "data=", DeprecationWarning, stacklevel=2)
+        data = data if data is not None else calibration_data
+    apply = _APPLY.get(type(config))
+    if apply is None:
+        known = sorted(c.__name__ for c in _APPLY)
+        raise ConfigError(f"quantize() does not take {type(config).__name__}; quantization configs: {known}")
+    out = apply(model, config, data=data, val_data=val_data, example_inputs=example_inputs, loss_fn=loss_fn,
+                metric=metric, inplace=inplace)
+    return record(carry(model, out), config)
+
+
 _SPACES = {WeightSharing: WEIGHT_SHARING_SPACE, QAT: QAT_SPACE, WeightOnly: WEIGHT_ONLY_SPACE}
-TECHNIQUES = tuple(
-    Technique(config=cls, apply=quantize, family="quantize", search=_SPACES.get(cls))
-    for cls in (QAT, BinaryWeights, TernaryWeights, MixedPrecision, StaticQuantization, DynamicQuantization,
-                WeightOnly, Float8, WeightSharing))
+TECHNIQUES = tuple(Technique(config=cls, apply=quantize, family="quantize", search=_SPACES.get(cls), codecs=CODECS)
+                   for cls in _APPLY)

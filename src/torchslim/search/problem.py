@@ -9,7 +9,8 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.errors import ConfigError
-from ..metrics.profile import count_macs, measure_latency, saved_size
+from ..export import saved_size
+from ..metrics.profile import count_macs, measure_latency
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, reseed
 from ..pipeline.runner import StageInputs, run_stages
 from .knobs import Knob, build_knobs, stage_configs

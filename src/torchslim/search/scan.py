@@ -8,7 +8,6 @@ without fine-tuning.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -24,7 +23,7 @@ from ..data import Splits, check_loader
 from ..data.batches import call_model, output_tensor, split_batch, to_device
 from ..metrics import evaluate
 from ..metrics.evaluate import model_device
-from ..nn.modules import copy_model
+from ..nn.modules import copy_model, match
 from ..pipeline.runner import StageInputs, apply_stage
 from ..pruning.unstructured import make_permanent, prunable_layers
 from ..quantization.spec import QuantSpec
@@ -208,7 +207,7 @@ def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0
     work = make_permanent(copy_model(model)).eval()
     targets = prunable_layers(work)
     if layers:
-        targets = {n: m for n, m in targets.items() if any(fnmatch.fnmatchcase(n, p) for p in layers)}
+        targets = {n: m for n, m in targets.items() if match(n, layers) is not None}
     if not targets:
         raise UnsupportedModelError(f"no Linear/Conv layer of {type(model).__name__} matches layers={layers}")
     metric_fn = metric or evaluate

@@ -3,7 +3,7 @@
 Launched as ``torchrun --nproc-per-node N ...``, every process runs the same pipeline; :func:`train_distributed`
 wraps the model in DDP and gives each process a shard of the training data through a ``DistributedSampler`` with
 ``batch_size / N`` per process, so the global batch (and therefore the learning-rate schedule and the result) is
-that of one process. Outside ``torchrun`` it is plain :func:`~torchslim.pipeline.train.train`.
+that of one process. Outside ``torchrun`` it is plain :func:`~torchslim.training.train.train`.
 
 :func:`launch_local` starts N processes on this machine with the environment ``torchrun`` would set (used by the
 tests and handy in notebooks).
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..core.errors import ConfigError, TorchslimError
-from .train import History, TrainConfig, train
+from .loop import History, TrainConfig, train_local
 
 __all__ = ["launched", "rank", "world_size", "local_rank", "is_main_process", "process_group", "shard_loader",
            "ShardedLoader", "train_distributed", "should_wrap", "launch_local"]
@@ -159,14 +159,14 @@ def _average_grads(params: list[nn.Parameter], world: int) -> list[Any]:
 
 def train_distributed(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *, seed: int = 0,
                       **train_kwargs: Any) -> History:
-    """:func:`~torchslim.pipeline.train.train` across the processes of a ``torchrun`` launch (or an initialised
+    """:func:`~torchslim.training.train.train` across the processes of a ``torchrun`` launch (or an initialised
     process group); plain ``train`` otherwise. ``model`` is trained in place and ends identical on every rank.
 
     The per-process batch is ``train_loader.batch_size / world_size`` (the global batch is unchanged);
     ``seed`` drives the shared shuffling. ``train_kwargs`` are those of ``train`` (``val_loader``, ``loss_fn``,
     ``penalty``, ``on_step``, ``extra_params``)."""
     if not should_wrap(model):
-        return train(model, train_loader, config, **train_kwargs)
+        return train_local(model, train_loader, config, **train_kwargs)
     _init()
     r, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(config.device) if config.device else _device()
@@ -180,7 +180,7 @@ def train_distributed(model: nn.Module, train_loader, config: TrainConfig = Trai
         loader = shard_loader(train_loader, rank=r, world_size=world, seed=seed)
         hooks = _average_grads(list(train_kwargs.get("extra_params", ())), world)
         try:
-            return train(ddp, loader, config.replace(device=str(device)), **train_kwargs)
+            return train_local(ddp, loader, config.replace(device=str(device)), **train_kwargs)
         finally:
             for h in hooks:
                 h.remove()

@@ -6,11 +6,12 @@
 - :mod:`.weight_only` -- int8/int4/int2 grouped weight-only Linear (int4 kernels on CPU and CUDA);
 - :mod:`.cuda` -- fp8 (e4m3) matmuls through ``torch._scaled_mm`` and per-shape timing against bf16.
 
-Importing this package registers every module type with :mod:`torchslim.export.checkpoint`.
+:data:`CODECS` holds the checkpoint codecs of every module type they define.
 """
 
 from __future__ import annotations
 
+from . import cuda, dynamic, onnxrt, weight_only
 from .cuda import Fp8Linear, fp8_dequantize, fp8_quantize, fp8_supported
 from .dynamic import DynamicInt8Linear, DynamicInt8RNN
 from .onnxrt import QuantizedGraphModel
@@ -19,5 +20,7 @@ from .weight_only import WeightOnlyLinear
 STATIC_BACKENDS = ("ort_qdq", "ort_qop", "torch_onednn", "torch_x86")
 """Static int8 backends ``StaticQuantization(backend=...)`` can pick from (``"auto"`` measures them)."""
 
+CODECS = (*cuda.CODECS, *dynamic.CODECS, *onnxrt.CODECS, *weight_only.CODECS)
+
 __all__ = ["STATIC_BACKENDS", "QuantizedGraphModel", "DynamicInt8Linear", "DynamicInt8RNN", "WeightOnlyLinear",
-           "Fp8Linear", "fp8_quantize", "fp8_dequantize", "fp8_supported"]
+           "Fp8Linear", "fp8_quantize", "fp8_dequantize", "fp8_supported", "CODECS"]

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import TorchslimError
+from ...export.checkpoint import ModuleCodec
 
 __all__ = ["E4M3_MAX", "fp8_supported", "fp8_quantize", "fp8_dequantize", "Fp8Linear", "time_cuda",
-           "faster_than_bf16"]
+           "faster_than_bf16", "CODECS"]
 
 E4M3_MAX = 448.0
 _FP8 = getattr(torch, "float8_e4m3fn", None)
@@ -142,13 +143,9 @@ def faster_than_bf16(linear: nn.Linear, quantized: nn.Module, rows: int) -> tupl
     return low < base, base, low
 
 
-def _register() -> None:
-    from ...export.checkpoint import register_module
-
-    register_module(Fp8Linear,
-                    lambda m: {"in_features": m.in_features, "out_features": m.out_features,
-                               "bias": m.bias is not None},
-                    lambda a: Fp8Linear(**a))
-
-
-_register()
+CODECS = (
+    ModuleCodec(Fp8Linear,
+                lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+                lambda a: Fp8Linear(**a)),
+)
+"""Checkpoint codec of :class:`Fp8Linear`."""

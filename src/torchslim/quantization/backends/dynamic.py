@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import TorchslimError, UnsupportedModelError
+from ...export.checkpoint import ModuleCodec
 
 __all__ = ["DynamicInt8Linear", "DynamicInt8RNN", "quantize_weight_per_channel", "LINEAR_KERNELS",
-           "default_linear_kernel"]
+           "default_linear_kernel", "CODECS"]
 
 LINEAR_KERNELS = ("fbgemm", "int_mm")
 
@@ -251,14 +252,11 @@ class DynamicInt8RNN(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self._args().items())
 
 
-def _register() -> None:
-    from ...export.checkpoint import register_module
-
-    register_module(DynamicInt8Linear,
-                    lambda m: {"in_features": m.in_features, "out_features": m.out_features,
-                               "bias": m.bias is not None, "kernel": m.kernel},
-                    lambda a: DynamicInt8Linear(**a))
-    register_module(DynamicInt8RNN, lambda m: m._args(), lambda a: DynamicInt8RNN(**a))
-
-
-_register()
+CODECS = (
+    ModuleCodec(DynamicInt8Linear,
+                lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                           "kernel": m.kernel},
+                lambda a: DynamicInt8Linear(**a)),
+    ModuleCodec(DynamicInt8RNN, lambda m: m._args(), lambda a: DynamicInt8RNN(**a)),
+)
+"""Checkpoint codecs of the dynamic int8 modules."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import fnmatch
 import logging
 import re
 import statistics
@@ -25,12 +24,15 @@ from torch import nn
 
 from ...core.errors import ConfigError, DataError, TorchslimError, UnsupportedModelError
 from ...data.batches import call_model
+from ...export.checkpoint import ModuleCodec
 from ...export.onnx import ort_session
+from ...nn.modules import match
 from ..observers import Observer
+from .torch_int8 import ENGINES, TorchInt8Program
 
 __all__ = ["QuantizedGraphModel", "calibrate_graph", "quantize_graph", "float_compute_nodes", "layer_names",
            "global_pool_rewrite", "measure_runners", "make_runner", "OrtRunner", "exclude_node_names",
-           "FORMATS", "PASS_THROUGH_OPS"]
+           "FORMATS", "PASS_THROUGH_OPS", "CODECS"]
 
 FORMATS = ("qdq", "qop")
 
@@ -345,8 +347,6 @@ def make_runner(backend: str, model) -> Callable[..., Any]:
     ``torch_onednn``/``torch_x86``: PyTorch's quantized kernels, which need the QOperator form)."""
     if backend.startswith("ort_"):
         return OrtRunner(model, torch.get_num_threads())
-    from .torch_int8 import ENGINES, TorchInt8Program
-
     if backend in ENGINES:
         return TorchInt8Program(model, backend)
     raise ConfigError(f"unknown int8 backend {backend!r}; choose one of ort_qdq, ort_qop, {', '.join(ENGINES)}")
@@ -471,14 +471,8 @@ def exclude_node_names(model, patterns: Iterable[str]) -> list[str]:
     if not patterns:
         return []
     return [node for node, layer in layer_names(model).items()
-            if any(fnmatch.fnmatchcase(layer, p) for p in patterns)]
+            if match(layer, patterns) is not None]
 
 
-def _register() -> None:
-    from ...export.checkpoint import register_module
-
-    register_module(QuantizedGraphModel, lambda m: copy.deepcopy(m.init_kwargs),
-                    lambda a: QuantizedGraphModel(**a))
-
-
-_register()
+CODECS = (ModuleCodec(QuantizedGraphModel, lambda m: copy.deepcopy(m.init_kwargs), lambda a: QuantizedGraphModel(**a)),)
+"""Checkpoint codec of :class:`QuantizedGraphModel` (its graph is rebuilt from its constructor arguments)."""

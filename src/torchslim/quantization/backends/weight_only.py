@@ -20,44 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import ConfigError, TorchslimError
+from ...export.checkpoint import ModuleCodec
+from ...nn.bitpack import pack_bits, unpack_bits
 
-__all__ = ["WeightOnlyLinear", "pack_codes", "unpack_codes", "quantize_groups", "WEIGHT_ONLY_BITS"]
+__all__ = ["WeightOnlyLinear", "quantize_groups", "WEIGHT_ONLY_BITS", "CODECS"]
 
 WEIGHT_ONLY_BITS = (2, 4, 8)
 _INT4_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels accept
 _MIN_SCALE = 2.0 ** -24
-
-
-def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned ``bits``-bit codes (last dim divisible by 8 // bits) into uint8, first code in the high bits."""
-    if bits == 8:
-        return u.to(torch.uint8).contiguous()
-    per = 8 // bits
-    u = u.to(torch.uint8).reshape(*u.shape[:-1], u.shape[-1] // per, per)
-    out = torch.zeros(u.shape[:-1], dtype=torch.uint8, device=u.device)
-    for i in range(per):
-        out |= u[..., i] << (bits * (per - 1 - i))
-    return out
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes` (uint8 codes, last dimension ``8 // bits`` times longer)."""
-    if bits == 8:
-        return packed
-    per = 8 // bits
-    if torch.compiler.is_compiling():
-        # Exporters mistype uint8 bit operations (int8 vs uint8 in ONNX); integer-valued float math is exact.
-        rest = packed.float()
-        parts = []
-        for i in range(per):
-            div = float(2 ** (bits * (per - 1 - i)))
-            part = torch.floor(rest / div)
-            rest = rest - part * div
-            parts.append(part)
-        return torch.stack(parts, -1).reshape(*packed.shape[:-1], packed.shape[-1] * per).to(torch.uint8)
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * (per - 1 - i))) & mask for i in range(per)]
-    return torch.stack(parts, -1).reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
@@ -115,7 +85,7 @@ class WeightOnlyLinear(nn.Module):
                 symmetric=symmetric)
         u, scale, zero = quantize_groups(linear.weight, bits, group_size, symmetric)
         with torch.no_grad():
-            q.packed.copy_(pack_codes(u, bits))
+            q.packed.copy_(pack_bits(u, bits))
             q.scale.copy_(scale)
             if zero is not None:
                 q.zero.copy_(zero)
@@ -125,7 +95,7 @@ class WeightOnlyLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unsigned integer codes [out, in]."""
-        return unpack_codes(self.packed, self.bits)
+        return unpack_bits(self.packed, self.bits)
 
     def _zero(self) -> torch.Tensor:
         if self.symmetric:
@@ -225,14 +195,10 @@ class WeightOnlyLinear(nn.Module):
                 f"bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}")
 
 
-def _register() -> None:
-    from ...export.checkpoint import register_module
-
-    register_module(WeightOnlyLinear,
-                    lambda m: {"in_features": m.in_features, "out_features": m.out_features,
-                               "bias": m.bias is not None, "bits": m.bits, "group_size": m.group_size,
-                               "symmetric": m.symmetric},
-                    lambda a: WeightOnlyLinear(**a))
-
-
-_register()
+CODECS = (
+    ModuleCodec(WeightOnlyLinear,
+                lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                           "bits": m.bits, "group_size": m.group_size, "symmetric": m.symmetric},
+                lambda a: WeightOnlyLinear(**a)),
+)
+"""Checkpoint codec of :class:`WeightOnlyLinear`."""

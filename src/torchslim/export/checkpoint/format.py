@@ -1,0 +1,174 @@
+"""The ``.slim`` file layout: a safetensors file whose header metadata holds the JSON manifest.
+
+Reading checks everything a damaged or foreign file can get wrong (size limits, truncation, the format
+name and version, the sha256 over manifest and tensor bytes) before any tensor is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..._version import __version__
+from ...core.errors import CheckpointError, TorchslimError
+
+FORMAT = "torchslim"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "torchslim"
+MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+
+
+class CheckpointExistsError(TorchslimError, FileExistsError):
+    """The target path exists and ``overwrite=True`` was not passed."""
+
+
+def canonical(obj: Any) -> str:
+    """The manifest's JSON text: sorted keys and no spaces, so its digest does not depend on dict order."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, as safetensors stores them."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def digest(manifest: dict[str, Any], raw: Mapping[str, Any]) -> str:
+    """sha256 over the manifest (without its ``sha256`` field) and the stored tensors' bytes, by name."""
+    h = hashlib.sha256(canonical({k: v for k, v in manifest.items() if k != "sha256"}).encode())
+    for name in sorted(raw):
+        h.update(raw[name])
+    return h.hexdigest()
+
+
+def parse_header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header and where the tensor data starts, parsed here to tell truncated files from
+    foreign ones."""
+    not_safetensors = (f"{path} is not a safetensors file (so not a torchslim checkpoint); check the path, or "
+                       "re-create it with torchslim.export.checkpoint.save")
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is only {len(data)} bytes long: truncated, or not a torchslim checkpoint")
+    n = int.from_bytes(data[:8], "little")
+    if n == 0 or n > MAX_HEADER or (len(data) > 8 and data[8:9] != b"{"):
+        raise CheckpointError(not_safetensors)
+    if 8 + n > len(data):
+        raise CheckpointError(f"{path} is truncated: its header needs {8 + n} bytes but the file has {len(data)}; "
+                              "it was cut short (interrupted copy or download), restore a complete copy")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(not_safetensors + " (its header is not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(not_safetensors)
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: malformed safetensors header entry for {name!r}; the file is corrupted")
+        end = max(end, offsets[1])
+    have = len(data) - 8 - n
+    if have < end:
+        raise CheckpointError(f"{path} is truncated: the tensor data needs {end} bytes but only {have} are present; "
+                              "it was cut short (interrupted copy or download), restore a complete copy")
+    if have > end:
+        raise CheckpointError(f"{path} has {have - end} unexpected bytes after the tensor data; the file is corrupted")
+    return header, 8 + n
+
+
+def field(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
+    """``manifest[key]``, which must be a ``kind``."""
+    value = manifest.get(key)
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: manifest field {key!r} is missing or not a {kind.__name__}; the file was not "
+                              "written by a compatible torchslim")
+    return value
+
+
+def read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
+    """The manifest and the whole file's bytes, after every check of the format and the sha256."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (saved with "
+                              "torchslim.export.checkpoint.save?)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a directory?); pass the .slim file itself")
+    data = path.read_bytes()
+    header, start = parse_header(data, path)
+    metadata = header.get("__metadata__") or {}
+    text = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(text, str):
+        raise CheckpointError(f"{path} is a safetensors file but has no torchslim manifest (metadata key "
+                              f"{MANIFEST_KEY!r}), so it was not written by torchslim.export.checkpoint.save; read "
+                              "its raw tensors with safetensors.torch.load_file instead")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: the torchslim manifest is not valid JSON; the file is corrupted") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: the manifest does not declare format {FORMAT!r}; not a torchslim checkpoint")
+    version = manifest.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {version!r} in the manifest; the file is corrupted")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} uses checkpoint format_version {version}, newer than this torchslim ({__version__}) supports "
+            f"(up to {FORMAT_VERSION}; written by torchslim {manifest.get('torchslim_version')}); upgrade torchslim")
+    view = memoryview(data)
+    raw = {name: view[start + info["data_offsets"][0]: start + info["data_offsets"][1]]
+           for name, info in header.items() if name != "__metadata__"}
+    try:
+        actual = digest(manifest, raw)
+    except ValueError:  # the manifest holds NaN/inf, which save never writes
+        actual = None
+    if actual is None or actual != manifest.get("sha256"):
+        raise CheckpointError(f"{path} failed its sha256 check: the file was tampered with or corrupted after it was "
+                              "written; restore a good copy or re-create it from the original model")
+    return manifest, data
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse to save onto a directory, or onto an existing file without ``overwrite``."""
+    if path.is_dir():
+        raise TorchslimError(f"cannot save to {path}: it is a directory; pass a file path such as {path / 'model.slim'}")
+    if path.exists() and not overwrite:
+        raise CheckpointExistsError(f"refusing to overwrite existing file {path}; pass overwrite=True to replace it")
+
+
+# ----------------------------------------------------------------------------------------------
+# Manifest values are plain JSON
+
+
+def plain(value: Any) -> Any:
+    """``value`` with tuples turned into lists (as JSON gives them back)."""
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def jsonable(value: Any, where: str) -> Any:
+    """Check ``value`` is plain JSON (tuples become lists), naming the offending item otherwise."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TorchslimError(f"{where} is {value}, which JSON cannot hold portably; store None or a string instead")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TorchslimError(f"{where} has key {k!r} of type {type(k).__name__}; manifest keys must be str")
+            out[k] = jsonable(v, f"{where}[{k!r}]")
+        return out
+    raise TorchslimError(f"{where} is a {type(value).__name__}, which is not JSON-serialisable; use str, int, float, "
+                         "bool, None, lists and str-keyed dicts (call .item() or .tolist() on tensors and arrays)")
