@@ -47,8 +47,9 @@ from torchslim.metrics import evaluate  # noqa: E402
 from torchslim.models import LeNet5, SmallResNet  # noqa: E402
 from torchslim.quantization.backends.dynamic import DynamicInt8Linear  # noqa: E402
 from torchslim.quantization.backends.onnxrt import QuantizedGraphModel  # noqa: E402
-from torchslim.quantization.ptq import (DynamicQuantization, StaticQuantization, WeightOnly, apply_dynamic,  # noqa: E402
-                                        apply_static, apply_weight_only)
+from torchslim.quantization.convert import apply_dynamic, apply_weight_only  # noqa: E402
+from torchslim.quantization.ptq import DynamicQuantization, StaticQuantization, WeightOnly  # noqa: E402
+from torchslim.quantization.static import apply_static  # noqa: E402
 
 NAME = "quant_ptq"
 OBSERVER_NAMES = ("minmax", "moving_average", "percentile", "mse", "entropy")

@@ -11,7 +11,8 @@ from torch import nn
 import torchslim
 from torchslim.export.onnx import OnnxExistsError, OnnxExportError, export_onnx, onnx_agreement, ort_session
 from torchslim.quantization.backends.dynamic import DynamicInt8RNN
-from torchslim.quantization.ptq import StaticQuantization, apply_static
+from torchslim.quantization.ptq import StaticQuantization
+from torchslim.quantization.static import apply_static
 
 
 def _no_temp_files(folder) -> bool:

@@ -21,8 +21,9 @@ from torchslim.quantization.backends.onnxrt import QuantizedGraphModel, calibrat
 from torchslim.nn.bitpack import pack_bits, unpack_bits
 from torchslim.quantization.backends.weight_only import WeightOnlyLinear, quantize_groups
 from torchslim.quantization.observers import make_observer
-from torchslim.quantization.ptq import (ACTIVATION_SPEC, DynamicQuantization, Float8, StaticQuantization, WeightOnly,
-                                        apply_dynamic, apply_fp8, apply_static, apply_weight_only)
+from torchslim.quantization.convert import apply_dynamic, apply_fp8, apply_weight_only
+from torchslim.quantization.ptq import ACTIVATION_SPEC, DynamicQuantization, Float8, StaticQuantization, WeightOnly
+from torchslim.quantization.static import apply_static
 
 
 def _state(model: nn.Module) -> dict:

@@ -18,8 +18,9 @@ from ..training.losses import LossFn
 from . import backends, codecs, sharing
 from .lowbit import BinaryWeights, TernaryWeights, apply_binary, apply_ternary
 from .mixed import MixedPrecision, apply_mixed_precision
-from .ptq import (DynamicQuantization, Float8, StaticQuantization, WeightOnly, apply_dynamic, apply_fp8, apply_static,
-                  apply_weight_only)
+from .convert import apply_dynamic, apply_fp8, apply_weight_only
+from .ptq import DynamicQuantization, Float8, StaticQuantization, WeightOnly
+from .static import apply_static
 from .qat import QAT, apply_qat
 from .sharing import WeightSharing, apply_weight_sharing, shareable_layers
 
