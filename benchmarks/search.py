@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, environment, parse_args, print_table, write_json  # noqa: E402
 
-from torchslim import TrainConfig, evaluate, train  # noqa: E402
+from torchslim import SearchOptions, TrainConfig, evaluate, search, train  # noqa: E402
 from torchslim.core.config import Config  # noqa: E402
 from torchslim.data import mnist  # noqa: E402
 from torchslim.models import LeNet5  # noqa: E402
@@ -123,8 +123,6 @@ def hand_section(model, data, args, work: Path) -> list[dict]:
 
 
 def search_section(model, data, args, out: Path) -> dict:
-    from torchslim.search.constrained import search
-
     try:
         recipe = load_recipe(SEARCH_RECIPE)
         used = SEARCH_RECIPE.name
@@ -135,8 +133,9 @@ def search_section(model, data, args, out: Path) -> dict:
     recipe = capped(recipe, args.steps)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    r = search(recipe, out, max_accuracy_drop=BUDGET, objective="size", strategy="fast", model=model, data=data,
-               overwrite=True, progress=False)
+    options = SearchOptions(max_accuracy_drop=BUDGET, objective="size", strategy="fast", overwrite=True,
+                            progress=False)
+    r = search(recipe, out, options, model=model, data=data)
     rep = r.report
     b = rep["budget"]
     return {"recipe": used, "strategy": "fast", "size_bytes": rep["compressed"]["size_bytes"],
@@ -150,8 +149,6 @@ def resume_section(args) -> dict:
     """A small search on digits stopped after 2 evaluations, then resumed from its SQLite storage."""
     import optuna
 
-    from torchslim.search.constrained import search
-
     text = """\
 model: {builtin: lenet300, kwargs: {in_features: 64}, train: {epochs: 6, lr: 3.0e-3, progress: false}}
 data: {builtin: digits, kwargs: {image_size: 8, val_fraction: 0.25}}
@@ -163,7 +160,7 @@ stages:
     with tempfile.TemporaryDirectory() as tmp:
         recipe = parse_recipe(text)
         try:
-            search(recipe, tmp, _stop_after=2, log=lambda s: None, progress=False)
+            search(recipe, tmp, SearchOptions(stop_after=2, progress=False), log=lambda s: None)
         except KeyboardInterrupt:
             pass
 
@@ -174,7 +171,7 @@ stages:
             return {t.number: t.values for t in st.trials if t.state.name == "COMPLETE"}
 
         before = trials()
-        r = search(recipe, tmp, log=lambda s: None, progress=False)
+        r = search(recipe, tmp, SearchOptions(progress=False), log=lambda s: None)
         after = trials()
     kept = all(after.get(n) == v for n, v in before.items())
     return {"finished_before_stop": len(before), "finished_after_resume": len(after), "all_kept": kept,

@@ -136,7 +136,7 @@ def test_recipe_stages_train_data_parallel_under_torchrun(tmp_path):
 
 
 def test_two_search_workers_share_one_storage(tmp_path):
-    from torchslim.search.constrained import search
+    from torchslim import SearchOptions, search
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("""\
@@ -147,8 +147,8 @@ stages:
   - {name: prune, type: UnstructuredPruning, sparsity: 0.9, check: false}
   - {name: finetune, type: Finetune, train: {epochs: 6, lr: 1.0e-3, progress: false}}
 """)
-    r = search(recipe, tmp_path / "out", strategy="optuna", trials=20, workers=2, log=lambda s: None,
-               progress=False)
+    r = search(recipe, tmp_path / "out", SearchOptions(strategy="optuna", trials=20, workers=2, progress=False),
+               log=lambda s: None)
     assert r.n_complete >= 20 and not r.report["search"]["worker_errors"]
     import optuna
 

@@ -13,14 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchslim import ConfigError, StructuredPruning, UnstructuredPruning, evaluate
+from torchslim import ConfigError, SearchOptions, StructuredPruning, UnstructuredPruning, evaluate
 from torchslim.export.checkpoint import load
 from torchslim.models import LeNet5, LeNet300
 from torchslim.cli.commands import EXIT_BUDGET_MISSED, add_commands
 from torchslim.pipeline.recipe import BudgetSpec, StageSpec, build_data, load_recipe
-from torchslim.search.constrained import StorageError, lagrangian_path, open_storage, search
+from torchslim.search.allocation import lagrangian_path
+from torchslim.search.api import search
+from torchslim.search.knobs import Knob, build_knobs, soften, stage_configs
 from torchslim.search.pareto import choose, pareto_front
-from torchslim.search.sensitivity import build_knobs, sensitivity, soften, stage_configs
+from torchslim.search.scan import sensitivity
+from torchslim.search.storage import StorageError, open_storage
 
 TINY = """\
 name: tiny
@@ -34,7 +37,11 @@ stages:
     SEARCH
   - {name: finetune, type: Finetune, train: {epochs: EPOCHS, lr: 1.0e-3, progress: false}}
 """
-QUIET = {"log": lambda s: None, "progress": False}
+QUIET = {"log": lambda s: None}
+
+
+def opts(**options) -> SearchOptions:
+    return SearchOptions(progress=False, **options)
 
 
 def tiny(tmp_path: Path, *, epochs: float = 1, search_line: str = "check: false", name: str = "tiny.yaml") -> Path:
@@ -111,8 +118,6 @@ def test_search_space_covers_lowrank_and_quantization_configs():
 
 
 def test_lagrangian_path_runs_from_aggressive_to_mild():
-    from torchslim.search.sensitivity import Knob
-
     knobs = [Knob(0, "p", "sparsity", n, 0.0, 0.99, 0.0, (0.5, 0.9)) for n in ("big", "small")]
     sens = {"baseline": {"objective": 100.0},
             "knobs": {"p.sparsity[big]": [{"value": 0.5, "error": 0.01, "objective": 60.0},
@@ -162,7 +167,7 @@ def test_fast_search_meets_the_budget_and_reports(tmp_path):
     import torchslim
 
     out = tmp_path / "out"
-    r = torchslim.search(tiny(tmp_path), out, **QUIET)  # the package is callable; its submodules still import
+    r = torchslim.search(tiny(tmp_path), out, opts(), **QUIET)  # the package is callable; its submodules still import
     assert r.feasible and r.chosen["metric"] >= r.report["search"]["floor"]
     rep = json.loads((out / "report.json").read_text())
     assert rep["budget"]["met_val"] and rep["search"]["strategy"] == "fast"
@@ -184,15 +189,15 @@ def test_fast_search_resumes_without_repeating_finished_trials(tmp_path):
     out = tmp_path / "out"
     recipe = tiny(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        search(recipe, out, _stop_after=2, **QUIET)
+        search(recipe, out, opts(stop_after=2), **QUIET)
     first = complete_trials(out / "search.db")
     assert len(first) == 2 and not (out / "report.json").exists()
     lines: list[str] = []
-    r = search(recipe, out, log=lines.append, progress=False)
+    r = search(recipe, out, opts(), log=lines.append)
     after = complete_trials(out / "search.db")
     assert all(after[n] == v for n, v in first.items())  # kept, unchanged
     assert sum("(stored)" in s for s in lines) >= 2 and any("reusing the baseline" in s for s in lines)
-    fresh = search(recipe, tmp_path / "fresh", **QUIET)  # the same search uninterrupted chooses the same
+    fresh = search(recipe, tmp_path / "fresh", opts(), **QUIET)  # the same search uninterrupted chooses the same
     assert fresh.chosen["params"] == r.chosen["params"] and fresh.chosen["metric"] == r.chosen["metric"]
 
 
@@ -202,8 +207,9 @@ def test_optuna_search_survives_being_killed(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         torch.set_num_threads(1)
-        from torchslim.search.constrained import search
-        search({str(recipe)!r}, {str(out)!r}, strategy="optuna", trials=40, progress=False, log=lambda s: None)
+        from torchslim import SearchOptions, search
+        search({str(recipe)!r}, {str(out)!r}, SearchOptions(strategy="optuna", trials=40, progress=False),
+               log=lambda s: None)
     """)
     env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
@@ -222,7 +228,7 @@ def test_optuna_search_survives_being_killed(tmp_path):
         proc.wait()
     before = complete_trials(out / "search.db")
     assert 3 <= len(before) < 40 and not (out / "report.json").exists()
-    r = search(recipe, out, strategy="optuna", trials=len(before) + 3, **QUIET)
+    r = search(recipe, out, opts(strategy="optuna", trials=len(before) + 3), **QUIET)
     after = complete_trials(out / "search.db")
     assert all(after[n] == v for n, v in before.items())  # no finished trial lost or changed
     assert len(after) == len(before) + 3 and r.n_complete == len(after)
@@ -254,27 +260,60 @@ def test_bad_storage_and_contradictions_fail_before_work(tmp_path):
     recipe = tmp_path / "slow.yaml"
     t0 = time.time()
     with pytest.raises(StorageError, match="folder /nonexistent-dir does not exist"):
-        search(recipe, tmp_path / "a", storage="sqlite:////nonexistent-dir/x.db", **QUIET)
+        search(recipe, tmp_path / "a", opts(storage="sqlite:////nonexistent-dir/x.db"), **QUIET)
     with pytest.raises(StorageError, match=r"postgresql\+pg8000://me:\*\*\*@127.0.0.1:1/db needs the Python driver "
                                            r"'pg8000'"):
-        search(recipe, tmp_path / "b", storage="postgresql+pg8000://me:secret@127.0.0.1:1/db", **QUIET)
+        search(recipe, tmp_path / "b", opts(storage="postgresql+pg8000://me:secret@127.0.0.1:1/db"), **QUIET)
     with pytest.raises(StorageError, match=r"cannot reach storage postgresql\+psycopg://me:\*\*\*@127.0.0.1:1/db: .*"
                                            r"check host"):
-        search(recipe, tmp_path / "b", storage="postgresql+psycopg://me:secret@127.0.0.1:1/db", **QUIET)
+        search(recipe, tmp_path / "b", opts(storage="postgresql+psycopg://me:secret@127.0.0.1:1/db"), **QUIET)
     with pytest.raises(StorageError, match="invalid storage URL"):
         open_storage("not a url")
     with pytest.raises(ConfigError, match="objective 'macs' cannot be reduced by the searchable stages"):
-        search(recipe, tmp_path / "c", objective="macs", **QUIET)
+        search(recipe, tmp_path / "c", opts(objective="macs"), **QUIET)
     with pytest.raises(ConfigError, match="needs a budget"):
-        search(load_recipe(recipe).replace(budget=BudgetSpec()), tmp_path / "d", **QUIET)
+        search(load_recipe(recipe).replace(budget=BudgetSpec()), tmp_path / "d", opts(), **QUIET)
     with pytest.raises(ConfigError, match="fast strategy is a sequential bisection"):
-        search(recipe, tmp_path / "e", workers=2, **QUIET)
+        search(recipe, tmp_path / "e", opts(workers=2), **QUIET)
     with pytest.raises(ConfigError, match="objective must be one of"):
-        search(recipe, tmp_path / "f", objective="energy", **QUIET)
+        search(recipe, tmp_path / "f", opts(objective="energy"), **QUIET)
     assert time.time() - t0 < 20
     frozen = tiny(tmp_path, search_line="search: false", name="frozen.yaml")
     with pytest.raises(ConfigError, match="nothing to search: no stage of .* has a searchable field"):
-        search(frozen, tmp_path / "g", **QUIET)
+        search(frozen, tmp_path / "g", opts(), **QUIET)
+
+
+def test_search_options_are_checked_when_made_and_filled_from_the_recipe(tmp_path):
+    import dataclasses
+
+    for field, bad, message in [("objective", "energy", "objective must be one of"),
+                                ("strategy", "grid", "strategy must be one of"),
+                                ("trials", 0, "trials must be a positive integer"),
+                                ("workers", 1.5, "workers must be a positive integer"),
+                                ("stop_after", -1, "stop_after must be a positive integer"),
+                                ("max_accuracy_drop", 1.0, "max_accuracy_drop must satisfy"),
+                                ("storage", "", "storage must be a non-empty string"),
+                                ("progress", "yes", "progress must be True or False")]:
+        with pytest.raises(ConfigError, match=message):
+            SearchOptions(**{field: bad})
+    with pytest.raises(ConfigError, match="fast strategy is a sequential bisection"):
+        SearchOptions(strategy="fast", workers=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SearchOptions().trials = 3
+    o = SearchOptions(trials=5).resolve(load_recipe(tiny(tmp_path)), tmp_path / "o")
+    assert (o.max_accuracy_drop, o.objective, o.strategy, o.trials, o.workers) == (0.03, "size", "fast", 5, 1)
+    assert o.storage == f"sqlite:///{(tmp_path / 'o' / 'search.db').resolve()}" and o.study_name.endswith("-size")
+
+
+def test_search_keywords_of_earlier_releases_still_work_with_a_warning(tmp_path):
+    recipe = tiny(tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"SearchOptions\(objective=\.\.\., progress=\.\.\., stop_after"):
+        with pytest.raises(ConfigError, match="objective 'macs' cannot be reduced"):  # mapped, then checked
+            search(recipe, tmp_path / "a", objective="macs", progress=False, _stop_after=2, **QUIET)
+    with pytest.raises(ConfigError, match="in SearchOptions only"):
+        search(recipe, tmp_path / "b", opts(), trials=3, **QUIET)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        search(recipe, tmp_path / "c", trails=3, **QUIET)
 
 
 def test_sensitivity_accepts_a_pruned_model_that_has_trained():
@@ -303,7 +342,7 @@ def test_python_flow_with_your_own_model_and_data(tmp_path):
     recipe = torchslim.Recipe(stages=[("prune", UnstructuredPruning(0.5)),
                                       torchslim.Finetune(torchslim.TrainConfig(epochs=1, lr=1e-3, progress=False))])
     assert [s.name for s in recipe.stages] == ["prune", "finetune"]
-    r = torchslim.search(recipe, tmp_path / "s", model=model, data=data, max_accuracy_drop=0.03, **QUIET)
+    r = torchslim.search(recipe, tmp_path / "s", opts(max_accuracy_drop=0.03), model=model, data=data, **QUIET)
     assert r.report["model"] == "Sequential" and set(r.chosen["params"]) == {"prune.sparsity[1]", "prune.sparsity[3]"}
     assert r.report["budget"]["met_val"] and r.report["ratios"]["size"] > 1.2
     report = run_recipe(recipe, tmp_path / "c", model=model, data=data, log=lambda s: None)
@@ -311,7 +350,7 @@ def test_python_flow_with_your_own_model_and_data(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the user's model is untouched
     # Without the model, the recipe says what it lacks (also from the command line).
     with pytest.raises(ConfigError, match="names no model: add a model: section"):
-        torchslim.search(recipe, tmp_path / "x", data=data, max_accuracy_drop=0.01, **QUIET)
+        torchslim.search(recipe, tmp_path / "x", opts(max_accuracy_drop=0.01), data=data, **QUIET)
     text = "stages:\n  - {name: prune, type: UnstructuredPruning, sparsity: 0.5}\n"
     assert parse_recipe(text, source="r.yaml").model is None
     with pytest.raises(RecipeError, match="missing required key 'stages'"):

@@ -15,7 +15,7 @@ from torchslim.core.errors import ConfigError
 from torchslim.core.technique import Technique, Techniques
 from torchslim.models import LeNet5
 from torchslim.pipeline.recipe import recipe_from_dict
-from torchslim.search.sensitivity import build_knobs, stage_configs
+from torchslim.search.knobs import build_knobs, stage_configs
 from torchslim.techniques import BUILTIN
 
 # One non-default example per technique: a new technique must add one here.

@@ -26,8 +26,9 @@ from .quantization import (
                            WeightSharing,
                            quantize,
 )
-from . import search, techniques  # search is callable: torchslim.search(recipe, out_dir, ...)
-from .search.sensitivity import sensitivity
+from . import search, techniques  # search is callable: torchslim.search(recipe, out_dir, SearchOptions(...))
+from .search.options import SearchOptions
+from .search.scan import sensitivity
 
 __all__ = [
     "__version__", "Config", "config_from_dict",
@@ -37,5 +38,5 @@ __all__ = [
     "quantize", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
     "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",
     "distill", "Distillation", "decompose", "SVD", "Tucker", "CP", "export_onnx",
-    "Recipe", "load_recipe", "compress", "search", "sensitivity",
+    "Recipe", "load_recipe", "compress", "search", "SearchOptions", "sensitivity",
 ]

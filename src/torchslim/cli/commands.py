@@ -15,8 +15,9 @@ from typing import Any
 from ..core.errors import ConfigError, TorchslimError
 from ..pipeline.commands import BudgetMissedWarning, run_recipe
 from ..pipeline.recipe import build_data, build_model, load_recipe, metric_function
-from ..search.constrained import search
-from ..search.sensitivity import sensitivity
+from ..search.api import search
+from ..search.options import SearchOptions
+from ..search.scan import sensitivity
 from ..training import distributed
 
 __all__ = ["add_commands", "finish", "EXIT_BUDGET_MISSED"]
@@ -118,9 +119,11 @@ def _search(args: argparse.Namespace) -> int:
     out = args.out or _default_out(path, "search")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)
-        result = search(recipe, out, max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
-                        strategy=args.strategy, trials=args.trials, storage=args.storage, study_name=args.study_name,
-                        workers=args.workers, worker_only=args.worker, overwrite=args.overwrite)
+        options = SearchOptions(max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
+                                strategy=args.strategy, trials=args.trials, storage=args.storage,
+                                study_name=args.study_name, workers=args.workers, worker_only=args.worker,
+                                overwrite=args.overwrite)
+        result = search(recipe, out, options)
     if args.worker:
         print(f"worker done: {result.n_complete} complete trial(s) in the study")
         return 0

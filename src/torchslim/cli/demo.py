@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 from ..pipeline.commands import BudgetMissedWarning
 from ..pipeline.recipe import parse_recipe
-from ..search.constrained import search
+from ..search.api import search
+from ..search.options import SearchOptions
 
 
 def demo_recipe_text(quick: bool = False, seed: int = 0) -> str:
@@ -48,6 +49,6 @@ def run_demo(out_dir: str | Path, *, seed: int = 0, overwrite: bool = False, qui
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)  # the caller reads report["budget"]
-        result = search(recipe, out, overwrite=overwrite, log=log)
+        result = search(recipe, out, SearchOptions(overwrite=overwrite), log=log)
     log(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return result.report

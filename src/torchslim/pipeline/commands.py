@@ -27,7 +27,8 @@ from .recipe import (Recipe, build_data, build_model, check_against_model, load_
 from .report import build_report, plot_accuracy_vs_size, render_markdown
 from .runner import StageInputs
 
-__all__ = ["run_recipe", "measure_block", "side_by_side_latency", "budget_summary", "publish", "BudgetMissedWarning"]
+__all__ = ["run_recipe", "measure_block", "side_by_side_latency", "budget_summary", "publish", "model_name",
+           "warn_if_missed", "BudgetMissedWarning"]
 
 OUTPUT_NAMES = ("report.json", "report.md", "model.slim")
 
@@ -133,7 +134,8 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
     return {n: out / n for n in names}
 
 
-def _model_name(recipe: Recipe, model: nn.Module) -> str:
+def model_name(recipe: Recipe, model: nn.Module) -> str:
+    """The model's name in reports: the recipe's builtin, factory or checkpoint stem, else the class name."""
     m = recipe.model
     if m is None:
         return type(model).__name__
@@ -187,7 +189,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     side_by_side_latency(baseline, model, compressed, final, example)
     budget = budget_summary(max_drop, recipe.metric, baseline_val, result.final_val, baseline["accuracy"],
                             compressed["accuracy"])
-    report = build_report(model_name=_model_name(recipe, model), dataset=data.name, device=str(default_device()),
+    report = build_report(model_name=model_name(recipe, model), dataset=data.name, device=str(default_device()),
                           baseline=baseline, compressed=compressed, stages=result.records, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, guard={"policy": recipe.guard.policy,
                                                                       "events": result.events},
@@ -197,7 +199,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         extra = section + _guard_markdown(result.events)
         publish(out, report=report, model=final, history=[r["config"] for r in result.records], save_kw=save_kw,
                 extra_markdown=extra, banner=banner)
-    _warn_if_missed(budget, log)
+    warn_if_missed(budget, log)
     return report
 
 
@@ -215,7 +217,8 @@ class BudgetMissedWarning(UserWarning):
     """A returned model misses the accuracy budget (the report says so too)."""
 
 
-def _warn_if_missed(budget: dict[str, Any], log: Callable[[str], None]) -> None:
+def warn_if_missed(budget: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Log and warn (``BudgetMissedWarning``) when ``budget`` says the result misses it."""
     if budget.get("met") is False:
         msg = (f"BUDGET MISSED: {budget['metric']} drop {100 * budget['drop_val']:.2f} points on val, "
                f"{100 * budget['drop_test']:.2f} on test; limit {100 * budget['max_accuracy_drop']:.2f}")

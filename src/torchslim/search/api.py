@@ -1,0 +1,320 @@
+"""``torchslim.search``: per-layer rates minimising size, latency or MACs subject to
+``metric >= baseline - max_accuracy_drop`` on the validation split (the test split is only for the report)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError, TorchslimError
+from ..export.checkpoint import load, save
+from ..nn.modules import copy_model
+from ..pipeline.commands import (
+    budget_markdown,
+    budget_summary,
+    check_outputs,
+    measure_block,
+    model_name,
+    publish,
+    side_by_side_latency,
+    warn_if_missed,
+)
+from ..pipeline.recipe import (
+    Recipe,
+    build_data,
+    build_model,
+    check_against_model,
+    load_recipe,
+    metric_function,
+    save_kwargs,
+)
+from ..pipeline.report import build_report
+from ..techniques import BUILTIN
+from ..training.distributed import launched
+from ..training.train import default_device
+from .knobs import Knob
+from .options import SearchOptions
+from .pareto import OBJECTIVE_LABELS, choose, pareto_front, plot_pareto
+from .problem import Evaluation, Problem
+from .scan import knob_sensitivity
+from .storage import (
+    complete,
+    count_failed,
+    describe_study,
+    fingerprint,
+    open_storage,
+    open_study,
+    point,
+    redact,
+    tpe_sampler,
+)
+from .strategies import fast, optimize, quiet_optuna, warm_start
+from .workers import join_study, run_workers, wait_for
+
+__all__ = ["search", "SearchResult", "SearchOptions", "Problem", "Evaluation"]
+
+# The keyword arguments search() took before SearchOptions, and the option each now sets.
+_LEGACY = {name: name for name in ("max_accuracy_drop", "objective", "strategy", "trials", "storage", "study_name",
+                                   "workers", "worker_only", "overwrite", "progress")}
+_LEGACY["_stop_after"] = "stop_after"
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """The chosen model (re-run from its setting and measured on the test split), whether it meets the budget on
+    the validation split (``feasible``), the chosen point and the Pareto front (validation metric vs objective),
+    and the report written to ``out_dir`` (None for a worker-only run)."""
+
+    model: nn.Module | None
+    feasible: bool
+    chosen: dict[str, Any] | None
+    front: list[dict[str, Any]]
+    points: list[dict[str, Any]]
+    report: dict[str, Any] | None
+    n_complete: int
+    study_name: str
+    storage: str
+
+
+@quiet_optuna
+def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOptions | None = None, *,
+           model: nn.Module | None = None, data=None, log: Callable[[str], None] = print,
+           **legacy: Any) -> SearchResult:
+    """Choose per-layer rates for the recipe's stages (whichever fields their configs make searchable) that
+    minimise the objective (``size``: bytes of the saved checkpoint, ``latency``: measured, ``macs``: counted)
+    subject to the metric on the validation split >= baseline - ``max_accuracy_drop``; write the report, the
+    Pareto plot and model.slim to ``out_dir``. ``options`` (:class:`SearchOptions`) default to the recipe's
+    ``search``/``budget`` values.
+
+    Trials live in ``options.storage`` (default ``sqlite:///OUT/search.db``): run the same search again to
+    resume; ``workers`` > 1 runs that many processes on this machine (``optuna`` strategy); ``worker_only``
+    joins another machine's study through a shared storage URL and only runs trials. ``model``/``data`` replace
+    the recipe's (a trained model, left untouched, and a :class:`~torchslim.data.Splits`).
+
+    When no setting meets the budget, the report shows the best one found and says so (``feasible`` False);
+    ``budget.met`` in the report is False also when the chosen model misses the budget on the test split.
+    The keyword arguments of earlier releases (``objective=``, ``trials=``...) still work, with a
+    DeprecationWarning."""
+    options = _options(options, legacy)
+    if launched():
+        raise ConfigError("run the search as one process, not under torchrun: it parallelises over trials "
+                          "(--workers N, or --worker processes sharing a --storage URL)")
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    out = Path(out_dir)
+    o = options.resolve(recipe, out)
+    if (o.workers > 1 or o.worker_only) and (model is not None or data is not None):
+        raise ConfigError("workers rebuild the data from the recipe: do not pass model=/data= with workers > 1")
+    if not o.worker_only:
+        check_outputs(out, o.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    store = open_storage(o.storage)  # an unreachable storage fails here, before any work
+    _check_reducible(recipe, o.objective)
+
+    data = data if data is not None else build_data(recipe)
+    example = data.example_inputs(recipe.example_batch)
+    metric_fn = metric_function(recipe)
+    baseline, baseline_path = _baseline(recipe, out, o, model, data, example, log)
+    save_kw = save_kwargs(recipe, baseline)
+    if not o.worker_only and (model is not None or not baseline_path.is_file()):
+        save(baseline, baseline_path, overwrite=True, **save_kw)  # what spawned workers load
+
+    problem = Problem(recipe, baseline, data, objective=o.objective, metric_fn=metric_fn, save_kw=save_kw)
+    if not problem.knobs:
+        raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
+                          f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")
+    baseline_val = float(metric_fn(baseline, data.val))
+    floor = baseline_val - o.max_accuracy_drop
+    sampler = tpe_sampler(recipe.seed)
+    if o.worker_only:
+        study = join_study(store, o.study_name, o.storage, sampler, log)
+    else:
+        study = open_study(store, o.study_name, sampler)
+    knob_names = [k.name for k in problem.knobs]
+    describe_study(study, {"recipe_key": recipe.key(), "objective": o.objective, "knobs": knob_names,
+                           "baseline": fingerprint(baseline)}, o.study_name, o.storage)
+    log(f"search: {len(problem.knobs)} knobs, objective {o.objective}, strategy {o.strategy}, baseline "
+        f"{recipe.metric} {baseline_val:.4f} (val), floor {floor:.4f}; study {o.study_name!r} in {redact(o.storage)} "
+        f"({len(complete(study))} finished trial(s) stored)")
+
+    if o.worker_only:
+        optimize(problem, study, o.trials, worker=os.getpid(), floor=floor, progress=o.progress)
+        return SearchResult(None, False, None, [], [], None, len(complete(study)), o.study_name, redact(o.storage))
+
+    sens = study.user_attrs.get("sensitivity")
+    if sens is None or set(sens["knobs"]) != set(knob_names):
+        log("one-shot sensitivity of every knob (validation split)")
+        sens = knob_sensitivity(baseline, problem.stages, problem.knobs, data, example, metric_fn=metric_fn,
+                                objective_fn=problem.objective_value, progress=o.progress)
+        study.set_user_attr("sensitivity", sens)
+    worker_errors: list[str] = []
+    if o.strategy == "fast":
+        fast(problem, study, floor, sens, log, o.progress, stop_after=o.stop_after)
+    else:
+        warm_start(study, problem.knobs, sens, o.trials)
+        worker_errors = run_workers(problem, study, recipe, o, baseline_path, save_kw, floor)
+
+    points = [point(t) for t in complete(study)]
+    if not points:
+        raise TorchslimError(f"no trial finished in study {o.study_name!r}; nothing to report")
+    chosen, feasible = choose(points, floor)
+    if not feasible:
+        log(f"NO SETTING MEETS THE BUDGET: the best found scores {chosen['metric']:.4f} on val, floor {floor:.4f}")
+    ev = _rerun(problem, study, chosen, data, metric_fn, log)
+    return _publish(out, recipe, o, problem, study, ev, points=points, chosen=chosen, feasible=feasible,
+                    baseline_val=baseline_val, baseline_obj=sens["baseline"]["objective"],
+                    worker_errors=worker_errors, example=example, log=log)
+
+
+def _options(options: SearchOptions | None, legacy: dict[str, Any]) -> SearchOptions:
+    """``options``, or the deprecated keyword arguments mapped into SearchOptions."""
+    if options is not None and not isinstance(options, SearchOptions):
+        raise ConfigError(f"options must be a torchslim.SearchOptions, got {type(options).__name__}")
+    if not legacy:
+        return options or SearchOptions()
+    unknown = sorted(set(legacy) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"search() got unexpected keyword argument(s) {unknown}")
+    if options is not None:
+        raise ConfigError(f"pass the search options in SearchOptions only, not also as keywords {sorted(legacy)}")
+    spelled = ", ".join(f"{_LEGACY[k]}=..." for k in legacy)
+    warnings.warn(f"search(recipe, out_dir, {', '.join(f'{k}=...' for k in legacy)}) is deprecated; write "
+                  f"search(recipe, out_dir, SearchOptions({spelled}))", DeprecationWarning, stacklevel=_caller_level())
+    return SearchOptions(**{_LEGACY[k]: v for k, v in legacy.items()})
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package, as seen from the function calling this one:
+    a warning then names the user's line, not the callable package or the Optuna wrapper."""
+    here = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _baseline(recipe: Recipe, out: Path, o: SearchOptions, model: nn.Module | None, data, example,
+              log: Callable[[str], None]) -> tuple[nn.Module, Path]:
+    """The model to compress (the caller's, the one this recipe saved before, or built from the recipe) and the
+    file spawned and remote workers load it from."""
+    path = out / f"baseline-{recipe.key()}.slim"
+    if o.worker_only and recipe.model is not None and recipe.model.train is not None:
+        # The recipe trains its model: the worker needs the coordinator's (a shared --out folder).
+        wait_for(path.is_file, f"the coordinator's baseline {path}", log)
+    if model is not None:
+        check_against_model(recipe, model, example)
+        return copy_model(model).cpu().eval(), path
+    if path.is_file():
+        log(f"reusing the baseline model of this recipe: {path}")
+        return load(path).eval(), path
+    return build_model(recipe, data, log, check=True), path
+
+
+def _rerun(problem: Problem, study, chosen: dict[str, Any], data, metric_fn: Callable,
+           log: Callable[[str], None]) -> Evaluation:
+    """The chosen setting re-run (deterministically, with the trial's thread count) for its model and per-stage
+    test metrics."""
+    trial = next(t for t in complete(study) if t.number == chosen["trial"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(trial.user_attrs.get("threads", threads)))
+    try:
+        log(f"re-running the chosen setting (trial {chosen['trial']}) and measuring it on the test split")
+        return problem.evaluate(chosen["params"], keep_model=True,
+                                describe=lambda m: {"accuracy": float(metric_fn(m, data.test)), "split": "test"})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, study, ev: Evaluation, *,
+             points: list[dict[str, Any]], chosen: dict[str, Any], feasible: bool, baseline_val: float,
+             baseline_obj: float, worker_errors: list[str], example: tuple, log: Callable[[str], None]
+             ) -> SearchResult:
+    """Measure the chosen model (``ev``, re-run) against the baseline and write the report, the Pareto plot and
+    model.slim."""
+    baseline, data, metric_fn, save_kw = problem.baseline, problem.data, problem.metric_fn, problem.save_kw
+    floor = baseline_val - o.max_accuracy_drop
+    front = pareto_front(points)
+    rerun_note = None
+    if abs(ev.metric - chosen["metric"]) > 1e-9:
+        rerun_note = (f"the re-run scored {ev.metric:.4f} on val, the trial {chosen['metric']:.4f} "
+                      "(non-deterministic kernels or a different machine); the report uses the re-run")
+        log("WARNING: " + rerun_note)
+    final = ev.model
+    baseline_block = measure_block(baseline, example, data.test, metric_fn, save_kw)
+    compressed = measure_block(final, example, data.test, metric_fn, save_kw)
+    side_by_side_latency(baseline_block, baseline, compressed, final, example)
+    budget = budget_summary(o.max_accuracy_drop, recipe.metric, baseline_val, ev.metric, baseline_block["accuracy"],
+                            compressed["accuracy"])
+    budget["feasible_found"] = feasible
+    if not feasible:
+        budget["met"] = False
+    storage = redact(o.storage)
+    summary = {
+        "strategy": o.strategy, "objective": o.objective, "study_name": o.study_name, "storage": storage,
+        "split": "val", "baseline_val": baseline_val, "floor": floor, "baseline_objective": baseline_obj,
+        "n_trials_complete": len(points), "n_trials_failed": count_failed(study),
+        "chosen": {**chosen, "rerun_val": ev.metric, "rerun_note": rerun_note, "test": compressed["accuracy"]},
+        "pareto_front": front, "knobs": [k.name for k in problem.knobs], "worker_errors": worker_errors,
+        "plot": "pareto.png"}
+    name = model_name(recipe, baseline)
+    report = build_report(model_name=name, dataset=data.name, device=str(default_device()),
+                          baseline=baseline_block, compressed=compressed, stages=ev.stages, checkpoint="model.slim",
+                          metric=recipe.metric, budget=budget, search=summary, recipe=recipe.to_dict())
+    banner, section = budget_markdown(budget)
+    if not feasible:
+        banner = (f"> **BUDGET MISSED: no setting tried meets it.** The best found scores {chosen['metric']:.4f} "
+                  "on val "
+                  f"(floor {floor:.4f}); shown below.\n" + (banner + "\n" if banner.startswith(">") else ""))
+
+    def draw(path: Path) -> None:
+        plot_pareto(points, front, chosen, floor=floor, baseline={"metric": baseline_val, "objective": baseline_obj},
+                    objective=o.objective, path=path, test_metric=compressed["accuracy"],
+                    title=f"{name} on {data.name}: {recipe.metric} vs {OBJECTIVE_LABELS[o.objective]}")
+
+    publish(out, report=report, model=final, history=[r["config"] for r in ev.stages if r["config"]],
+            save_kw=save_kw, extra_markdown=section + _search_markdown(summary, problem.knobs, o.objective),
+            banner=banner, plots={"pareto.png": draw})
+    warn_if_missed(budget, log)
+    return SearchResult(final, feasible, chosen, front, points, report, len(points), o.study_name, storage)
+
+
+def _check_reducible(recipe: Recipe, objective: str) -> None:
+    kinds = [(s.name, BUILTIN.of(s.config).search) for s in recipe.stages if s.search is not False]
+    if any(sp is not None and any(objective in f.reduces for f in sp.fields) for _, sp in kinds):
+        return
+    names = [n for n, sp in kinds if sp is not None]
+    if not names:
+        raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
+                          f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")
+    raise ConfigError(f"objective {objective!r} cannot be reduced by the searchable stages {names or '(none)'}: e.g. "
+                      "unstructured zeros shrink the file but not the counted MACs or dense latency. Add a "
+                      "StructuredPruning or low-rank stage, or choose --objective size")
+
+
+def _search_markdown(summary: dict[str, Any], knobs: Sequence[Knob], objective: str) -> str:
+    label = OBJECTIVE_LABELS[objective]
+    c = summary["chosen"]
+    lines = ["## Search", "",
+             f"Strategy **{summary['strategy']}**, objective **{label}**, {summary['n_trials_complete']} finished "
+             f"trial(s) ({summary['n_trials_failed']} failed) in study `{summary['study_name']}` "
+             f"({summary['storage']}). Decisions use the validation split; the test split is measured only for "
+             "the chosen model.", "",
+             f"Chosen: trial {c['trial']}, {c['metric']:.4f} on val (floor {summary['floor']:.4f}), "
+             f"{c['test']:.4f} on test, {label} {c['objective']:,.0f}.", ""]
+    if c.get("rerun_note"):
+        lines += [f"> Note: {c['rerun_note']}", ""]
+    for e in summary["worker_errors"]:
+        lines += [f"> **Worker error**: {e}", ""]
+    lines += ["| knob | chosen value |", "|---|---:|"]
+    lines += [f"| {k.name} | {c['params'].get(k.name, k.mild):.4g} |" for k in knobs]
+    lines += ["", "### Pareto front (validation split)", "", f"| trial | val metric | {label} |", "|---:|---:|---:|"]
+    lines += [f"| {p['trial']} | {p['metric']:.4f} | {p['objective']:,.0f} |" for p in summary["pareto_front"]]
+    lines += ["", "![Pareto front](pareto.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The two strategies, both storing every evaluation as a trial of one Optuna study (so a stopped search resumes
+without repeating finished trials, and several processes or machines can work on one study):
+
+- ``fast``: bisection along the Lagrangian path of the one-shot scan (:mod:`.allocation`), with the full
+  recipe (fine-tuning included) at each step.
+- ``optuna``: multi-objective TPE (maximise the metric, minimise the objective, the budget as a constraint),
+  warm-started with a few settings of the same path; the report shows the Pareto front.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.errors import ConfigError, UnsupportedModelError
+from .allocation import bisect_path, bisection_steps, lagrangian_path, spread
+from .knobs import Knob
+from .pareto import OBJECTIVE_LABELS
+from .problem import Evaluation, Problem
+from .storage import complete, params_key
+
+__all__ = ["fast", "optimize", "warm_start", "quiet_optuna"]
+
+
+def quiet_optuna(fn: Callable) -> Callable:
+    """Run ``fn`` with Optuna's per-trial INFO lines silenced (the search logs its own progress), then restore
+    Optuna's verbosity."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import optuna
+
+        before = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            optuna.logging.set_verbosity(before)
+    return wrapper
+
+
+def _distributions(knobs: Sequence[Knob]) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    return {k.name: (CategoricalDistribution(list(k.choices)) if k.choices is not None
+                     else FloatDistribution(k.low, k.high)) for k in knobs}
+
+
+def _attrs(ev: Evaluation, worker: int) -> dict[str, Any]:
+    # The thread count is stored so that the chosen trial's re-run uses the same (results depend on it).
+    return {"stages": ev.stages, "worker": worker, "threads": torch.get_num_threads()}
+
+
+def fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Callable[[str], None],
+         progress: bool, stop_after: int | None = None) -> int:
+    """Bisection along the Lagrangian path; evaluations already in the study are reused. Returns the number of
+    new evaluations (``stop_after`` stops early, as an interruption would)."""
+    import optuna
+
+    path = lagrangian_path(problem.knobs, sens)
+    done = {params_key(t.params): t for t in complete(study)}
+    dists = _distributions(problem.knobs)
+    state = {"new": 0}
+    label = OBJECTIVE_LABELS[problem.objective]
+    log(f"fast search: {len(path)} settings from most to least aggressive; bisection needs about "
+        f"{bisection_steps(len(path))} evaluations")
+    bar = tqdm(desc="search (fast)", disable=None if progress else True, leave=False, dynamic_ncols=True)
+
+    def metric_at(i: int) -> float:
+        values = path[i]
+        key = params_key(values)
+        if key in done:
+            t = done[key]
+            log(f"  setting {i}/{len(path) - 1}: trial {t.number} (stored) val {t.values[0]:.4f}, "
+                f"{label} {t.values[1]:,.0f}")
+            return t.values[0]
+        if stop_after is not None and state["new"] >= stop_after:
+            raise KeyboardInterrupt("stopped (stop_after)")
+        ev = problem.evaluate(values)
+        study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, values=[ev.metric, ev.objective],
+                                                  user_attrs=_attrs(ev, 0), constraints={"budget": floor - ev.metric}))
+        state["new"] += 1
+        bar.update(1)
+        done[key] = next(t for t in reversed(complete(study)) if params_key(t.params) == key)
+        log(f"  setting {i}/{len(path) - 1}: val {ev.metric:.4f} ({'meets' if ev.metric >= floor else 'misses'} "
+            f"{floor:.4f}), {label} {ev.objective:,.0f}")
+        return ev.metric
+
+    try:
+        bisect_path(len(path), metric_at, floor)
+    finally:
+        bar.close()
+    return state["new"]
+
+
+def warm_start(study, knobs: Sequence[Knob], sens: dict[str, Any], trials: int) -> None:
+    """Queue a few settings of the Lagrangian path as the first trials of a new study."""
+    if study.trials:
+        return
+    for values in spread(lagrangian_path(knobs, sens), trials):
+        study.enqueue_trial(values, skip_if_exists=True)
+
+
+def optimize(problem: Problem, study, total: int, worker: int, floor: float, progress: bool) -> None:
+    """Run trials until the study holds ``total`` complete ones (counting every worker's)."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    knobs = problem.knobs
+
+    def objective(trial) -> tuple[float, float]:
+        values = {}
+        for k in knobs:
+            values[k.name] = (trial.suggest_categorical(k.name, list(k.choices)) if k.choices is not None
+                              else trial.suggest_float(k.name, k.low, k.high))
+        ev = problem.evaluate(values)
+        for key, value in _attrs(ev, worker).items():
+            trial.set_user_attr(key, value)
+        trial.set_constraint("budget", floor - ev.metric)
+        return ev.metric, ev.objective
+
+    done = len(complete(study))
+    if done >= total:
+        return
+    # One bar (worker 0's) counting the finished trials of every worker.
+    bar = tqdm(total=total, initial=done, desc="search (optuna)", disable=None if progress and worker == 0 else True,
+               leave=False, dynamic_ncols=True)
+
+    def show(study, trial) -> None:
+        bar.n = len(complete(study))
+        bar.refresh()
+
+    try:
+        study.optimize(objective, n_trials=total - done, catch=(ConfigError, UnsupportedModelError),
+                       callbacks=[MaxTrialsCallback(total, states=(TrialState.COMPLETE,)), show])
+    finally:
+        bar.close()
