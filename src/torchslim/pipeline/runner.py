@@ -38,11 +38,8 @@ class StageInputs:
     techniques: Techniques = BUILTIN
 
 
-def apply_stage(model: nn.Module, config: Config, inputs: StageInputs, example_inputs: Any = None,
-                teacher: nn.Module | None = None) -> nn.Module:
+def apply_stage(model: nn.Module, config: Config, inputs: StageInputs) -> nn.Module:
     """Return a new model: ``model`` with ``config`` applied by its technique (``model`` is left untouched)."""
-    if isinstance(inputs, Splits):  # TEMPORARY: the search's old call form, until it uses StageInputs
-        inputs = StageInputs(data=inputs, example_inputs=example_inputs, teacher=teacher)
     technique = inputs.techniques.of(config)
     kwargs: dict[str, Any] = dict(data=inputs.data.train, val_data=inputs.data.val,
                                   example_inputs=inputs.example_inputs, loss_fn=inputs.loss_fn, metric=inputs.metric)

@@ -85,7 +85,8 @@ class SearchResult:
 
 @quiet_optuna
 def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOptions | None = None, *,
-           model: nn.Module | None = None, data=None, log: Callable[[str], None] = print,
+           model: nn.Module | None = None, data=None, loss_fn=None,
+           metric: Callable[[nn.Module, Any], float] | None = None, log: Callable[[str], None] = print,
            **legacy: Any) -> SearchResult:
     """Choose per-layer rates for the recipe's stages (whichever fields their configs make searchable) that
     minimise the objective (``size``: bytes of the saved checkpoint, ``latency``: measured, ``macs``: counted)
@@ -96,7 +97,9 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     Trials live in ``options.storage`` (default ``sqlite:///OUT/search.db``): run the same search again to
     resume; ``workers`` > 1 runs that many processes on this machine (``optuna`` strategy); ``worker_only``
     joins another machine's study through a shared storage URL and only runs trials. ``model``/``data`` replace
-    the recipe's (a trained model, left untouched, and a :class:`~torchslim.data.Splits`).
+    the recipe's (a trained model, left untouched, and a :class:`~torchslim.data.Splits`); ``loss_fn`` is what
+    the training stages minimise and ``metric(model, loader)`` what the budget is measured in (defaults:
+    cross-entropy and the recipe's metric; both need this process's objects, so not with ``workers`` > 1).
 
     When no setting meets the budget, the report shows the best one found and says so (``feasible`` False);
     ``budget.met`` in the report is False also when the chosen model misses the budget on the test split.
@@ -110,8 +113,9 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
         recipe = load_recipe(recipe)
     out = Path(out_dir)
     o = options.resolve(recipe, out)
-    if (o.workers > 1 or o.worker_only) and (model is not None or data is not None):
-        raise ConfigError("workers rebuild the data from the recipe: do not pass model=/data= with workers > 1")
+    if (o.workers > 1 or o.worker_only) and any(x is not None for x in (model, data, loss_fn, metric)):
+        raise ConfigError("workers rebuild the model, data and metric from the recipe: do not pass model=, data=, "
+                          "loss_fn= or metric= with workers > 1")
     if not o.worker_only:
         check_outputs(out, o.overwrite)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,13 +124,14 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
 
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)
-    metric_fn = metric_function(recipe)
+    metric_fn = metric if metric is not None else metric_function(recipe)
     baseline, baseline_path = _baseline(recipe, out, o, model, data, example, log)
     save_kw = save_kwargs(recipe, baseline)
     if not o.worker_only and (model is not None or not baseline_path.is_file()):
         save(baseline, baseline_path, overwrite=True, **save_kw)  # what spawned workers load
 
-    problem = Problem(recipe, baseline, data, objective=o.objective, metric_fn=metric_fn, save_kw=save_kw)
+    problem = Problem(recipe, baseline, data, objective=o.objective, metric_fn=metric_fn, save_kw=save_kw,
+                      loss_fn=loss_fn, stage_metric=metric)
     if not problem.knobs:
         raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
                           f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")

@@ -31,11 +31,13 @@ class Evaluation:
 
 class Problem:
     """Everything a trial needs: the baseline (never modified; the teacher of distillation stages), the data, the
-    stages, the knobs, the metric and the objective. ``evaluate`` is deterministic for given values: the RNG and
+    stages, the knobs, the metric (``metric_fn(model, loader)``), what training stages minimise and validate with
+    (``loss_fn`` and ``stage_metric``; None: cross-entropy and top-1 accuracy) and the objective. ``evaluate`` is deterministic for given values: the RNG and
     the training loader's shuffling are reset before each run."""
 
     def __init__(self, recipe: Recipe, baseline: nn.Module, data, *, objective: str, metric_fn: Callable,
-                 save_kw: dict | None = None, latency_repeats: int = 30):
+                 save_kw: dict | None = None, latency_repeats: int = 30, loss_fn=None,
+                 stage_metric: Callable | None = None):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         self.recipe = recipe
@@ -46,7 +48,8 @@ class Problem:
         self.save_kw = dict(save_kw or {})
         self.latency_repeats = latency_repeats
         self.example_inputs = data.example_inputs(recipe.example_batch)
-        self.inputs = StageInputs(data=data, example_inputs=self.example_inputs, teacher=self.baseline)
+        self.inputs = StageInputs(data=data, example_inputs=self.example_inputs, teacher=self.baseline,
+                                  loss_fn=loss_fn, metric=stage_metric)
         self.stages: tuple[StageSpec, ...] = recipe.stages
         self.knobs: list[Knob] = build_knobs(self.stages, self.baseline, self.example_inputs)
 
