@@ -4,6 +4,7 @@ and (where it has one) its search space."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -69,6 +70,19 @@ def test_config_round_trips_through_a_checkpoint(name, tmp_path):
     torchslim.save(LeNet5(), path, history=[config])
     (entry,) = torchslim.read_manifest(path)["history"]
     assert config_from_dict(entry) == config
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_compact_history_entries_round_trip(name):
+    config = EXAMPLES[name]
+    compact = config.to_dict(compact=True)
+    assert config_from_dict(compact) == config
+    assert len(json.dumps(compact)) <= len(json.dumps(config.to_dict()))
+    try:
+        default = type(config)()
+    except (TypeError, ConfigError):  # a config with required fields
+        return
+    assert set(default.to_dict(compact=True)) == {"type", "version"}  # defaults are stored as the type alone
 
 
 @pytest.mark.parametrize("name", sorted(n for n in EXAMPLES if BUILTIN.named(n).search is not None))

@@ -32,14 +32,26 @@ class Config:
     def validate(self) -> None:
         """Raise ConfigError when a field is out of range. Subclasses extend this."""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, compact: bool = False) -> dict[str, Any]:
+        """Plain data that :func:`config_from_dict` turns back into an equal config; ``compact`` leaves out fields
+        at their default value (what a checkpoint's history stores, to keep files small)."""
         out: dict[str, Any] = {"type": type(self).__name__, "version": self.version}
         for f in dataclasses.fields(self):
-            out[f.name] = _to_plain(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if compact and f.default is not dataclasses.MISSING and _same(value, f.default):
+                continue
+            out[f.name] = value.to_dict(compact=compact) if isinstance(value, Config) else _to_plain(value)
         return out
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # e.g. tensors, whose == is elementwise
+        return False
 
 
 def _to_plain(value: Any) -> Any:

@@ -12,8 +12,9 @@ ATTR = "torchslim_history"
 
 
 def record(model: nn.Module, config: Config, report: dict[str, Any] | None = None) -> nn.Module:
-    """Append ``config`` (and an optional per-layer ``report``) to ``model``'s history; returns ``model``."""
-    entry = config.to_dict()
+    """Append ``config`` (and an optional per-layer ``report``) to ``model``'s history; returns ``model``.
+    Fields at their default value are left out (``config_from_dict`` restores them)."""
+    entry = config.to_dict(compact=True)
     if report is not None:
         entry["report"] = report
     # A plain attribute (not a buffer): copies and deep copies carry it, state_dict does not.
