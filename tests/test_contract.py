@@ -157,7 +157,7 @@ def test_finetune_two_inputs_with_custom_loss_and_metric():
     out = torchslim.finetune(model, cfg, data=data, val_data=val, loss_fn=regression_loss, metric=metric)
     assert out is not model and neg_mse(model, val) == before  # the original is untouched
     assert neg_mse(out, val) > before * 0.6  # the regression error fell by more than 40%
-    assert len(calls) == 5 and history(out) == [cfg.to_dict()]
+    assert len(calls) == 5 and history(out) == [cfg.to_dict(compact=True)]
 
 
 def test_named_losses_and_the_old_loss_form():
@@ -194,7 +194,7 @@ def test_unstructured_pruning_fine_tunes_with_the_users_loss():
     assert len(seen) == 4  # after each fine-tuning epoch of each of the two steps
     untuned = torchslim.prune(model, torchslim.UnstructuredPruning(0.6))
     assert neg_mse(pruned, val) > neg_mse(untuned, val)  # fine-tuning on the user's loss recovered some error
-    assert history(pruned) == [cfg.to_dict()]
+    assert history(pruned) == [cfg.to_dict(compact=True)]
 
 
 def _equal_outputs(a, b, inputs) -> None:
@@ -257,7 +257,7 @@ def test_qat_with_dict_batches_and_the_models_own_loss(tmp_path):
                            metric=lambda m, loader: -_model_loss(m, loader))
     assert type(q.fc1).__name__ == "QLinear" and type(model.fc1) is nn.Linear
     assert _model_loss(q, data) < start * 0.7
-    assert history(q) == [cfg.to_dict()]
+    assert history(q) == [cfg.to_dict(compact=True)]
     torchslim.save(q, tmp_path / "q.slim")  # the history goes into the checkpoint by default
     assert torchslim.read_manifest(tmp_path / "q.slim")["history"] == history(q)
     with pytest.warns(DeprecationWarning, match="calibration_data"):
@@ -281,7 +281,7 @@ def test_distill_keyword_models_with_and_without_labels():
     # Labelled dict batches: the hard-label term is the model's own loss (the student gets the labels).
     cfg = torchslim.Distillation(alpha=0.5, train=FAST.replace(epochs=3))
     out = torchslim.distill(student, cfg, teacher=teacher, data=_dicts(), loss_fn="model_loss")
-    assert gap(out) < gap(student) * 0.8 and history(out) == [cfg.to_dict()]
+    assert gap(out) < gap(student) * 0.8 and history(out) == [cfg.to_dict(compact=True)]
     # Unlabelled batches: soft targets alone (alpha=1) or output matching need no labels.
     unlabelled = _dicts(labels=False)
     for cfg in (torchslim.Distillation(alpha=1.0, train=FAST.replace(epochs=3)),
