@@ -129,6 +129,8 @@ def test_static_int8_without_vnni_uses_reduce_range_and_keeps_accuracy(monkeypat
                         calibration_data=calibration)
     assert not full.info["reduce_range"]["on"] and full.info["reduce_range"]["why"] == "set in the config"
     assert _emulated_accuracy(full, digits_data.test) < emulated  # 8-bit weights saturate on AVX2 (0.936 vs 0.961)
+    with pytest.warns(UserWarning, match="8-bit weights.*saturating int16.*reduce_range"):
+        QuantizedGraphModel.from_onnx(full.to_onnx(), backend="ort_qop")(x)  # e.g. quantized on a VNNI machine
 
 
 def test_static_int8_with_vnni_keeps_full_range_weights(monkeypatch, trained_lenet5, calibration):
