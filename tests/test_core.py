@@ -115,3 +115,32 @@ def test_train_rejects_empty_loader_and_reports_divergence():
     nan_data = DataLoader(TensorDataset(torch.full((4, 4), math.nan), torch.zeros(4, dtype=torch.long)), batch_size=2)
     with pytest.raises(TorchslimError, match="diverged"):
         torchslim.train(nn.Linear(4, 2), nan_data, torchslim.TrainConfig(progress=False))
+
+
+def test_threads_share_the_cores_and_overrides_win(monkeypatch):
+    import os
+
+    from torchslim.cli import build_parser
+    from torchslim.core import threads
+
+    monkeypatch.delenv(threads.ENV, raising=False)
+    cores = threads.available_cores()
+    assert threads.threads_per_worker() == cores
+    assert threads.threads_per_worker(workers=cores * 4) == 1  # at least one
+    assert threads.threads_per_worker(2) == max(1, cores // 2)
+    assert threads.threads_per_worker(2, threads=3) == 3
+    monkeypatch.setenv(threads.ENV, "5")
+    assert threads.threads_per_worker(8) == 5
+    monkeypatch.setenv(threads.ENV, "many")
+    with pytest.raises(ConfigError, match="TORCHSLIM_THREADS='many'"):
+        threads.threads_per_worker()
+    monkeypatch.delenv(threads.ENV)
+    before = torch.get_num_threads()
+    with threads.threads_override(1):
+        assert torch.get_num_threads() == 1 and os.environ[threads.ENV] == "1"  # inherited by worker processes
+    assert torch.get_num_threads() == before and threads.ENV not in os.environ
+    with pytest.raises(ConfigError, match="--threads=0"):
+        with threads.threads_override(0):
+            pass
+    for command in (["demo"], ["compress", "r.yaml"], ["sensitivity", "r.yaml"], ["search", "r.yaml"]):
+        assert build_parser().parse_args([*command, "--threads", "2"]).threads == 2

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from ..core.errors import TorchslimError
-from .commands import add_commands, finish
+from ..core.threads import threads_override
+from .commands import add_commands, add_threads_option, finish
 from .demo import run_demo
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
+    add_threads_option(demo)
     demo.set_defaults(func=_demo)
     add_commands(sub)
     return parser
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with threads_override(args.threads):
+            return args.func(args)
     except TorchslimError as exc:
         print(f"torchslim: error: {exc}", file=sys.stderr)
         return 2

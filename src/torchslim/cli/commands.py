@@ -20,7 +20,7 @@ from ..search.options import SearchOptions
 from ..search.scan import sensitivity
 from ..training import distributed
 
-__all__ = ["add_commands", "finish", "EXIT_BUDGET_MISSED"]
+__all__ = ["add_commands", "add_threads_option", "finish", "EXIT_BUDGET_MISSED"]
 
 EXIT_BUDGET_MISSED = 3
 
@@ -130,6 +130,13 @@ def _search(args: argparse.Namespace) -> int:
     return finish(result.report, out)
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: compute threads per process (default: the cores shared among worker processes)."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="threads per process, worker processes included (default: cores / workers; "
+                             "env TORCHSLIM_THREADS)")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``compress``, ``sensitivity`` and ``search`` to the ``torchslim`` command line."""
     def common(p: argparse.ArgumentParser) -> None:
@@ -139,6 +146,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", help="output folder (default out/<recipe>-<command>)")
         p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
         p.add_argument("--validate-only", action="store_true", help="check the recipe and stop")
+        add_threads_option(p)
 
     c = subparsers.add_parser("compress", help="run a recipe's stages with guard rails and write the report")
     common(c)

@@ -1,1 +1,2 @@
-"""The bottom layer: errors, configs and their checks, registries, the technique descriptor, atomic files."""
+"""The bottom layer: errors, configs and their checks, registries, the technique descriptor, atomic files,
+thread counts."""

@@ -63,6 +63,12 @@ class StaticQuantization(Config):
     recover; ``None`` uses ``observer``). ``exclude`` keeps matching layers
     (fnmatch on module names) in float. Ops without an int8 kernel stay in float; ``on_unsupported`` says
     whether that warns (naming them) or raises.
+
+    ``reduce_range`` quantizes weights to 7 bits (in int8 storage). ``None`` (the default) turns it on where
+    the CPU's int8 kernels would otherwise saturate (x86 without VNNI, see
+    :mod:`~torchslim.quantization.backends.cpu`; ``TORCHSLIM_CPU_INT8=avx2|vnni`` overrides the detection)
+    and the model's ``info`` records the choice. After conversion the int8 outputs are compared with the
+    float model's on the example batch; a drift beyond ``AGREEMENT_TOLERANCE`` warns, naming the output.
     """
 
     bits: int = 8
@@ -75,8 +81,12 @@ class StaticQuantization(Config):
     exclude: tuple[str, ...] = ()
     on_unsupported: str = "warn"
     opset: int | None = None
+    reduce_range: bool | None = None
 
     def validate(self) -> None:
+        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
+            raise ConfigError(f"reduce_range must be True, False or None (decided by the CPU), got "
+                              f"{self.reduce_range!r}")
         _check_bits(self.bits, (8,), "Static quantization runs on int8 kernels; for 4- or 2-bit weights use "
                                      "WeightOnly(bits=4, group_size=32) or QAT")
         check_choice("observer", self.observer, tuple(OBSERVERS))

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.threads import threads_per_worker
 from ..export.checkpoint import load
 from ..pipeline.recipe import Recipe, build_data, metric_function
 from .options import SearchOptions
@@ -58,8 +59,7 @@ def run_workers(problem: Problem, study, recipe: Recipe, options: SearchOptions,
     procs = []
     own_threads = torch.get_num_threads()
     if n > 1:
-        # Workers share the cores instead of oversubscribing them.
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = threads_per_worker(n)  # the workers share the cores instead of oversubscribing them
         ctx = multiprocessing.get_context("spawn")
         for w in range(1, n):
             payload = {"recipe": recipe, "baseline": str(baseline_path), "objective": options.objective,

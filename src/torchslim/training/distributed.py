@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from ..core.errors import ConfigError, TorchslimError
+from ..core.threads import dataloader_worker_init, set_threads
 from .loop import History, TrainConfig, train_local
 
 __all__ = ["launched", "rank", "world_size", "local_rank", "is_main_process", "process_group", "shard_loader",
@@ -74,6 +75,8 @@ def _init(timeout_s: float = 1800) -> bool:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # torchrun's default of 1 thread (OMP_NUM_THREADS=1) leaves cores idle: share them out
+        set_threads(_env_int("LOCAL_WORLD_SIZE", 1))
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:
@@ -110,7 +113,9 @@ class ShardedLoader:
                                           drop_last=False)
         self.loader = DataLoader(loader.dataset, batch_size=loader.batch_size // world_size, sampler=self.sampler,
                                  num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                                 pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+                                 pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                                 worker_init_fn=loader.worker_init_fn or (dataloader_worker_init
+                                                                          if loader.num_workers else None))
         self.epoch = 0
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ import copy
 import re
 import statistics
 import time
+import warnings
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -20,6 +21,7 @@ from ...data.batches import call_model
 from ...export.checkpoint import ModuleCodec
 from ...export.onnx import ort_session
 from ...nn.modules import match
+from .cpu import cpu_int8
 from .int8_graph import (FORMATS, PASS_THROUGH_OPS, calibrate_graph, float_compute_nodes, global_pool_rewrite,
                          feed_inputs, layer_names, quantize_graph)
 from .torch_int8 import ENGINES, TorchInt8Program
@@ -141,9 +143,25 @@ class QuantizedGraphModel(nn.Module):
     def _get_runner(self):
         threads = torch.get_num_threads()
         if self._runner is None or (self.backend.startswith("ort_") and self._runner_threads != threads):
+            if self._runner is None:
+                self._warn_if_saturating()
             self._runner = make_runner(self.backend, self.to_onnx())
             self._runner_threads = threads
         return self._runner
+
+    def _warn_if_saturating(self) -> None:
+        """8-bit weights on a CPU whose int8 kernels sum product pairs in int16 (e.g. a model quantized on a
+        VNNI machine, loaded on an AVX2 one) lose accuracy silently: say so."""
+        cpu = cpu_int8()
+        if not cpu.saturates:
+            return
+        widest = max((int(t.abs().max()) for t in self.tensors.values() if t.dtype == torch.int8 and t.numel()),
+                     default=0)
+        if widest > 64:
+            warnings.warn(f"this int8 model has 8-bit weights (up to {widest}) but this CPU ({cpu.describe()}) "
+                          "sums uint8 x int8 products in saturating int16, so some results are clipped; quantize it "
+                          "again on this machine (StaticQuantization(reduce_range=None) picks 7-bit weights here)",
+                          UserWarning, stacklevel=4)
 
     def forward(self, *inputs: torch.Tensor, **named: torch.Tensor):
         first = next(iter([*inputs, *named.values()]), None)
