@@ -13,7 +13,7 @@ def check_finite(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value}; give a real value such as 0.1")
+        raise ConfigError(f"{name} must be a finite number, got {value} (NaN and infinity are not allowed)")
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool = True, allow_one: bool = False) -> None:
