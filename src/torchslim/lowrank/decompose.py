@@ -219,9 +219,9 @@ def _check_selection(config, method: _Method, candidates: list[tuple[str, nn.Mod
     for name, layer in candidates:
         chosen = (not config.layers or match(name, config.layers)) and not match(name, config.exclude)
         if chosen and not torch.isfinite(layer.weight.detach()).all():
-            raise UnsupportedModelError(f"{kind} layer {name!r} has NaN/inf weights, which {type(config).__name__} cannot "
-                                        f"factorise; fix or retrain the model, or leave the layer out with "
-                                        f"exclude=({name!r},)")
+            raise UnsupportedModelError(f"{kind} layer {name!r} has NaN/inf weights, which "
+                                        f"{type(config).__name__} cannot factorise; fix or retrain the model, or "
+                                        f"leave the layer out with exclude=({name!r},)")
 
 
 def decompose(model: nn.Module, config: SVD | Tucker | CP, *, data=None, val_data=None, example_inputs=None,

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..core.errors import TorchslimError
-from ..core.files import temp_folder
+from ..core.files import temp_folder, writable_folder
 from ..core.technique import Techniques
 from ..export import saved_size
 from ..export.checkpoint import save
@@ -161,6 +161,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         recipe = load_recipe(recipe, techniques=techniques)
     out = Path(out_dir)
     check_outputs(out, overwrite)
+    writable_folder(out)  # an unwritable output folder fails now, not after the work
     max_drop = recipe.budget.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)
