@@ -42,11 +42,23 @@ def _check_model(model: nn.Module) -> None:
 
 
 def _untouched(model: nn.Module, groups: list[Group], exclude: tuple[str, ...]) -> list[str]:
-    """Layers with weights that no group covers (no channel rule for their type), as ``name (Type)``."""
-    covered = {m.module for g in groups for m in g.members}
-    return [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
-            if name and name not in covered and any(True for _ in module.parameters(recurse=False))
-            and not any(match(p, exclude) for p in _prefixes(name))]
+    """The outermost layers with weights (more than a scalar) of which no group covers any part, as
+    ``name (Type)``: a wrapper is named rather than the layer inside it that a rule for the wrapper would reach."""
+    covered = {p for g in groups for m in g.members for p in _prefixes(m.module)}
+    left: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            if match(path, exclude):
+                continue
+            if path in covered:
+                visit(path, child)
+            elif any(p.numel() > 1 for p in child.parameters()):
+                left.append(f"{path} ({type(child).__name__})")
+
+    visit("", model)
+    return left
 
 
 def _prefixes(name: str) -> list[str]:
