@@ -274,3 +274,25 @@ def test_validate_reports_exclude_with_its_line(tmp_path):
     with pytest.raises(RecipeError, match=r"r.yaml:6: stages\[0\].exclude\[1\]: pattern 'fc9' matches no layer "
                                           r"of the model \(did you mean 'fc\d'\?\)"):
         check_against_model(recipe, model, (torch.randn(1, 1, 28, 28),))
+
+
+# ---- data -------------------------------------------------------------------------------------------------------
+DATA = [
+    ("train-not-iterable", lambda: torchslim.train(Named(), 3, TrainConfig(progress=False)),
+     torchslim.DataError, "training loader must be an iterable of batches .*got int"),
+    ("train-empty", lambda: torchslim.train(Named(), [], TrainConfig(progress=False)), torchslim.DataError,
+     "training loader is empty"),
+    ("evaluate-none", lambda: torchslim.evaluate(Named(), None), torchslim.DataError, "required but None"),
+    ("distill-not-iterable", lambda: torchslim.distill(Named(), Distillation(), teacher=Named(), data=1.5),
+     torchslim.DataError, "distillation data must be an iterable of batches"),
+    ("distill-old-form-config-third", lambda: torchslim.distill(Named(), Named(), Distillation()), ConfigError,
+     r"the old form takes the data third"),
+]
+
+
+@pytest.mark.parametrize("call, error, pattern", [c[1:] for c in DATA], ids=[c[0] for c in DATA])
+def test_data_refused(call, error, pattern):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(error, match=pattern):
+            call()
