@@ -18,7 +18,8 @@ from torchslim import (CP, QAT, SVD, BinaryWeights, CheckpointError, ConfigError
 from torchslim.core.errors import WriteError
 from torchslim.core.files import atomic_write, writable_folder
 from torchslim.lowrank import decompose
-from torchslim.pipeline.recipe import RecipeError, check_against_model, load_recipe, parse_recipe
+from torchslim.pipeline.recipe import (GuardSpec, RecipeError, SearchSpec, check_against_model, load_recipe,
+                                      parse_recipe)
 from torchslim.pruning import prune
 from torchslim.pruning.structured import structured_prune
 from torchslim.quantization.convert import apply_dynamic, apply_weight_only
@@ -96,6 +97,11 @@ CONFIGS = [
     ("quantspec-group-size-nan", lambda: QuantSpec(granularity="group", group_size=NAN), "group_size"),
     ("search-drop-nan", lambda: SearchOptions(max_accuracy_drop=NAN), "max_accuracy_drop.*finite"),
     ("sharing-bits-zero", lambda: WeightSharing(bits=0), "bits must be an integer in 1..14"),
+    ("sharing-seed-too-big", lambda: WeightSharing(seed=2**64), "seed must be in"),
+    ("cp-seed-negative", lambda: CP(rank=2, seed=-1), "seed must be in"),
+    ("guard-retries-float", lambda: GuardSpec(retries=1.5), "retries must be an integer"),
+    ("guard-milder-nan", lambda: GuardSpec(milder=NAN), "milder.*finite"),
+    ("search-trials-inf", lambda: SearchSpec(trials=INF), "trials must be a positive integer"),
 ]
 
 

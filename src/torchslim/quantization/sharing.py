@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Config
-from ..core.checks import check_choice
+from ..core.checks import check_choice, check_range
 from ..data import check_loader
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..export.checkpoint import ModuleCodec
@@ -65,6 +65,7 @@ class WeightSharing(Config):
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BITS:
                 raise ConfigError(f"{name} must be an integer in 1..{MAX_BITS}, got {b!r}")
         check_choice("init", self.init, ("linear", "density", "random"))
+        check_range("seed", self.seed, 0, 2**32 - 1, integer=True)  # what scikit-learn's random_state takes
         if isinstance(self.exclude, str):
             raise ConfigError(f"exclude must be a list of layer-name patterns, got the string {self.exclude!r}")
 
