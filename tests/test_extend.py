@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim import ConfigError, StructuredPruning
+from torchslim import ConfigError, StructuredPruning, UnsupportedModelError
 from torchslim.metrics import count_macs
 from torchslim.pruning import Importance, register_importance, register_op_rule
 from torchslim.pruning.oprules import submodule
@@ -107,8 +107,9 @@ def test_submodule_rule_for_a_conv_wrapper():
     model = nn.Sequential(ScaledConv(3, 12), nn.BatchNorm2d(12), nn.ReLU(), ScaledConv(12, 6), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).eval()
     x = torch.randn(2, 3, 8, 8)
-    _, summary = _prune(model, x)  # F.conv2d on a weight: the tracer sees no layer, so nothing to prune
-    assert summary["pruned_groups"] == 0
+    # F.conv2d on a weight: the tracer sees no layer, so nothing can be pruned, and the error names the wrapper.
+    with pytest.raises(UnsupportedModelError, match=r"0 \(ScaledConv\).*register_op_rule"):
+        _prune(model, x)
     register_op_rule(ScaledConv, submodule("conv"))
     pruned, summary = _prune(model, x)
     assert summary["removed_channels"] == {"0.conv": [12, 6], "3.conv": [6, 3]}

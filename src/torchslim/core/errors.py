@@ -19,3 +19,8 @@ class DataError(TorchslimError, ValueError):
 
 class CheckpointError(TorchslimError):
     """A checkpoint is corrupt, truncated, tampered with or of an unknown format."""
+
+
+class WriteError(CheckpointError, OSError):
+    """A checkpoint, report or output folder cannot be written (permissions, a read-only or full disk). Also an
+    OSError, so that code catching those keeps working."""

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from ..core.errors import DataError
 from .batches import as_example_inputs, batch_size, call_model, select, split_batch, to_device
 
-__all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader", "split_batch",
-           "call_model", "to_device", "batch_size", "as_example_inputs"]
+__all__ = ["Splits", "digits", "mnist", "default_data_dir", "load_dataset", "check_loader", "first_batch",
+           "split_batch", "call_model", "to_device", "batch_size", "as_example_inputs"]
 
 
 @dataclasses.dataclass
@@ -121,11 +121,21 @@ def load_dataset(name: str, **kwargs) -> Splits:
     raise DataError(f"unknown data set {name!r}; built-in data sets: ['digits', 'mnist']")
 
 
-def check_loader(loader, what: str = "data loader") -> None:
-    """Raise DataError if ``loader`` is None or yields no batch."""
+def first_batch(loader, what: str = "data loader"):
+    """The first batch of ``loader``; DataError if it is None, not iterable or yields no batch."""
     if loader is None:
         raise DataError(f"{what} is required but None was given")
     try:
-        next(iter(loader))
+        batches = iter(loader)
+    except TypeError:  # only iter() itself: a TypeError inside the user's dataset must surface as it is
+        raise DataError(f"{what} must be an iterable of batches (a DataLoader or a list of batches), got "
+                        f"{type(loader).__name__}") from None
+    try:
+        return next(batches)
     except StopIteration:
         raise DataError(f"{what} is empty: it yielded no batch. Pass a loader with at least one batch.") from None
+
+
+def check_loader(loader, what: str = "data loader") -> None:
+    """Raise DataError if ``loader`` is None, not iterable or yields no batch."""
+    first_batch(loader, what)

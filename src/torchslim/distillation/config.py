@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core.config import Config
-from ..core.checks import check_choice, check_fraction, check_positive
+from ..core.checks import check_choice, check_fraction, check_nonnegative, check_positive
 from ..core.errors import ConfigError
 from ..training.train import TrainConfig
 
@@ -38,9 +38,7 @@ class Distillation(Config):
         check_fraction("alpha", self.alpha, allow_one=True)
         check_choice("mode", self.mode, ("logits", "outputs"))
         check_choice("output_loss", self.output_loss, ("mse", "cosine"))
-        if isinstance(self.feature_weight, bool) or not isinstance(self.feature_weight, (int, float)) \
-                or self.feature_weight < 0:
-            raise ConfigError(f"feature_weight must be a number >= 0, got {self.feature_weight!r}")
+        check_nonnegative("feature_weight", self.feature_weight)
         if self.feature_layers is not None:
             if not isinstance(self.feature_layers, dict) or not self.feature_layers:
                 raise ConfigError("feature_layers must be a non-empty mapping {student layer: teacher layer} "

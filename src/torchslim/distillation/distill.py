@@ -11,7 +11,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..core.history import record
-from ..data import Splits
+from ..data import Splits, first_batch
 from ..data.batches import Inputs, batch_size, call_model, output_tensor, select, split_batch, to_device
 from ..metrics.evaluate import Metric, model_device
 from ..nn.modules import copy_model
@@ -151,6 +151,10 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
             raise TypeError(f"distill() takes at most 4 positional arguments in its old form, got {2 + len(legacy)}")
         teacher, config = config, legacy[1] if len(legacy) > 1 else Distillation()
         data = legacy[0] if legacy else data
+        if isinstance(data, Distillation):
+            raise ConfigError("distill(student, teacher, config): the old form takes the data third, "
+                              "distill(student, teacher, data, config); better, use distill(student, config, "
+                              "teacher=teacher, data=loader)")
         if isinstance(data, Splits):
             val_loader = val_loader if val_loader is not None else data.val
             data = data.train
@@ -165,11 +169,7 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
         raise ConfigError("distill needs teacher= (the model to learn from, e.g. the uncompressed original)")
     if isinstance(data, Splits):
         raise ConfigError("distill takes loaders: pass data=splits.train, val_data=splits.val")
-    if data is None:
-        raise DataError("distillation data is required but None was given")
-    first = next(iter(data), None)  # one pass of iter() serves as both the emptiness check and the probe batch
-    if first is None:
-        raise DataError("distillation data is empty: it yielded no batch. Pass a loader with at least one batch.")
+    first = first_batch(data, "distillation data")  # one pass of iter(): the emptiness check and the probe batch
     student = model if inplace else copy_model(model)
     _check_independent(student, teacher)
     task = resolve_loss(loss_fn)

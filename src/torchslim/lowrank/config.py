@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from ..core.config import Config
-from ..core.checks import check_fraction, check_positive
+from ..core.checks import check_fraction, check_positive, check_range
 from ..core.errors import ConfigError
 
 
@@ -172,6 +172,7 @@ class CP(Config):
         _check_common(self, "rank", allow_energy=False)
         check_positive("n_iter_max", self.n_iter_max, integer=True)
         check_positive("tol", self.tol)
+        check_range("seed", self.seed, 0, 2**32 - 1, integer=True)  # what numpy's random_state takes
         if isinstance(self.rank, dict):
             if not self.rank:
                 raise ConfigError("rank: per-layer mapping is empty")

@@ -5,15 +5,16 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, UnsupportedModelError
 from ..core.history import record
 from ..data import Splits, check_loader
 from ..data.batches import as_example_inputs, select, split_batch
 from ..metrics.evaluate import Metric
-from ..nn.modules import copy_model, match
+from ..nn.modules import check_patterns, copy_model, match
 from ..training.losses import LossFn
 from .config import CP, SVD, Tucker
 from .cp import cp_conv, cp_max_rank, cp_params
@@ -210,6 +211,19 @@ def _numel(shape: tuple) -> int:
     return n
 
 
+def _check_selection(config, method: _Method, candidates: list[tuple[str, nn.Module]]) -> None:
+    """Refuse patterns that select nothing and layers whose weights no factorisation can take."""
+    kind, names = method.layer_type.__name__, [n for n, _ in candidates]
+    check_patterns(f"{type(config).__name__}.layers", config.layers, names, kind)
+    check_patterns(f"{type(config).__name__}.exclude", config.exclude, names, kind)
+    for name, layer in candidates:
+        chosen = (not config.layers or match(name, config.layers)) and not match(name, config.exclude)
+        if chosen and not torch.isfinite(layer.weight.detach()).all():
+            raise UnsupportedModelError(f"{kind} layer {name!r} has NaN/inf weights, which "
+                                        f"{type(config).__name__} cannot factorise; fix or retrain the model, or "
+                                        f"leave the layer out with exclude=({name!r},)")
+
+
 def decompose(model: nn.Module, config: SVD | Tucker | CP, *, data=None, val_data=None, example_inputs=None,
               loss_fn: LossFn | str | None = None, metric: Metric | None = None, inplace: bool = False) -> nn.Module:
     """Return ``model`` (a copy unless ``inplace``) with its Linear / Conv2d layers replaced by low-rank
@@ -247,6 +261,7 @@ def decompose(model: nn.Module, config: SVD | Tucker | CP, *, data=None, val_dat
     new = model if inplace else copy_model(model)
     candidates = [(n, m) for n, m in new.named_modules() if n and isinstance(m, method.layer_type)]
     names = [n for n, _ in candidates]
+    _check_selection(config, method, candidates)
     rank_value = getattr(config, method.rank_field)
     if isinstance(rank_value, dict):  # a typo in a layer name must not pass silently
         unknown = sorted(set(rank_value) - set(names))

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 from typing import Iterable
 
 import torch
 from torch import nn
+
+from ..core.errors import ConfigError
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -48,3 +51,19 @@ def decoded_once(module: nn.Module, decode, *sources: torch.Tensor) -> torch.Ten
 def match(name: str, patterns: Iterable[str]) -> str | None:
     """The first of ``patterns`` (fnmatch, case-sensitive) that the layer name ``name`` matches, or None."""
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def check_patterns(field: str, patterns: Iterable[str], names: Iterable[str], kinds: str = "") -> None:
+    """ConfigError naming the first of ``patterns`` that matches none of the layer ``names`` it selects from
+    (``kinds`` describes them, e.g. ``"Linear/Conv"``), with the closest names: a pattern with a typo would
+    otherwise select or exclude nothing, silently."""
+    names = list(names)
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            continue
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        kind = f"{kinds} " if kinds else ""
+        raise ConfigError(f"{field}: pattern {pattern!r} matches no {kind}layer{hint}; layers are: "
+                          f"{shown or 'none'}. Fix the pattern (fnmatch, case-sensitive) or remove it")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..core.errors import TorchslimError
+from ..core.files import temp_folder, writable_folder
 from ..core.technique import Techniques
 from ..export import saved_size
 from ..export.checkpoint import save
@@ -108,8 +108,7 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
             ) -> dict[str, Path]:
     """Write model.slim, report.json, report.md and the plots into ``out``: built in a temporary folder beside
     it and moved in with report.json last, so an interrupted run never leaves a report for a model it lacks."""
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".publish-"))
+    tmp = temp_folder(out, ".publish-")
     try:
         ckpt = tmp / "model.slim"
         save(model, ckpt, history=history, metrics={"accuracy": report["compressed"]["accuracy"]}, **save_kw)
@@ -162,6 +161,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         recipe = load_recipe(recipe, techniques=techniques)
     out = Path(out_dir)
     check_outputs(out, overwrite)
+    writable_folder(out)  # an unwritable output folder fails now, not after the work
     max_drop = recipe.budget.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core.config import Config
-from ..core.checks import check_choice, check_fraction, check_positive
+from ..core.checks import check_choice, check_fraction, check_nonnegative, check_positive
 from ..core.errors import ConfigError
 from ..training.train import TrainConfig
 from .importance import IMPORTANCES, importance_names
@@ -98,5 +98,4 @@ class StructuredPruning(Config):
         check_fraction("max_ratio", self.max_ratio)
         check_positive("round_to", self.round_to, integer=True)
         check_positive("importance_batches", self.importance_batches, integer=True)
-        if self.bn_penalty < 0:
-            raise ConfigError(f"bn_penalty must be >= 0, got {self.bn_penalty}")
+        check_nonnegative("bn_penalty", self.bn_penalty)

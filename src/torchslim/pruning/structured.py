@@ -18,7 +18,7 @@ from torch import nn
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..data.batches import as_example_inputs, call_model
 from ..nn.masks import masked_names
-from ..nn.modules import copy_model, match
+from ..nn.modules import check_patterns, copy_model, match
 from ..training.losses import LossFn
 from .config import StructuredPruning
 from .graph import UNSUPPORTED, Group, Member, build_groups
@@ -37,8 +37,51 @@ def _check_model(model: nn.Module) -> None:
                 f"before unstructured pruning, or call torch.nn.utils.prune.remove(module, {masked[0]!r}) first")
         for pname, p in module.named_parameters(recurse=False):
             if not torch.isfinite(p.detach()).all():
-                raise TorchslimError(f"layer {layer!r} has NaN/inf values in {pname!r}; channel importance "
-                                     "would be meaningless. Fix or retrain the model first.")
+                raise UnsupportedModelError(f"layer {layer!r} has NaN/inf values in {pname!r}; channel importance "
+                                            "would be meaningless. Fix or retrain the model first.")
+
+
+def _untouched(model: nn.Module, groups: list[Group], exclude: tuple[str, ...]) -> list[str]:
+    """The outermost layers with weights (more than a scalar) of which no group covers any part, as
+    ``name (Type)``: a wrapper is named rather than the layer inside it that a rule for the wrapper would reach."""
+    covered = {p for g in groups for m in g.members for p in _prefixes(m.module)}
+    left: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            if match(path, exclude):
+                continue
+            if path in covered:
+                visit(path, child)
+            elif any(p.numel() > 1 for p in child.parameters()):
+                left.append(f"{path} ({type(child).__name__})")
+
+    visit("", model)
+    return left
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _report_left(model: nn.Module, groups: list[Group], config: StructuredPruning) -> None:
+    """Warn about layers structured pruning cannot touch; refuse when no group at all can be pruned."""
+    left = _untouched(model, groups, tuple(config.exclude))
+    if not any(g.prunable for g in groups):
+        why = "; ".join(f"{g.leader!r}: {g.reason}" for g in groups[:8]) or "no Linear/Conv channels were found"
+        also = f"; layers no channel rule covers: {', '.join(left[:12])}" if left else ""
+        raise UnsupportedModelError(
+            f"StructuredPruning: no channel of {type(model).__name__} can be removed ({why}{also}). Use "
+            "UnstructuredPruning, or register a rule for the layer type with "
+            "torchslim.pruning.register_op_rule")
+    if left:
+        more = f" and {len(left) - 12} more" if len(left) > 12 else ""
+        warnings.warn(f"StructuredPruning leaves {len(left)} layer(s) as they are: {', '.join(left[:12])}{more}: "
+                      "no channel rule covers their type, so their weights and channels are kept. Register one "
+                      "with torchslim.pruning.register_op_rule, or put them in exclude=[...] to silence this",
+                      UserWarning, stacklevel=3)
 
 
 def _group_ratios(groups: list[Group], ratio: float | dict[str, float]) -> list[float]:
@@ -217,7 +260,9 @@ def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs
     example_inputs = as_example_inputs(example_inputs)
     _check_model(model)
     before_shapes = _output_shapes(model, example_inputs)
+    check_patterns("StructuredPruning.exclude", config.exclude, [n for n, _ in model.named_modules() if n])
     groups = build_groups(model, example_inputs, config.exclude)
+    _report_left(model, groups, config)
 
     skipped = []
     for g in groups:

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..core.errors import ConfigError, UnsupportedModelError
 from ..nn.masks import effective
-from ..nn.modules import match
+from ..nn.modules import check_patterns, match
 from .config import UnstructuredPruning
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -23,8 +23,8 @@ def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str
 def _check_finite(layers: dict[str, nn.Module]) -> None:
     for name, m in layers.items():
         if not torch.isfinite(effective(m).detach()).all():
-            raise TorchslimError(f"layer {name!r} has NaN/inf weights; magnitude pruning would be meaningless. "
-                                 "Fix or retrain the model first.")
+            raise UnsupportedModelError(f"layer {name!r} has NaN/inf weights; magnitude pruning would be "
+                                        "meaningless. Fix or retrain the model first.")
 
 
 def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
@@ -72,6 +72,7 @@ def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
 def unstructured_prune(model: nn.Module, config: UnstructuredPruning,
                        sparsity: float | dict[str, float] | None = None) -> dict[str, float]:
     """Mask ``model`` in place to ``sparsity`` (default ``config.sparsity``); returns per-layer sparsity."""
+    check_patterns(f"{type(config).__name__}.exclude", config.exclude, prunable_layers(model), "Linear/Conv")
     layers = prunable_layers(model, config.exclude)
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__} has no Linear/Conv layer to prune "

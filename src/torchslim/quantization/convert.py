@@ -11,7 +11,7 @@ from torch import nn
 from ..core.errors import ConfigError, UnsupportedModelError
 from ..data.batches import as_example_inputs, call_model
 from ..nn.masks import effective, masked_names
-from ..nn.modules import copy_model, match
+from ..nn.modules import check_patterns, copy_model, match
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported
 from .backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
 from .backends.weight_only import WeightOnlyLinear
@@ -44,6 +44,7 @@ def _inside(name: str, parents: Iterable[str]) -> bool:
 def _convert(model: nn.Module, choose, exclude: tuple[str, ...], what: str, policy: str, how: str
              ) -> tuple[nn.Module, list[str]]:
     """Replace every layer ``choose(name, module)`` returns a module for; report weighted layers left float."""
+    check_patterns(f"{what}.exclude", exclude, [n for n, _ in model.named_modules() if n])
     model = copy_model(model)
     for module in model.modules():  # refresh pruned weights (the cached value can be one step stale)
         for name in masked_names(module):
@@ -63,8 +64,6 @@ def _convert(model: nn.Module, choose, exclude: tuple[str, ...], what: str, poli
             converted.append(name)
         else:
             skipped.append({"layer": name, "op": type(module).__name__, "reason": result or "no kernel"})
-    if exclude and all(match(n, exclude) is None for n, _ in model.named_modules()):
-        raise ConfigError(f"exclude={list(exclude)} matches no layer of the model")
     if not converted:
         names = ", ".join(f"{d['layer']} ({d['op']}: {d['reason']})" for d in skipped[:8]) or "none"
         raise UnsupportedModelError(f"{what}: no layer of {type(model).__name__} can be converted ({how}); "

@@ -64,7 +64,7 @@ class _LowBit:
 
     def layer_plan(self, model: nn.Module) -> dict[str, LayerQuant]:
         """{layer name: LayerQuant} for the layers of ``model`` this config quantizes."""
-        names = list(quantizable_layers(model, self.exclude, self.unsupported))
+        names = list(quantizable_layers(model, self.exclude, self.unsupported, f"{type(self).__name__}.exclude"))
         plan = {n: self._layer() for n in names}
         if self.keep_first_last:
             for n in first_last(names):

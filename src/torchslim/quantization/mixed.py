@@ -171,7 +171,7 @@ def measure_sensitivity(model: nn.Module, config: MixedPrecision, data, metric: 
     ``metric`` on the sensitivity batches (as a list of batches)."""
     check_loader(data, "sensitivity data")
     work = copy_model(model).eval()
-    layers = quantizable_layers(work, config.exclude, config.unsupported)
+    layers = quantizable_layers(work, config.exclude, config.unsupported, "MixedPrecision.exclude")
     if not layers:
         raise ConfigError(f"{type(model).__name__}: no quantizable layer (Linear/Conv1d/Conv2d) after exclude")
     device = next((p.device for p in work.parameters()), torch.device("cpu"))

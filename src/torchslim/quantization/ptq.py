@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.checks import check_choice, check_positive
+from ..core.checks import check_choice, check_finite, check_positive
 from ..core.config import Config
 from ..core.errors import ConfigError, UnsupportedModelError
 from .backends import STATIC_BACKENDS
@@ -92,8 +92,8 @@ class StaticQuantization(Config):
         check_choice("observer", self.observer, tuple(OBSERVERS))
         if self.input_observer is not None:
             check_choice("input_observer", self.input_observer, tuple(OBSERVERS))
-        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
-                or not 50 < self.percentile <= 100:
+        check_finite("percentile", self.percentile)
+        if not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
         check_positive("calibration_batches", self.calibration_batches, integer=True)
         check_choice("backend", self.backend, ("auto", *STATIC_BACKENDS))

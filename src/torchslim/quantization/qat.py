@@ -29,7 +29,7 @@ from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
 from ..nn.masks import effective
-from ..nn.modules import copy_model, match
+from ..nn.modules import check_patterns, copy_model, match
 from .fake import (
     BinaryQuantizer,
     LSQQuantizer,
@@ -169,7 +169,7 @@ class QAT(Config):
         """{layer name: LayerQuant} for the layers of ``model`` this config quantizes."""
         layer = LayerQuant(bits=self.bits, per_channel=self.per_channel, symmetric=self.symmetric,
                            learned_step=self.learned_step, activation_bits=self.activation_bits)
-        names = list(quantizable_layers(model, self.exclude, self.unsupported))
+        names = list(quantizable_layers(model, self.exclude, self.unsupported, f"{type(self).__name__}.exclude"))
         plan = {n: layer for n in names}
         if self.keep_first_last:
             for n in first_last(names):
@@ -184,14 +184,16 @@ class QAT(Config):
 # Layer discovery
 
 
-def quantizable_layers(model: nn.Module, exclude: tuple[str, ...] = (), unsupported: str = "warn"
-                       ) -> dict[str, nn.Module]:
+def quantizable_layers(model: nn.Module, exclude: tuple[str, ...] = (), unsupported: str = "warn",
+                       field: str = "exclude") -> dict[str, nn.Module]:
     """Layers of ``model`` that get quantized (Linear, Conv1d, Conv2d), in module order.
 
-    Layers matching an ``exclude`` pattern are skipped silently (with everything inside them). Parameters
+    Layers matching an ``exclude`` pattern are skipped (with everything inside them); a pattern matching no
+    layer is a ConfigError naming ``field``. Parameters
     with no quantized kernel are reported -- ``warnings.warn`` naming their layers, or
     ``UnsupportedModelError`` when ``unsupported="raise"`` -- and kept in float.
     """
+    check_patterns(field, exclude, [n for n, _ in model.named_modules() if n])
     found: dict[str, nn.Module] = {}
     skipped: list[str] = []
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import Config
-from ..core.checks import check_choice
+from ..core.checks import check_choice, check_range
 from ..data import check_loader
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..export.checkpoint import ModuleCodec
@@ -30,7 +30,7 @@ from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
 from ..nn.masks import effective
-from ..nn.modules import copy_model, decoded_once, match
+from ..nn.modules import check_patterns, copy_model, decoded_once, match
 
 __all__ = ["WeightSharing", "apply_weight_sharing", "SharedLinear", "SharedConv1d", "SharedConv2d",
            "SharedConv3d", "SharedWeight", "kmeans_codebook", "sharing_summary", "MAX_BITS"]
@@ -65,6 +65,7 @@ class WeightSharing(Config):
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BITS:
                 raise ConfigError(f"{name} must be an integer in 1..{MAX_BITS}, got {b!r}")
         check_choice("init", self.init, ("linear", "density", "random"))
+        check_range("seed", self.seed, 0, 2**32 - 1, integer=True)  # what scikit-learn's random_state takes
         if isinstance(self.exclude, str):
             raise ConfigError(f"exclude must be a list of layer-name patterns, got the string {self.exclude!r}")
 
@@ -251,6 +252,7 @@ def shareable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[st
 
 
 def _targets(model: nn.Module, config: WeightSharing) -> dict[str, int]:
+    check_patterns("WeightSharing.exclude", config.exclude, shareable_layers(model), "Linear/Conv")
     layers = shareable_layers(model, tuple(config.exclude))
     if isinstance(config.bits, dict):
         unknown = sorted(set(config.bits) - set(layers))
@@ -283,8 +285,8 @@ def apply_weight_sharing(model: nn.Module, config: WeightSharing, *, data=None, 
         module = model.get_submodule(name)
         weight = effective(module).detach()
         if not torch.isfinite(weight).all():
-            raise TorchslimError(f"layer {name!r} has NaN/inf weights; k-means would be meaningless. Fix or retrain "
-                                 "the model first.")
+            raise UnsupportedModelError(f"layer {name!r} has NaN/inf weights; k-means would be meaningless. Fix or "
+                                        "retrain the model first.")
         codebook, codes = kmeans_codebook(weight, bits, config.init, config.seed)
         shared = _shared_from(module, codebook.numel(), bits)
         shared.set_sharing(codebook.to(weight.device), codes.to(weight.device))

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from ..core.config import Config
-from ..core.checks import check_choice
+from ..core.checks import check_choice, check_positive
 from ..core.errors import ConfigError
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
@@ -35,8 +35,7 @@ class QuantSpec(Config):
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; choose one of {list(SUPPORTED_BITS)}")
         check_choice("granularity", self.granularity, ("tensor", "channel", "group"))
-        if self.group_size < 1:
-            raise ConfigError(f"group_size must be >= 1, got {self.group_size}")
+        check_positive("group_size", self.group_size, integer=True)
 
     @property
     def qmin(self) -> int:

@@ -13,6 +13,7 @@ from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..data.batches import as_example_inputs, batch_size, call_model, split_batch
 from ..export.onnx import _export_copy, array, ort_session, to_onnx_proto
 from ..metrics.profile import count_macs
+from ..nn.modules import check_patterns
 from .backends import STATIC_BACKENDS
 from .backends.cpu import cpu_int8
 from .backends.onnxrt import (
@@ -51,6 +52,7 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
     """
     if not isinstance(config, StaticQuantization):
         raise ConfigError(f"apply_static takes a StaticQuantization config, got {type(config).__name__}")
+    check_patterns("StaticQuantization.exclude", config.exclude, [n for n, _ in model.named_modules() if n])
     batches = calibration_batches(calibration_data if calibration_data is not None else data,
                                   config.calibration_batches)
     example = _detached(batches[0] if example_inputs is None else as_example_inputs(example_inputs))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError
+from ..core.files import writable_folder
 from ..export.checkpoint import load, save
 from ..nn.modules import copy_model
 from ..pipeline.commands import (
@@ -118,7 +119,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
                           "loss_fn= or metric= with workers > 1")
     if not o.worker_only:
         check_outputs(out, o.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)
     store = open_storage(o.storage)  # an unreachable storage fails here, before any work
     _check_reducible(recipe, o.objective)
 

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, UnsupportedModelError
-from ..core.files import atomic_write, save_figure
+from ..core.files import atomic_write, save_figure, writable_folder
 from ..core.technique import Techniques
 from ..data import Splits, check_loader
 from ..data.batches import call_model, output_tensor, split_batch, to_device
@@ -167,7 +167,7 @@ class SensitivityResult:
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """sensitivity.json, sensitivity.md and sensitivity.png in ``out_dir``, each written atomically."""
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        writable_folder(out)
         paths = {"json": out / "sensitivity.json", "markdown": out / "sensitivity.md", "plot": out / "sensitivity.png"}
         self.plot(paths["plot"])
         atomic_write(paths["json"], (json.dumps(self.to_dict(), indent=2) + "\n").encode())

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import Config
-from ..core.checks import check_choice, check_positive
+from ..core.checks import check_choice, check_nonnegative, check_positive
 from ..data import check_loader
 from ..data.batches import call_model, split_batch, to_device
 from ..core.errors import TorchslimError
@@ -37,6 +37,8 @@ class TrainConfig(Config):
         check_positive("epochs", self.epochs)
         check_positive("lr", self.lr)
         check_choice("optimizer", self.optimizer, ("sgd", "adam", "adamw"))
+        check_nonnegative("momentum", self.momentum)
+        check_nonnegative("weight_decay", self.weight_decay)
         check_choice("schedule", self.schedule, ("cosine", "constant", "step"))
         if self.max_steps is not None:
             check_positive("max_steps", self.max_steps, integer=True)

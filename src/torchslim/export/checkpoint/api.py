@@ -38,7 +38,7 @@ from .format import (
 def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[..., nn.Module] | None = None,
          factory_kwargs: dict[str, Any] | None = None, history: list[dict] | None = None,
          metrics: dict[str, Any] | None = None, overwrite: bool = False,
-         encodings: Sequence[str] | None = None) -> Path:
+         encodings: Sequence[str] | None = None, allow_nonfinite: bool = False) -> Path:
     """Write ``model`` to a single ``.slim`` file at ``path`` and return the path.
 
     The architecture is recorded as ``type(model)`` plus ``model.init_kwargs`` (torchslim's models
@@ -48,7 +48,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     weights and re-applied by :func:`load`; ``model`` itself is not modified. The file is written
     atomically and an existing file is only replaced with ``overwrite=True``. ``encodings`` limits the
     registered tensor encodings save may choose from (``"dense"`` is always allowed); by default each
-    tensor gets the smallest of all.
+    tensor gets the smallest of all. A NaN/inf tensor is refused unless ``allow_nonfinite``.
     """
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"save: expected an nn.Module, got {type(model).__name__}")
@@ -74,6 +74,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     folded, masked = effective_state(model)
     # Private copies: encoders may slice them freely and safetensors refuses shared storage.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in folded.items()}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None and not allow_nonfinite:
+        raise CheckpointError(f"save: tensor {bad!r} has NaN/inf values (a diverged run?); fix or retrain the "
+                              "model, or pass allow_nonfinite=True to save it anyway")
 
     fresh, on_meta = _instantiate(build, kwargs, factory_path, TorchslimError)
     if type(fresh) is not type(model):

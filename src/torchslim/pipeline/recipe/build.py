@@ -4,6 +4,7 @@ model before any work."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import fnmatch
 import importlib
@@ -178,18 +179,33 @@ def _search_space(techniques: Techniques, config) -> SearchSpace | None:
     return techniques.of(config).search if type(config) in techniques else None
 
 
+def _check_patterns(config, modules: list[str], path: tuple, problems: Problems) -> None:
+    """Layer-name patterns (``exclude``, and ``layers`` where empty means every layer) that match no module."""
+    for f in dataclasses.fields(config):
+        if not (f.name == "exclude" or (f.name == "layers" and f.default == ())):
+            continue  # DynamicQuantization.layers, say, names layer types, not layers
+        for k, pattern in enumerate(getattr(config, f.name) or ()):
+            if isinstance(pattern, str) and not fnmatch.filter(modules, pattern):
+                close = difflib.get_close_matches(pattern, modules, n=1)
+                problems.add(path + (f.name, k), f"pattern {pattern!r} matches no layer of the model"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; layers: {modules}")
+
+
 def check_against_model(recipe: Recipe, model: nn.Module, example_inputs: tuple,
                         techniques: Techniques = BUILTIN) -> None:
-    """Check that per-layer entries (``sparsity: {fc1: 0.9}``...) name layers the model has, before any work.
+    """Check that per-layer entries (``sparsity: {fc1: 0.9}``...) and layer patterns (``exclude``) name layers
+    the model has, before any work.
     Each stage's searchable fields (its technique's ``search`` in ``techniques``) say which entries are layers."""
     problems = Problems(recipe.source, recipe.lines)
+    modules = [n for n, _ in model.named_modules() if n]
     for i, stage in enumerate(recipe.stages):
-        space = _search_space(techniques, stage.config)
-        if space is None:
-            continue
         if any(earlier is not None and earlier.renames_layers
                for earlier in (_search_space(techniques, s.config) for s in recipe.stages[:i])):
             break  # layer names after a decomposition are those of the decomposed model
+        _check_patterns(stage.config, modules, ("stages", i), problems)
+        space = _search_space(techniques, stage.config)
+        if space is None:
+            continue
         for fs in space.fields:
             value = getattr(stage.config, fs.field)
             if not isinstance(value, dict):

@@ -18,7 +18,7 @@ from ...core.technique import Techniques
 from ...techniques import BUILTIN
 from .build import import_callable
 from .schema import STAGE_KEYS, BudgetSpec, DataSpec, GuardSpec, ModelSpec, Recipe, SearchSpec, StageSpec
-from .yaml_source import Key, Loc, Problems, load_yaml
+from .yaml_source import Key, Loc, Problems, decode, load_yaml
 
 
 def load_recipe(path: str | Path, *, resolve: bool = True, techniques: Techniques = BUILTIN) -> Recipe:
@@ -26,10 +26,11 @@ def load_recipe(path: str | Path, *, resolve: bool = True, techniques: Technique
     stage types are the names of ``techniques``."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
-    return parse_recipe(text, source=str(path), base_dir=path.parent, resolve=resolve, techniques=techniques)
+    return parse_recipe(decode(raw, str(path)), source=str(path), base_dir=path.parent, resolve=resolve,
+                        techniques=techniques)
 
 
 def parse_recipe(text: str, source: str = "<recipe>", base_dir: str | Path = ".", *, resolve: bool = True,
@@ -101,7 +102,11 @@ def _parse_stages(items: Any, ctx: Problems, techniques: Techniques) -> tuple[St
         if type_name is None:
             ctx.add(path, f"missing 'type'; stage types: {known}")
             continue
-        if not isinstance(type_name, str) or type_name not in known:
+        if not isinstance(type_name, str):
+            ctx.add(path + ("type",), f"expected a stage type name (a string), got {type(type_name).__name__} "
+                                      f"{type_name!r}; stage types: {known}")
+            continue
+        if type_name not in known:
             close = difflib.get_close_matches(str(type_name), known, n=1)
             what = ("is a config but not a pipeline stage" if type_name in types_ else "is not a known stage type")
             ctx.add(path + ("type",), f"{type_name!r} {what}" + (f" (did you mean {close[0]!r}?)" if close else "")

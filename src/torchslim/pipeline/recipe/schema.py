@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from ...core.checks import check_choice
+from ...core.checks import check_choice, check_fraction, check_positive, check_range
 from ...core.config import Config
 from ...core.errors import ConfigError
 from ...models import MODELS
@@ -20,6 +20,7 @@ from .yaml_source import Loc, line
 # Stage keys that are pipeline options, not config fields.
 STAGE_KEYS = ("name", "type", "check", "search")
 OBJECTIVES = ("size", "latency", "macs")
+MAX_SEED = 2**31 - 1
 
 
 def _check_spec(name: str, value: str) -> None:
@@ -97,9 +98,8 @@ class BudgetSpec:
     max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
-        v = self.max_accuracy_drop
-        if v is not None and not 0 <= v < 1:
-            raise ConfigError(f"max_accuracy_drop must satisfy 0 <= max_accuracy_drop < 1, got {v}")
+        if self.max_accuracy_drop is not None:
+            check_fraction("max_accuracy_drop", self.max_accuracy_drop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +114,8 @@ class GuardSpec:
 
     def __post_init__(self) -> None:
         check_choice("policy", self.policy, ("retry", "rollback", "warn", "fail"))
-        if self.retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {self.retries}")
-        if not 0 < self.milder < 1:
-            raise ConfigError(f"milder must satisfy 0 < milder < 1, got {self.milder}")
+        check_range("retries", self.retries, 0, 10**6, integer=True)
+        check_fraction("milder", self.milder, allow_zero=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,10 +138,8 @@ class SearchSpec:
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("strategy", self.strategy, ("fast", "optuna"))
-        if self.trials < 1:
-            raise ConfigError(f"trials must be >= 1, got {self.trials}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        check_positive("trials", self.trials, integer=True)
+        check_positive("workers", self.workers, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,8 +204,9 @@ class Recipe:
             raise ConfigError("stages: a recipe needs at least one stage")
         if self.metric != "accuracy":
             _check_spec("metric", self.metric)
-        if self.example_batch < 1:
-            raise ConfigError(f"example_batch must be >= 1, got {self.example_batch}")
+        check_positive("example_batch", self.example_batch, integer=True)
+        # torch, numpy and Optuna's sampler all take this range, with room for one seed per search worker.
+        check_range("seed", self.seed, 0, MAX_SEED, integer=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON-ready) that :func:`recipe_from_dict` turns back into an equal recipe."""

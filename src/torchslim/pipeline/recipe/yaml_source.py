@@ -12,6 +12,14 @@ from ...core.errors import ConfigError
 
 Loc = tuple  # a location in the recipe: ("stages", 1, "sparsity")
 
+# A recipe is a few dozen values a few levels deep; these bounds stop hostile or broken files (aliases of
+# aliases that expand exponentially, thousands of nested brackets) before anything walks them.
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
 
 class RecipeError(ConfigError):
     """A recipe is malformed; ``problems`` holds ``(line, path, message)`` for every error found."""
@@ -60,7 +68,10 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
     """``(data, lines)`` of YAML ``text``: ``lines`` maps each key's and item's location to its line. Invalid
     YAML and duplicate keys raise :class:`RecipeError` with their lines."""
     try:
+        _check_depth(text, source)
         node = yaml.compose(text, Loader=_Loader)
+        if node is not None:
+            _check_expansion(node, source)
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
@@ -77,6 +88,64 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
     if problems:
         raise RecipeError(source, problems)
     return data, lines
+
+
+def decode(raw: bytes, source: str) -> str:
+    """The text of a recipe file, which must be UTF-8; RecipeError naming the line of the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = raw[:exc.start].count(b"\n") + 1
+        raise RecipeError(source, [(line_no, "", f"byte 0x{raw[exc.start]:02x} is not UTF-8; a recipe file must be "
+                                                 "UTF-8: re-save it with that encoding")]) from None
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, from the token stream (the parser itself would recurse)."""
+    depth = 0
+    for token in yaml.scan(text, Loader=_Loader):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RecipeError(source, [(token.start_mark.line + 1, "",
+                                            f"nesting deeper than {MAX_DEPTH} levels; a recipe needs a few: "
+                                            "flatten the structure")])
+        elif isinstance(token, _CLOSE):
+            depth -= 1
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse aliases that expand to more than MAX_VALUES values (an "alias bomb") or nest deeper than
+    MAX_DEPTH once expanded; each node is counted once, so this is linear in the file."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    order, stack = [], [root]
+    while stack:  # children before parents, without recursion
+        node = stack.pop()
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = 0
+        order.append(node)
+        stack.extend(_children(node))
+    for node in reversed(order):  # the first node over a bound is the smallest: its line is the one to fix
+        children = _children(node)
+        sizes[id(node)] = min(MAX_VALUES + 1, 1 + sum(sizes[id(c)] for c in children))
+        depths[id(node)] = 1 + max((depths.get(id(c), 0) for c in children), default=0)
+        where = node.start_mark.line + 1
+        if depths[id(node)] > MAX_DEPTH + 1:
+            raise RecipeError(source, [(where, "", f"aliases (*name) nest deeper than {MAX_DEPTH} levels here; "
+                                                   "write the repeated parts out")])
+        if sizes[id(node)] > MAX_VALUES:
+            raise RecipeError(source, [(where, "", f"aliases (*name) here expand to more than {MAX_VALUES} values; "
+                                                   "write the repeated parts out or use fewer nested aliases")])
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _walk_nodes(node: yaml.Node, path: Loc, lines: dict, problems: list) -> None:
