@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError
-from ..export.checkpoint import load, save
+from ..export.checkpoint import save
 from ..nn.modules import copy_model
 from ..pipeline.commands import (
     budget_markdown,
@@ -31,6 +31,7 @@ from ..pipeline.recipe import (
     build_data,
     build_model,
     check_against_model,
+    load_checkpoint,
     load_recipe,
     metric_function,
     save_kwargs,
@@ -218,7 +219,7 @@ def _baseline(recipe: Recipe, out: Path, o: SearchOptions, model: nn.Module | No
         return copy_model(model).cpu().eval(), path
     if path.is_file():
         log(f"reusing the baseline model of this recipe: {path}")
-        return load(path).eval(), path
+        return load_checkpoint(recipe, path).eval(), path
     return build_model(recipe, data, log, check=True), path
 
 
