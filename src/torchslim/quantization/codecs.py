@@ -66,14 +66,32 @@ def encode_intpack(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, 
             torch.zeros(0, dtype=torch.uint8)}, meta
 
 
+def _packed_size(width: Any, n: int) -> int:
+    """Bytes the packed indices of ``n`` elements take at ``width`` bits (or trits)."""
+    if width == "trit":
+        return -(-n // 5)
+    if type(width) is not int or not 0 <= width <= 8:
+        raise ValueError(f"invalid index width {width!r}")
+    return -(-n * width // 8)
+
+
+def _inflate(data: bytes, size: int) -> bytes:
+    """zlib-decompress ``data``, which must give exactly ``size`` bytes; never produces more."""
+    d = zlib.decompressobj()
+    out = d.decompress(data, size + 1)
+    if len(out) != size or not d.eof or d.unconsumed_tail:
+        raise ValueError(f"the deflated indices do not inflate to the {size} bytes expected")
+    return out
+
+
 def decode_intpack(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
     """Inverse of :func:`encode_intpack`."""
     n = math.prod(entry["shape"])
     dtype = getattr(torch, entry["dtype"])
     data = parts["data"].numpy().tobytes()
-    if entry["zlib"]:
-        data = zlib.decompress(data)
     width = entry["width"]
+    if entry["zlib"]:
+        data = _inflate(data, _packed_size(width, n))
     if width == 0:
         idx = np.zeros(n, dtype=np.uint8)
     elif width == "trit":
