@@ -360,8 +360,14 @@ def decode_codes(data: bytes | memoryview | np.ndarray, meta: dict[str, Any], co
     """Inverse of :func:`encode_codes`."""
     buf = memoryview(np.ascontiguousarray(data, dtype=np.uint8) if isinstance(data, np.ndarray) else data)
     n_total = math.prod(shape)
-    bits, n_index, offset = int(meta["index"]), int(meta["n"]), int(meta["offset"])
-    index_size, codes_size = (int(s) for s in meta["sizes"])
+    fields = [meta["index"], meta["n"], meta["offset"], *meta["sizes"]]
+    if len(fields) != 5 or not all(type(f) is int for f in fields):
+        raise ValueError(f"the stream fields {fields} must be five integers")
+    bits, n_index, offset, index_size, codes_size = fields
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        if not info.min <= offset <= info.max:
+            raise ValueError(f"offset {offset} does not fit {dtype}")
     if not 0 <= bits <= 16 or not 0 <= n_index <= n_total or min(index_size, codes_size) < 0:
         raise ValueError(f"index bits {bits}, {n_index} index symbols or stream sizes {meta['sizes']} are out of "
                          f"range for a tensor of {n_total} elements")
@@ -376,6 +382,8 @@ def decode_codes(data: bytes | memoryview | np.ndarray, meta: dict[str, Any], co
     out = np.zeros(n_total, dtype=np.int64)
     if positions.size:
         out[positions] = _unstream(coder, buf[index_size:], positions.size) + offset
+        if not dtype.is_floating_point and int(out.max()) > torch.iinfo(dtype).max:
+            raise ValueError(f"decoded values exceed the range of {dtype}")
     return torch.from_numpy(out).to(dtype).reshape(shape)
 
 

@@ -260,6 +260,8 @@ def _encode_codes(coder: str) -> EncodeFn:
 
 def _decode_codes(coder: str) -> DecodeFn:
     def decode(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
+        if parts[DATA_PART].dtype != torch.uint8:
+            raise ValueError("the coded stream must be stored as uint8 bytes")
         return coding.decode_codes(parts[DATA_PART].numpy(), entry, coder, list(entry["shape"]),
                                    getattr(torch, entry["dtype"]))
 

@@ -139,6 +139,11 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, fac
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in named:
         if name in state and tensor.dtype != state[name].dtype:
+            # Only float precision may differ (a model saved in half or double); integer codes and masks keep
+            # the dtype their module computes with.
+            if not (tensor.is_floating_point() and state[name].is_floating_point()):
+                raise CheckpointError(f"{path}: tensor {name!r} is stored as {state[name].dtype}, but the rebuilt "
+                                      f"model holds it as {tensor.dtype}; the file is corrupted or was edited")
             tensor.data = tensor.data.to(state[name].dtype)
     try:
         model.load_state_dict(state, strict=True)
