@@ -289,7 +289,7 @@ def _child(path: Path, reference: dict[str, Any], x: torch.Tensor, write_fd: int
         outcome = "identical" if _same(fingerprint(model, x), reference) else "different"
         detail = ""
     except CheckpointError as exc:
-        outcome, detail = "checkpoint_error", str(exc)[:200]
+        outcome, detail = "checkpoint_error", str(exc)[:600]
     except BaseException as exc:  # noqa: BLE001 - what the fuzzer is looking for
         outcome, detail = "foreign_exception", f"{type(exc).__name__}: {str(exc)[:200]}"
     peak = max(0, _status_kb("VmHWM") - start_kb) * 1024

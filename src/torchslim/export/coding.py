@@ -245,7 +245,10 @@ def ans_decode(data: bytes | memoryview, count: int) -> np.ndarray:
         raise ValueError(f"{count} ANS symbols cannot fit in {len(buf) - pos} bytes")
     words = np.frombuffer(bytes(buf[pos:]), dtype="<u4").astype(np.uint32)
     coder = constriction.stream.stack.AnsCoder(words)
-    return np.asarray(coder.decode(_ans_model(freq), count), dtype=np.int64)
+    out = np.asarray(coder.decode(_ans_model(freq), count), dtype=np.int64)
+    if not coder.is_empty():  # fewer symbols than were encoded
+        raise ValueError(f"the ANS stream holds more than {count} symbols")
+    return out
 
 
 def _ans_estimate(counts: np.ndarray, wide: bool) -> float:
