@@ -186,3 +186,53 @@ def test_a_forged_signature_field_is_caught(tmp_path):
 def test_bad_keys_are_named(tmp_path):
     with pytest.raises(TorchslimError, match="key must be non-empty"):
         save(LeNet300(), tmp_path / "s.slim", sign_key=b"")
+
+
+# ---- other places that load checkpoints --------------------------------------------------------
+
+
+def test_recipe_checkpoints_trust_only_what_the_recipe_names(tmp_path):
+    import importlib
+    import sys
+
+    from torchslim.pipeline.recipe import load_checkpoint, recipe_from_dict
+
+    (tmp_path / "ts_trust_recipe_mod.py").write_text(
+        "import torch.nn as nn\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(3, 2)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        save(importlib.import_module("ts_trust_recipe_mod").Net(), tmp_path / "m.slim")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ts_trust_recipe_mod", None)
+    stages = [{"type": "UnstructuredPruning", "sparsity": 0.5}]
+    plain = recipe_from_dict({"model": {"checkpoint": "m.slim"}, "stages": stages}, base_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="refusing to call 'ts_trust_recipe_mod:Net'"):
+        load_checkpoint(plain, tmp_path / "m.slim")
+    trusting = recipe_from_dict({"model": {"checkpoint": "m.slim", "trusted": ["ts_trust_recipe_mod"]},
+                                 "stages": stages}, base_dir=tmp_path)
+    assert load_checkpoint(trusting, tmp_path / "m.slim").fc.in_features == 3
+    sys.modules.pop("ts_trust_recipe_mod", None)
+
+
+def test_stored_int8_graphs_may_use_standard_operators_only():
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from torchslim.quantization.backends.onnxrt import check_stored_graph
+
+    def graph_with(node, domains):
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid(d, 1 if d else 17) for d in domains])
+
+    check_stored_graph(graph_with(helper.make_node("Relu", ["x"], ["y"]), [""]).SerializeToString())
+    evil = graph_with(helper.make_node("Shell", ["x"], ["y"], domain="evil.ops"), ["", "evil.ops"])
+    with pytest.raises(CheckpointError, match="evil.ops"):
+        check_stored_graph(evil.SerializeToString())
+    unknown = graph_with(helper.make_node("NotAnOnnxOp", ["x"], ["y"]), [""])
+    with pytest.raises(CheckpointError, match="NotAnOnnxOp"):
+        check_stored_graph(unknown.SerializeToString())
+    assert onnx is not None
