@@ -236,3 +236,19 @@ def test_stored_int8_graphs_may_use_standard_operators_only():
     with pytest.raises(CheckpointError, match="NotAnOnnxOp"):
         check_stored_graph(unknown.SerializeToString())
     assert onnx is not None
+
+
+def test_builtin_main_modules_are_never_imported(lenet_file):
+    _rewrite(lenet_file, lambda m: m.update(arch={"factory": "torchslim.cli.__main__:main", "kwargs": {}}))
+    with pytest.raises(CheckpointError, match="refusing to call 'torchslim.cli.__main__:main'"):
+        load(lenet_file)
+
+
+@pytest.mark.parametrize("factory", ["torchslim.models:torch.load", "torchslim.models:build_model.__call__",
+                                     "torchslim.models:Callable", "torch.nn.modules.module:torch.load"])
+def test_names_reaching_outside_a_trusted_module_are_refused(lenet_file, factory):
+    _rewrite(lenet_file, lambda m: m.update(arch={"factory": factory, "kwargs": {"f": "x"}}))
+    with pytest.raises(CheckpointError, match="refusing to call|cannot be imported"):
+        load(lenet_file)
+    with pytest.raises(CheckpointError, match="refusing to call|cannot be imported"):
+        load(lenet_file, trusted=["torchslim.models"])

@@ -91,6 +91,9 @@ def _import(module: str, qual: str) -> Any:
     obj: Any = importlib.import_module(module)
     for attr in qual.split("."):
         obj = getattr(obj, attr)
+        # "pkg.models:os.system" reaches another module's callable through an import in a trusted one.
+        if _is_module(obj):
+            raise AttributeError(f"{attr!r} is a module, not a class or function defined in {module}")
     return obj
 
 
@@ -102,7 +105,8 @@ def resolve_factory(name: str, trusted: tuple[str, ...], where: str,
         if f"{codec.cls.__module__}:{codec.cls.__qualname__}" == name:
             return codec.cls
     chosen = name in _REGISTERED or name in trusted or _under(module, [t for t in trusted if ":" not in t])
-    if not chosen and not _under(module, _BUILTIN_CLASSES):
+    # Importing a __main__ module runs a program (python -m torchslim.cli would parse sys.argv and run).
+    if not chosen and (not _under(module, _BUILTIN_CLASSES) or "__main__" in module.split(".")):
         raise error(
             f"{where}: refusing to call {name!r}: a checkpoint may only rebuild torchslim's and torch.nn's modules, "
             f"registered module codecs and factories you trust. If you trust whoever wrote this file, pass "
@@ -114,6 +118,10 @@ def resolve_factory(name: str, trusted: tuple[str, ...], where: str,
         raise error(f"{where}: the model factory {name!r} cannot be imported ({type(exc).__name__}: {exc}); install "
                     "or put on sys.path the package that defines it (the same code that saved the checkpoint)"
                     ) from None
+    defined_in = getattr(obj, "__module__", None) or ""
+    if name not in trusted and name not in _REGISTERED and not _under(defined_in, [module]):
+        raise error(f"{where}: refusing to call {name!r}: it is defined in {defined_in or 'another module'}, not in "
+                    f"{module}; pass load(path, trusted=[{name!r}]) if you mean it")
     builtin_class = isinstance(obj, type) and issubclass(obj, nn.Module)
     if not chosen and not builtin_class and not _under(module, _BUILTIN_FACTORIES):
         raise error(f"{where}: refusing to call {name!r}: under {module.split('.')[0]} only nn.Module classes are "
