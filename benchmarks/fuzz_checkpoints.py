@@ -179,8 +179,10 @@ def _edit_meta(m: dict, st: dict, rng: random.Random, marker: str) -> None:
                                      "uint8" if same_kind else "float16", "int16" if same_kind else "bool"])
     elif key == "zlib":
         entry["zlib"] = not entry["zlib"]
-    elif key == "values":
-        entry[key] = rng.choice([[], [2**40], list(range(300)), "x", None])
+    elif key == "values":  # (None would mean "lo to lo + levels": another valid table)
+        entry[key] = rng.choice([[], [2**70], list(range(300)), "x", {}])
+    elif key in ("lo", "offset"):  # outside every integer dtype; an in-range shift is another valid file
+        entry[key] = rng.choice([2**70, -2**70, 1.5, "7", None, [3]])
     else:
         entry[key] = _big(rng) if key != "width" else rng.choice([9, -1, "trit", 17, 0, "x", 1.5])
 

@@ -90,6 +90,8 @@ class QuantizedGraphModel(nn.Module):
     def __init__(self, graph_size: int, initializers: list[list[Any]], backend: str = "ort_qdq",
                  info: dict[str, Any] | None = None):
         super().__init__()
+        if backend not in ("ort_qdq", "ort_qop", *ENGINES):
+            raise ConfigError(f"unknown int8 backend {backend!r}; choose one of ort_qdq, ort_qop, {', '.join(ENGINES)}")
         self.init_kwargs = {"graph_size": int(graph_size), "initializers": [list(i) for i in initializers],
                             "backend": backend, "info": dict(info or {})}
         self.backend = backend
