@@ -16,7 +16,6 @@ the file's size plus the model's.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import select

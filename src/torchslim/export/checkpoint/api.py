@@ -21,7 +21,6 @@ from .encodings import ENCODINGS, check_entries, decode_all, encode_tensor, stor
 from .format import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_KEY,
     CheckpointExistsError,
     canonical,
     check_target,
