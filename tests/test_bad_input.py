@@ -183,7 +183,7 @@ def test_save_refuses_nonfinite_weights(tmp_path):
 
 def test_save_nonfinite_on_request(tmp_path):
     path = torchslim.save(nan_weights(), tmp_path / "m.slim", factory=f"{__name__}:Named", allow_nonfinite=True)
-    assert torch.isnan(torchslim.load(path).fc2.weight[0, 0])
+    assert torch.isnan(torchslim.load(path, trusted=(__name__,)).fc2.weight[0, 0])
 
 
 # ---- files and folders that cannot be written ---------------------------------------------------------------------

@@ -239,7 +239,7 @@ def test_encoding_selection_and_exact_decoding(tmp_path):
     assert enc["2.weight"] == "relative"
     assert enc["3.weight"] == "relative"
     assert manifest["tensors"]["3.weight"]["dtype"] == "float16"
-    loaded = ckpt.load(path)
+    loaded = ckpt.load(path, trusted=[__name__])
     for k, v in model.state_dict().items():
         got = loaded.state_dict()[k]
         assert got.dtype == v.dtype and got.shape == v.shape
@@ -434,8 +434,10 @@ def test_unregistered_encoding(saved):
 def test_factory_not_importable(saved):
     _rewrite(saved, lambda m: m["arch"].update(factory="no_such_pkg_xyz.models:Net"))
     ckpt.read_manifest(saved)  # the file itself is fine
-    with pytest.raises(CheckpointError, match=r"factory 'no_such_pkg_xyz.models:Net' cannot be imported"):
+    with pytest.raises(CheckpointError, match=r"refusing to call 'no_such_pkg_xyz.models:Net'.*trusted="):
         ckpt.load(saved)
+    with pytest.raises(CheckpointError, match=r"factory 'no_such_pkg_xyz.models:Net' cannot be imported"):
+        ckpt.load(saved, trusted=["no_such_pkg_xyz"])
 
 
 def test_factory_module_gone_after_save(tmp_path):
@@ -453,7 +455,7 @@ def test_factory_module_gone_after_save(tmp_path):
         sys.modules.pop("ts_ckpt_tmpmod", None)
         importlib.invalidate_caches()
     with pytest.raises(CheckpointError, match=r"ts_ckpt_tmpmod:Net.*cannot be imported.*ModuleNotFoundError"):
-        ckpt.load(path)
+        ckpt.load(path, trusted=["ts_ckpt_tmpmod:Net"])
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -498,7 +500,7 @@ def test_failed_write_leaves_no_temp_and_keeps_old_file(saved, monkeypatch):
 def test_no_arg_class_without_init_kwargs(tmp_path):
     torch.manual_seed(0)
     model = NoArgNet()
-    loaded = ckpt.load(ckpt.save(model, tmp_path / "m.slim"))
+    loaded = ckpt.load(ckpt.save(model, tmp_path / "m.slim"), trusted=[__name__])
     assert isinstance(loaded, NoArgNet)
     x = torch.randn(2, 6)
     assert torch.equal(model(x), loaded(x))
@@ -516,7 +518,7 @@ def test_factory_with_kwargs(tmp_path, factory):
     model = NeedsArgsNet(7)
     path = ckpt.save(model, tmp_path / "m.slim", factory=factory, factory_kwargs={"hidden": 7})
     assert ckpt.read_manifest(path)["arch"]["kwargs"] == {"hidden": 7}
-    loaded = ckpt.load(path)
+    loaded = ckpt.load(path, trusted=[__name__])
     x = torch.randn(2, 6)
     assert torch.equal(model(x), loaded(x))
 

@@ -329,7 +329,7 @@ def test_recipe_runner_takes_a_two_input_model_with_the_users_loss_and_metric(tm
     report = torchslim.compress(recipe, tmp_path / "out", model=model, data=data, loss_fn=loss, metric=neg_mse,
                                 log=lambda s: None)
     assert seen, "the fine-tuning stage did not train with the user's loss"
-    slim = torchslim.load(tmp_path / "out" / "model.slim")
+    slim = torchslim.load(tmp_path / "out" / "model.slim", trusted=[__name__])
     assert slim.fc1.out_features == 16  # half the hidden units removed for real
     assert [h["type"] for h in torchslim.read_manifest(tmp_path / "out" / "model.slim")["history"]] == [
         "StructuredPruning", "UnstructuredPruning", "Finetune"]

@@ -237,7 +237,7 @@ def test_custom_factories_next_to_the_recipe_run_end_to_end(tmp_path):
     assert report["ratios"]["nonzero_params"] > 2 and report["budget"]["met_val"]
     from torchslim.export.checkpoint import load
 
-    model = load(tmp_path / "custom" / "model.slim")
+    model = load(tmp_path / "custom" / "model.slim", trusted=["my_model"])  # the recipe's own factory
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
 
 

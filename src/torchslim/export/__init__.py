@@ -8,10 +8,11 @@ from .checkpoint import (
     read_manifest,
     register_codecs,
     register_encoding,
+    register_factory,
     register_module,
     save,
 )
 from .size import profile, saved_size
 
-__all__ = ["save", "load", "read_manifest", "register_codecs", "register_encoding", "register_module",
+__all__ = ["save", "load", "read_manifest", "register_factory", "register_codecs", "register_encoding", "register_module",
            "ModuleCodec", "Encoding", "CheckpointExistsError", "saved_size", "profile"]

@@ -57,6 +57,10 @@ def _varint(n: int) -> bytes:
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
+        if shift > 63:
+            raise ValueError("a length field is longer than 64 bits; the data is corrupted")
+        if pos >= len(buf):
+            raise ValueError("the data ends inside a length field; it is truncated")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -121,6 +125,8 @@ def _pack_lengths(lengths: np.ndarray) -> bytes:
 def _unpack_lengths(buf: memoryview, pos: int) -> tuple[np.ndarray, int]:
     head, pos = _read_varint(buf, pos)
     n, wide = head >> 1, head & 1
+    if n > _MAX_ALPHABET or (n if wide else (n + 1) // 2) > len(buf) - pos:
+        raise ValueError(f"a code table of {n} symbols does not fit the {len(buf) - pos} bytes left")
     if wide:
         return np.frombuffer(buf[pos:pos + n], dtype=np.uint8).astype(np.int64), pos + n
     nb = (n + 1) // 2
@@ -160,6 +166,8 @@ def huffman_decode(data: bytes | memoryview, count: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if len(present) == 1:
         return np.full(count, present[0], dtype=np.int64)
+    if count > 8 * (len(buf) - pos):  # every symbol of a code with two or more symbols takes a bit at least
+        raise ValueError(f"{count} Huffman symbols cannot fit in {len(buf) - pos} bytes")
     payload = bytes(buf[pos:])
     payload += b"\0" * (-len(payload) % 4)
     decoder = constriction.symbol.QueueDecoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
@@ -220,6 +228,8 @@ def ans_decode(data: bytes | memoryview, count: int) -> np.ndarray:
     head, pos = _read_varint(buf, 0)
     size, wide = head >> 1, head & 1
     nb = size * (2 if wide else 1)
+    if size > _MAX_ALPHABET or nb > len(buf) - pos:
+        raise ValueError(f"a model table of {size} symbols does not fit the {len(buf) - pos} bytes left")
     freq = np.frombuffer(buf[pos:pos + nb], dtype="<u2" if wide else np.uint8).astype(np.int64)
     pos += nb
     present = np.flatnonzero(freq)
@@ -227,9 +237,18 @@ def ans_decode(data: bytes | memoryview, count: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if len(present) == 1:
         return np.full(count, present[0], dtype=np.int64)
+    if not len(present) or (len(buf) - pos) % 4:
+        raise ValueError("the ANS model is empty or the payload is not whole 32-bit words")
+    # The likeliest symbol costs the fewest bits; the payload plus the coder's initial state bounds the count.
+    min_bits = -math.log2(freq.max() / freq.sum())
+    if count * min_bits > 8 * (len(buf) - pos) + 64:
+        raise ValueError(f"{count} ANS symbols cannot fit in {len(buf) - pos} bytes")
     words = np.frombuffer(bytes(buf[pos:]), dtype="<u4").astype(np.uint32)
     coder = constriction.stream.stack.AnsCoder(words)
-    return np.asarray(coder.decode(_ans_model(freq), count), dtype=np.int64)
+    out = np.asarray(coder.decode(_ans_model(freq), count), dtype=np.int64)
+    if not coder.is_empty():  # fewer symbols than were encoded
+        raise ValueError(f"the ANS stream holds more than {count} symbols")
+    return out
 
 
 def _ans_estimate(counts: np.ndarray, wide: bool) -> float:
@@ -344,8 +363,17 @@ def decode_codes(data: bytes | memoryview | np.ndarray, meta: dict[str, Any], co
     """Inverse of :func:`encode_codes`."""
     buf = memoryview(np.ascontiguousarray(data, dtype=np.uint8) if isinstance(data, np.ndarray) else data)
     n_total = math.prod(shape)
-    bits, n_index, offset = int(meta["index"]), int(meta["n"]), int(meta["offset"])
-    index_size, codes_size = (int(s) for s in meta["sizes"])
+    fields = [meta["index"], meta["n"], meta["offset"], *meta["sizes"]]
+    if len(fields) != 5 or not all(type(f) is int for f in fields):
+        raise ValueError(f"the stream fields {fields} must be five integers")
+    bits, n_index, offset, index_size, codes_size = fields
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        if not info.min <= offset <= info.max:
+            raise ValueError(f"offset {offset} does not fit {dtype}")
+    if not 0 <= bits <= 16 or not 0 <= n_index <= n_total or min(index_size, codes_size) < 0:
+        raise ValueError(f"index bits {bits}, {n_index} index symbols or stream sizes {meta['sizes']} are out of "
+                         f"range for a tensor of {n_total} elements")
     if len(buf) != index_size + codes_size:
         raise ValueError(f"{len(buf)} bytes of data but the manifest lists streams of {index_size} + {codes_size}")
     if bits:
@@ -357,6 +385,8 @@ def decode_codes(data: bytes | memoryview | np.ndarray, meta: dict[str, Any], co
     out = np.zeros(n_total, dtype=np.int64)
     if positions.size:
         out[positions] = _unstream(coder, buf[index_size:], positions.size) + offset
+        if not dtype.is_floating_point and int(out.max()) > torch.iinfo(dtype).max:
+            raise ValueError(f"decoded values exceed the range of {dtype}")
     return torch.from_numpy(out).to(dtype).reshape(shape)
 
 

@@ -66,23 +66,59 @@ def encode_intpack(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, 
             torch.zeros(0, dtype=torch.uint8)}, meta
 
 
+def _packed_size(width: Any, n: int) -> int:
+    """Bytes the packed indices of ``n`` elements take at ``width`` bits (or trits)."""
+    if width == "trit":
+        return -(-n // 5)
+    if type(width) is not int or not 0 <= width <= 8:
+        raise ValueError(f"invalid index width {width!r}")
+    return -(-n * width // 8)
+
+
+def _inflate(data: bytes, size: int) -> bytes:
+    """zlib-decompress ``data``, which must give exactly ``size`` bytes; never produces more."""
+    d = zlib.decompressobj()
+    out = d.decompress(data, size + 1)
+    if len(out) != size or not d.eof or d.unconsumed_tail:
+        raise ValueError(f"the deflated indices do not inflate to the {size} bytes expected")
+    return out
+
+
 def decode_intpack(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
-    """Inverse of :func:`encode_intpack`."""
+    """Inverse of :func:`encode_intpack`; every field is checked first (a damaged file raises ValueError)."""
     n = math.prod(entry["shape"])
     dtype = getattr(torch, entry["dtype"])
-    data = parts["data"].numpy().tobytes()
-    if entry["zlib"]:
-        data = zlib.decompress(data)
+    packed = parts["data"]
     width = entry["width"]
+    if packed.dtype != torch.uint8 or type(entry["zlib"]) is not bool:
+        raise ValueError("the packed indices must be uint8 bytes and 'zlib' a bool")
+    size = _packed_size(width, n)
+    data = packed.numpy().tobytes()
+    if entry["zlib"]:
+        data = _inflate(data, size)
+    elif len(data) != size:
+        raise ValueError(f"{len(data)} bytes of packed indices, not the {size} of {n} elements")
+    values = entry.get("values")
+    if values is None:
+        lo, levels = entry["lo"], entry["levels"]
+        if type(lo) is not int or type(levels) is not int or not 0 < levels <= 256:
+            raise ValueError(f"invalid value range lo={lo!r}, levels={levels!r}")
+        values = list(range(lo, lo + levels))
+    if (not isinstance(values, list) or not 0 < len(values) <= 256
+            or not all(type(v) is int for v in values)):
+        raise ValueError("the value table must be 1 to 256 integers")
+    if not dtype.is_floating_point and dtype != torch.bool:
+        info = torch.iinfo(dtype)
+        if min(values) < info.min or max(values) > info.max:
+            raise ValueError(f"values {min(values)}..{max(values)} do not fit {dtype}")
     if width == 0:
         idx = np.zeros(n, dtype=np.uint8)
     elif width == "trit":
         idx = unpack_trits(data, n)
     else:
         idx = unpack_bits(torch.frombuffer(bytearray(data), dtype=torch.uint8), int(width), n).numpy()
-    values = entry.get("values")
-    if values is None:
-        values = list(range(entry["lo"], entry["lo"] + entry["levels"]))
+    if idx.size and int(idx.max()) >= len(values):
+        raise ValueError(f"an index {int(idx.max())} points past the {len(values)} values")
     table = torch.tensor(values, dtype=torch.int64)
     return table[torch.from_numpy(idx.astype(np.int64))].to(dtype).reshape(entry["shape"])
 

@@ -103,6 +103,17 @@ class SharedWeight(nn.Module):
             self.codebook = nn.Parameter(codebook.detach().to(torch.float32).clone().reshape(-1))
             self.codes.copy_(codes.to(torch.int16))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # Codes index the codebook: out-of-range codes (a damaged checkpoint) would fail only at the first forward.
+        codes = self.codes
+        if codes.device.type != "meta" and codes.numel() and (
+                int(codes.min()) < 0 or int(codes.max()) > self.codebook.numel()):
+            error_msgs.append(f"{prefix}codes lie in {int(codes.min())}..{int(codes.max())}, outside "
+                              f"0..{self.codebook.numel()} (the codebook's size)")
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, centroids={self.codebook.numel()}"
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError
 from ..core.files import writable_folder
-from ..export.checkpoint import load, save
+from ..export.checkpoint import save
 from ..nn.modules import copy_model
 from ..pipeline.commands import (
     budget_markdown,
@@ -32,6 +32,7 @@ from ..pipeline.recipe import (
     build_data,
     build_model,
     check_against_model,
+    load_checkpoint,
     load_recipe,
     metric_function,
     save_kwargs,
@@ -219,7 +220,7 @@ def _baseline(recipe: Recipe, out: Path, o: SearchOptions, model: nn.Module | No
         return copy_model(model).cpu().eval(), path
     if path.is_file():
         log(f"reusing the baseline model of this recipe: {path}")
-        return load(path).eval(), path
+        return load_checkpoint(recipe, path).eval(), path
     return build_model(recipe, data, log, check=True), path
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from ..core.threads import threads_per_worker
-from ..export.checkpoint import load
-from ..pipeline.recipe import Recipe, build_data, metric_function
+from ..pipeline.recipe import Recipe, build_data, load_checkpoint, metric_function
 from .options import SearchOptions
 from .problem import Problem
 from .storage import StorageError, is_described, open_storage, open_study, redact, tpe_sampler
@@ -65,7 +65,7 @@ def run_workers(problem: Problem, study, recipe: Recipe, options: SearchOptions,
             payload = {"recipe": recipe, "baseline": str(baseline_path), "objective": options.objective,
                        "save_kw": save_kw, "storage": options.storage, "study_name": options.study_name,
                        "trials": options.trials, "worker": w, "seed": recipe.seed + w, "floor": floor,
-                       "threads": threads}
+                       "threads": threads, "trusted": _saved_by(problem.baseline, save_kw)}
             p = ctx.Process(target=worker_main, args=(payload,), daemon=False)
             p.start()
             procs.append(p)
@@ -79,6 +79,16 @@ def run_workers(problem: Problem, study, recipe: Recipe, options: SearchOptions,
     return [f"worker {i + 1} exited with code {p.exitcode}" for i, p in enumerate(procs) if p.exitcode != 0]
 
 
+def _saved_by(baseline: nn.Module, save_kw: dict) -> tuple[str, ...]:
+    """The factory the coordinator saved its baseline with: trusted by the workers it spawns, which load that
+    file (a Python model may come from code no recipe names)."""
+    factory = save_kw.get("factory")
+    if isinstance(factory, str):
+        return (factory,)
+    cls = type(baseline)
+    return (f"{cls.__module__}:{cls.__qualname__}",)
+
+
 @quiet_optuna
 def worker_main(payload: dict[str, Any]) -> None:
     """A spawned worker process: rebuild the problem from the recipe and the coordinator's baseline, run trials."""
@@ -86,7 +96,7 @@ def worker_main(payload: dict[str, Any]) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     recipe: Recipe = payload["recipe"]
     data = build_data(recipe)
-    baseline = load(payload["baseline"])
+    baseline = load_checkpoint(recipe, payload["baseline"], trusted=payload["trusted"])
     problem = Problem(recipe, baseline, data, objective=payload["objective"], metric_fn=metric_function(recipe),
                       save_kw=payload["save_kw"])
     storage = open_storage(payload["storage"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,12 +16,11 @@ from ...core.errors import CheckpointError, TorchslimError
 from ...core.files import atomic_write
 from ...core.history import history as model_history
 from ...nn.masks import effective_state
-from .codecs import apply_specs, diff_modules, on_device
-from .encodings import ENCODINGS, decode_all, encode_tensor, stored_name
+from .codecs import diff_modules
+from .encodings import ENCODINGS, check_entries, decode_all, encode_tensor, stored_name
 from .format import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_KEY,
     CheckpointExistsError,
     canonical,
     check_target,
@@ -31,14 +28,23 @@ from .format import (
     field,
     jsonable,
     read_verified,
+    sign,
     tensor_bytes,
 )
+from .rebuild import build_for_load, check_rebuild, instantiate, load_state, resolve_arch
+from .trust import Trusted, normalise, resolve_factory
+
+# Without max_bytes, load allows tensors of up to this many bytes per byte of file (pruned tensors stored as
+# gaps or entropy codes expand about 100x), and at least DEFAULT_MIN_BYTES.
+EXPANSION = 1024
+DEFAULT_MIN_BYTES = 256 << 20
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[..., nn.Module] | None = None,
          factory_kwargs: dict[str, Any] | None = None, history: list[dict] | None = None,
          metrics: dict[str, Any] | None = None, overwrite: bool = False,
-         encodings: Sequence[str] | None = None, allow_nonfinite: bool = False) -> Path:
+         encodings: Sequence[str] | None = None, example_inputs: Any = None,
+         sign_key: bytes | str | None = None, allow_nonfinite: bool = False) -> Path:
     """Write ``model`` to a single ``.slim`` file at ``path`` and return the path.
 
     The architecture is recorded as ``type(model)`` plus ``model.init_kwargs`` (torchslim's models
@@ -48,7 +54,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     weights and re-applied by :func:`load`; ``model`` itself is not modified. The file is written
     atomically and an existing file is only replaced with ``overwrite=True``. ``encodings`` limits the
     registered tensor encodings save may choose from (``"dense"`` is always allowed); by default each
-    tensor gets the smallest of all. A NaN/inf tensor is refused unless ``allow_nonfinite``.
+    tensor gets the smallest of all. With ``example_inputs`` (a tensor or a tuple), the file is loaded back
+    before it is written and must give exactly the model's outputs (in eval mode). ``sign_key`` adds an
+    HMAC-SHA256 signature that ``load(..., verify_key=...)`` checks. A NaN/inf tensor is refused unless
+    ``allow_nonfinite``.
     """
     if not isinstance(model, nn.Module):
         raise TorchslimError(f"save: expected an nn.Module, got {type(model).__name__}")
@@ -65,12 +74,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
                                  f"got {type(stage).__name__}")
     metrics = jsonable(dict(metrics) if metrics is not None else {}, "metrics")
 
-    factory_path, kwargs = _resolve_arch(model, factory, factory_kwargs)
-    try:
-        build = _import_factory(factory_path)
-    except Exception as exc:
-        raise TorchslimError(f"factory {factory_path!r} cannot be imported ({exc}); "
-                             "pass factory='pkg.module:callable' that load() will be able to import") from None
+    factory_path, kwargs = resolve_arch(model, factory, factory_kwargs)
+    # The caller names the factory, so it is trusted here (and when save loads the file back to check it).
+    build = resolve_factory(factory_path, (factory_path,), "save", TorchslimError)
     folded, masked = effective_state(model)
     # Private copies: encoders may slice them freely and safetensors refuses shared storage.
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in folded.items()}
@@ -79,12 +85,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
         raise CheckpointError(f"save: tensor {bad!r} has NaN/inf values (a diverged run?); fix or retrain the "
                               "model, or pass allow_nonfinite=True to save it anyway")
 
-    fresh, on_meta = _instantiate(build, kwargs, factory_path, TorchslimError)
+    fresh, on_meta = instantiate(build, kwargs, factory_path, TorchslimError)
     if type(fresh) is not type(model):
         raise TorchslimError(f"factory {factory_path!r} builds a {type(fresh).__qualname__}, but the model is a "
                              f"{type(model).__qualname__}; pass the factory that builds this model")
     specs = diff_modules(model, fresh)
-    _check_rebuild(fresh, on_meta, specs, state, factory_path)
+    check_rebuild(fresh, on_meta, specs, state, factory_path)
 
     allowed = None
     if encodings is not None:
@@ -117,37 +123,30 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
         "metrics": metrics,
     }
     manifest["sha256"] = digest(manifest, {k: tensor_bytes(v) for k, v in stored.items()})
-    blob = safetensors.torch.save(stored, metadata={MANIFEST_KEY: canonical(manifest)})
+    blob = sign(stored, canonical(manifest), sign_key)
+    if example_inputs is not None:
+        _check_outputs(model, blob, path, factory_path, example_inputs)
     atomic_write(path, blob, overwrite=overwrite, exists_error=CheckpointExistsError)
     return path
 
 
-def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", trusted: Trusted | str | None = None,
+         verify_key: bytes | str | None = None, max_bytes: int | None = None) -> nn.Module:
     """Rebuild the model saved at ``path`` (verifying its sha256) and move it to ``map_location``.
 
-    Pruning masks recorded at save time are re-applied with ``prune.custom_from_mask`` so the zeros
-    stay zero during further training. Raises CheckpointError for missing, truncated, corrupted or
-    tampered files and for architectures this process cannot rebuild.
+    Only trusted code is called to rebuild it: torchslim's and torch.nn's modules, registered module codecs
+    and factories, and what ``trusted`` names ("pkg.module" or "pkg.module:callable"; see
+    :func:`register_factory`). With ``verify_key`` the file must carry a valid HMAC-SHA256 signature made
+    with that key. ``max_bytes`` bounds the memory the model's tensors may take (by default 1024 times the
+    file's size, at least 256 MiB). Pruning masks recorded at save time are re-applied with
+    ``prune.custom_from_mask`` so the zeros stay zero during further training. Raises CheckpointError for
+    missing, truncated, corrupted, tampered or untrusted files and for architectures this process cannot
+    rebuild.
     """
     path = Path(path)
-    manifest, data = read_verified(path)
-    try:
-        stored = safetensors.torch.load(data)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: safetensors cannot read the tensor data ({exc}); the file is corrupted, "
-                              "restore a good copy") from None
-    state = decode_all(manifest, stored, path)
-    model = _build_for_load(manifest, path)
-    _load_state(model, state, path, manifest)
-    for full in field(manifest, "masked", list, path):
-        module_path, _, tensor_name = full.rpartition(".")
-        try:
-            module = model.get_submodule(module_path)
-            prune.custom_from_mask(module, tensor_name, mask=getattr(module, tensor_name) != 0)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot re-apply the pruning mask of {full!r} ({exc})") from None
-    model.train(bool(manifest.get("training", True)))
-    return model.to(map_location)
+    manifest, data = read_verified(path, verify_key)
+    limit = max_bytes if max_bytes is not None else max(DEFAULT_MIN_BYTES, EXPANSION * len(data))
+    return _rebuild(manifest, data, path, normalise(trusted), limit).to(map_location)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -155,139 +154,65 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return read_verified(Path(path))[0]
 
 
-# ----------------------------------------------------------------------------------------------
-# Architecture: the factory, and rebuilding what it builds
-
-
-def _resolve_arch(model: nn.Module, factory: str | Callable[..., nn.Module] | None,
-                  factory_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    cls = type(model)
-    if factory is not None:
-        if isinstance(factory, str):
-            factory_path = factory
-        elif callable(factory):
-            factory_path = _qualified_name(factory)
-        else:
-            raise TorchslimError(f"factory must be 'pkg.module:callable' or a callable, got {factory!r}")
-        kwargs = factory_kwargs or {}
-    elif isinstance(getattr(model, "init_kwargs", None), dict) and factory_kwargs is None:
-        factory_path, kwargs = _qualified_name(cls), model.init_kwargs
-    else:
-        required = _required_params(cls)
-        if required and factory_kwargs is None:
-            raise TorchslimError(
-                f"cannot record how to rebuild {cls.__qualname__}: its constructor needs {required} and the model "
-                f"has no init_kwargs dict. Pass factory='pkg.module:callable' (e.g. "
-                f"'{cls.__module__}:{cls.__qualname__}') with factory_kwargs={{...}}, or set model.init_kwargs")
-        factory_path, kwargs = _qualified_name(cls), factory_kwargs or {}
-    if not isinstance(kwargs, dict):
-        raise TorchslimError(f"factory kwargs must be a dict, got {type(kwargs).__name__}")
-    return factory_path, jsonable(kwargs, "factory kwargs")
-
-
-def _qualified_name(obj: Any) -> str:
-    module, qual = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-    if not module or not qual or "<locals>" in qual or "<lambda>" in qual:
-        raise TorchslimError(f"{obj!r} is not importable by name (defined inside a function or a lambda), so a "
-                             "checkpoint could not rebuild it; define it at module level or pass "
-                             "factory='pkg.module:callable'")
-    return f"{module}:{qual}"
-
-
-def _required_params(cls: type) -> list[str]:
+def _rebuild(manifest: dict[str, Any], data: bytes, path: Path, trusted: tuple[str, ...],
+             max_bytes: int) -> nn.Module:
     try:
-        sig = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return []
-    return [p.name for p in sig.parameters.values()
-            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-
-def _import_factory(factory_path: str) -> Callable[..., nn.Module]:
-    module_name, sep, qual = factory_path.partition(":")
-    if not sep or not module_name or not qual:
-        raise ValueError(f"expected 'pkg.module:QualName', got {factory_path!r}")
-    obj: Any = importlib.import_module(module_name)
-    for attr in qual.split("."):
-        obj = getattr(obj, attr)
-    if not callable(obj):
-        raise TypeError(f"{factory_path} is not callable")
-    return obj
-
-
-def _instantiate(build: Callable[..., nn.Module], kwargs: dict[str, Any], factory_path: str,
-                 error: type[TorchslimError], *, try_meta: bool = True) -> tuple[nn.Module, bool]:
-    """Call the factory, on the meta device when it works; never disturbs the caller's RNG stream."""
-    with torch.random.fork_rng(devices=[]):
-        if try_meta:
-            try:
-                with on_device(True):
-                    model = build(**kwargs)
-                if isinstance(model, nn.Module):
-                    return model, True
-            except Exception:  # some factories need real tensors (e.g. load weights): build normally
-                pass
-        try:
-            model = build(**kwargs)
-        except Exception as exc:
-            raise error(f"calling factory {factory_path}(**{kwargs!r}) failed: {type(exc).__name__}: {exc}") from None
-    if not isinstance(model, nn.Module):
-        raise error(f"factory {factory_path} returned a {type(model).__name__}, not an nn.Module")
-    return model, False
-
-
-def _check_rebuild(fresh: nn.Module, on_meta: bool, specs: dict[str, Any], state: dict[str, torch.Tensor],
-                   factory_path: str) -> None:
-    """Rebuild at save time what load will rebuild, so a checkpoint that saves also loads."""
-    rebuilt = apply_specs(fresh, specs, TorchslimError, "save", on_meta)
-    shapes = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    mismatched = {k: (tuple(v.shape), shapes[k]) for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]}
-    if missing or unexpected or mismatched:
-        problems = []
-        if mismatched:
-            problems.append("shape mismatch (model vs rebuilt) " + ", ".join(
-                f"{k}: {a} vs {b}" for k, (a, b) in list(mismatched.items())[:5]))
-        if missing:
-            problems.append(f"tensors the rebuilt model has but the model lacks: {missing[:5]}")
-        if unexpected:
-            problems.append(f"tensors the rebuilt model lacks: {unexpected[:5]}")
-        raise TorchslimError(
-            f"cannot record the architecture: rebuilding it from {factory_path} and the recorded module changes gives "
-            f"different tensors ({'; '.join(problems)}). A module changed shape without updating its constructor "
-            "attributes (e.g. out_channels, in_features, num_features), or a custom module changed: register it with "
-            "torchslim.export.checkpoint.register_module")
-
-
-def _build_for_load(manifest: dict[str, Any], path: Path) -> nn.Module:
-    arch = field(manifest, "arch", dict, path)
-    factory_path, kwargs = arch.get("factory"), arch.get("kwargs", {})
-    if not isinstance(factory_path, str) or not isinstance(kwargs, dict):
-        raise CheckpointError(f"{path}: malformed 'arch' in the manifest: {arch!r}")
-    try:
-        build = _import_factory(factory_path)
+        stored = safetensors.torch.load(data)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: the model factory {factory_path!r} cannot be imported ({type(exc).__name__}: {exc}); install or "
-            "put on sys.path the package that defines it (the same code that saved the checkpoint)") from None
-    model, _ = _instantiate(build, kwargs, factory_path, CheckpointError, try_meta=False)
-    return apply_specs(model, field(manifest, "modules", dict, path), CheckpointError, str(path), False)
+        raise CheckpointError(f"{path}: safetensors cannot read the tensor data ({exc}); the file is corrupted, "
+                              "restore a good copy") from None
+    shapes = check_entries(manifest, stored, path, max_bytes)
+    model = build_for_load(manifest, shapes, path, trusted, max_bytes)
+    state = decode_all(manifest, stored, path)
+    load_state(model, state, path, manifest["arch"]["factory"])
+    for full in field(manifest, "masked", list, path):
+        if not isinstance(full, str):
+            raise CheckpointError(f"{path}: malformed 'masked' entry {full!r}; the file is corrupted")
+        module_path, _, tensor_name = full.rpartition(".")
+        try:
+            module = model.get_submodule(module_path)
+            prune.custom_from_mask(module, tensor_name, mask=getattr(module, tensor_name) != 0)
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot re-apply the pruning mask of {full!r} ({exc})") from None
+    model.train(bool(manifest.get("training", True)))
+    return model
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, manifest: dict[str, Any]) -> None:
-    # Modules are built in the default dtype; adopt the stored dtype in place so tied parameters stay tied.
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in named:
-        if name in state and tensor.dtype != state[name].dtype:
-            tensor.data = tensor.data.to(state[name].dtype)
+def _check_outputs(model: nn.Module, blob: bytes, path: Path, factory_path: str, example_inputs: Any) -> None:
+    """Load ``blob`` back and compare its outputs with ``model``'s on ``example_inputs`` (eval mode, exact)."""
+    manifest, data = read_verified(path, None, data=blob)
+    rebuilt = _rebuild(manifest, data, path, (factory_path,), max(DEFAULT_MIN_BYTES, EXPANSION * len(data)))
+    device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:600]
-        raise CheckpointError(
-            f"{path}: the stored tensors do not fit the model rebuilt by {manifest['arch']['factory']} ({detail}); "
-            "the factory's code probably changed since the checkpoint was written") from None
+        model.eval()
+        rebuilt.to(device).eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            expected, got = model(*args), rebuilt(*args)
+    finally:
+        model.train(was_training)
+    flat_a, flat_b = _flatten(expected), _flatten(got)
+    if len(flat_a) != len(flat_b) or not all(_same_output(a, b) for a, b in zip(flat_a, flat_b)):
+        raise TorchslimError(
+            f"save: the model rebuilt from the checkpoint for {path} gives different outputs on example_inputs than "
+            "the model itself; a module's constructor arguments do not describe it fully (register a codec for it "
+            "with torchslim.export.checkpoint.register_module) or its forward depends on state not in state_dict")
+
+
+def _flatten(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [x for o in out for x in _flatten(o)]
+    if isinstance(out, dict):
+        return [x for k in sorted(out) for x in _flatten(out[k])]
+    return [out]
+
+
+def _same_output(a: Any, b: Any) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b) or (
+            a.is_floating_point() and ((a == b) | (a.isnan() & b.isnan())).all()))
+    return type(a) is type(b) and a == b
 
 
 def _sparsity(state: dict[str, torch.Tensor]) -> dict[str, float]:

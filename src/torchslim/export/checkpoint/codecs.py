@@ -116,6 +116,14 @@ def diff_modules(model: nn.Module, fresh: nn.Module) -> dict[str, dict[str, Any]
             specs[path] = _spec_of(saved, path)
             return
         assert ref is not None
+        if list(saved._modules) != list(ref._modules) and codec_for(saved) is not None:
+            # Children were added: record the whole container, whose spec keeps their order (the manifest's
+            # module paths are sorted, which would put a Sequential's "10" before "2").
+            try:
+                specs[path] = _spec_of(saved, path)
+                return
+            except TorchslimError:
+                pass  # a child has no codec: record the changed children one by one
         for name, child in saved._modules.items():
             if child is not None:
                 visit(join(path, name), child, ref._modules.get(name))
@@ -165,11 +173,17 @@ def _build_spec(spec: Any, path: str, error: type[TorchslimError], where: str) -
     return module
 
 
+def _path_order(path: str) -> tuple:
+    parts = path.split(".") if path else []
+    # Numbered children (Sequential, ModuleList) in numeric order: 2 before 10.
+    return (len(parts), [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts])
+
+
 def apply_specs(model: nn.Module, specs: Mapping[str, Any], error: type[TorchslimError], where: str,
                 meta: bool) -> nn.Module:
     """``model`` with the recorded modules rebuilt and put in place (the root too, for path ``""``)."""
     # Shallow paths first so a replaced parent never overwrites a replacement made inside it.
-    for path in sorted(specs, key=lambda p: (p != "", p.count("."), p)):
+    for path in sorted(specs, key=_path_order):
         with on_device(meta):
             module = _build_spec(specs[path], path, error, where)
         if path == "":
@@ -219,6 +233,7 @@ BUILTIN_MODULES = (
              "scale_grad_by_freq", "sparse"),
     _builtin(nn.Sequential),
     _builtin(nn.ModuleList),
+    _builtin(nn.ModuleDict),
     _builtin(nn.Identity),
     _builtin(nn.ReLU, "inplace"),
     _builtin(nn.ReLU6, "inplace"),

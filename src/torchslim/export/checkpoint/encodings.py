@@ -116,22 +116,59 @@ def encode_tensor(name: str, tensor: torch.Tensor, allowed: set[str] | None = No
     return entry, parts
 
 
-def decode_all(manifest: dict[str, Any], stored: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the manifest, decoded from the stored parts and checked against its shape and dtype."""
-    state = {}
+_DTYPES = {dtype_name(d): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128, torch.int64,
+    torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64") if hasattr(torch, n)))}
+_MAX_DIMS = 32
+
+
+def check_entries(manifest: dict[str, Any], stored: dict[str, torch.Tensor], path: Path,
+                  max_bytes: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, after checking its manifest entry is well formed, names stored parts and a
+    registered encoding, and that all tensors together fit in ``max_bytes``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = 0
     for name, entry in field(manifest, "tensors", dict, path).items():
         enc_name = entry.get("encoding") if isinstance(entry, dict) else None
         if not isinstance(enc_name, str) or enc_name not in ENCODINGS:
             raise CheckpointError(f"{path}: tensor {name!r} uses encoding {enc_name!r}, which is not registered in "
                                   "this process; register the encoding that provides it (torchslim.export.checkpoint"
                                   ".register_codecs), then load again")
+        shape, dtype, parts = entry.get("shape"), entry.get("dtype"), entry.get("parts")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {str(shape)[:80]}; the file is "
+                                  "corrupted")
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype {str(dtype)[:40]!r}; the file is "
+                                  "corrupted or from a newer torch")
+        if (not isinstance(parts, list) or not parts
+                or not all(isinstance(p, str) and stored_name(name, p) in stored for p in parts)):
+            raise CheckpointError(f"{path}: tensor {name!r} lists parts {str(parts)[:80]} that are not all stored; "
+                                  "the file is corrupted")
+        total += math.prod(shape) * _DTYPES[dtype].itemsize
+        if total > max_bytes:
+            raise CheckpointError(f"{path}: the tensors up to {name!r} would take {total} bytes, more than the limit "
+                                  f"of {max_bytes}; if you expect a model this large, pass load(path, max_bytes=...)")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def decode_all(manifest: dict[str, Any], stored: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the manifest (checked by :func:`check_entries`), decoded from the stored parts and
+    checked against its shape and dtype."""
+    state = {}
+    for name, entry in field(manifest, "tensors", dict, path).items():
         try:
             parts = {p: stored[stored_name(name, p)] for p in entry["parts"]}
-            tensor = ENCODINGS.get(enc_name).decode(parts, entry)
+            tensor = ENCODINGS.get(entry["encoding"]).decode(parts, entry)
             shape, dtype = list(tensor.shape), dtype_name(tensor.dtype)
-        except Exception as exc:
+        except BaseException as exc:  # native decoders raise PanicException, a BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)):
+                raise
             raise CheckpointError(f"{path}: cannot decode tensor {name!r} ({entry.get('encoding')}): "
-                                  f"{type(exc).__name__}: {exc}; the file is corrupted") from None
+                                  f"{type(exc).__name__}: {str(exc)[:200]}; the file is corrupted") from None
         if shape != entry.get("shape") or dtype != entry.get("dtype"):
             raise CheckpointError(f"{path}: tensor {name!r} decodes to {dtype}{shape}, but the manifest says "
                                   f"{entry.get('dtype')}{entry.get('shape')}; the file is corrupted")
@@ -166,8 +203,12 @@ def _encode_bitmask(t: torch.Tensor) -> Encoded | None:
 
 def _decode_bitmask(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
     n = math.prod(entry["shape"])
-    mask = torch.from_numpy(np.unpackbits(parts["mask"].numpy(), count=n).astype(bool))
-    values = parts["values"]
+    packed, values = parts["mask"], parts["values"]
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise ValueError(f"the mask has {packed.numel()} bytes, not the {(n + 7) // 8} of {n} elements")
+    mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=n).astype(bool))
+    if int(mask.sum()) != values.numel():
+        raise ValueError(f"the mask marks {int(mask.sum())} non-zeros but {values.numel()} values are stored")
     out = torch.zeros(n, dtype=values.dtype)
     out[mask] = values
     return out.reshape(entry["shape"])
@@ -192,7 +233,12 @@ def _encode_relative(t: torch.Tensor) -> Encoded | None:
 
 def _decode_relative(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
     gaps, values = parts["gaps"], parts["values"]
-    out = torch.zeros(math.prod(entry["shape"]), dtype=values.dtype)
+    n = math.prod(entry["shape"])
+    if gaps.dtype != torch.uint8 or gaps.numel() != values.numel() or gaps.numel() > n:
+        raise ValueError(f"{gaps.numel()} gaps and {values.numel()} values do not fit {n} elements")
+    if gaps.numel() and int(gaps.to(torch.int64).sum()) > n:
+        raise ValueError(f"the gaps point past the end of {n} elements")
+    out = torch.zeros(n, dtype=values.dtype)
     if gaps.numel():
         out[torch.cumsum(gaps.to(torch.int64), 0) - 1] = values
     return out.reshape(entry["shape"])
@@ -214,6 +260,8 @@ def _encode_codes(coder: str) -> EncodeFn:
 
 def _decode_codes(coder: str) -> DecodeFn:
     def decode(parts: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
+        if parts[DATA_PART].dtype != torch.uint8:
+            raise ValueError("the coded stream must be stored as uint8 bytes")
         return coding.decode_codes(parts[DATA_PART].numpy(), entry, coder, list(entry["shape"]),
                                    getattr(torch, entry["dtype"]))
 

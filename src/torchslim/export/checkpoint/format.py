@@ -7,11 +7,15 @@ name and version, the sha256 over manifest and tensor bytes) before any tensor i
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+import safetensors.torch
 import torch
 
 from ..._version import __version__
@@ -21,6 +25,10 @@ FORMAT = "torchslim"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "torchslim"
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+MAX_DEPTH = 64  # JSON nesting; save writes at most a few levels per module nesting level
+SIGNATURE_KEY = "torchslim_hmac"
+_UNSIGNED = "0" * 64  # the signature's place while the file is signed
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
 class CheckpointExistsError(TorchslimError, FileExistsError):
@@ -45,6 +53,58 @@ def digest(manifest: dict[str, Any], raw: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def load_json(text: str | bytes, what: str) -> Any:
+    """``json.loads(text)`` with its nesting depth checked first (deep nesting would exhaust the stack);
+    ``ValueError`` if it is too deep or not JSON."""
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+    skeleton = np.frombuffer(_STRINGS.sub(b"", raw), dtype=np.uint8)
+    step = (np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(skeleton, (ord("]"), ord("}"))).astype(np.int64))
+    depth = int(np.cumsum(step).max(initial=0))
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{what} nests {depth} levels deep, more than the {MAX_DEPTH} torchslim writes")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} nests too deeply") from None
+
+
+def sign(stored: dict[str, torch.Tensor], manifest_text: str, key: bytes | str | None) -> bytes:
+    """The safetensors bytes of ``stored`` with the manifest, signed with HMAC-SHA256 under ``key`` if given."""
+    metadata = {MANIFEST_KEY: manifest_text}
+    if key is None:
+        return safetensors.torch.save(stored, metadata=metadata)
+    metadata[SIGNATURE_KEY] = _UNSIGNED
+    blob = safetensors.torch.save(stored, metadata=metadata)
+    mac = hmac.new(_key(key), blob, hashlib.sha256).hexdigest()
+    placeholder = f'"{SIGNATURE_KEY}":"{_UNSIGNED}"'.encode()
+    assert blob.count(placeholder) == 1, "safetensors wrote the metadata in an unexpected form"
+    return blob.replace(placeholder, f'"{SIGNATURE_KEY}":"{mac}"'.encode())
+
+
+def _key(key: bytes | str) -> bytes:
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, (bytes, bytearray)) or not key:
+        raise TorchslimError("a signing or verify key must be non-empty bytes or str")
+    return bytes(key)
+
+
+def _verify(data: bytes, metadata: dict[str, Any], start: int, key: bytes | str, path: Path) -> None:
+    mac = metadata.get(SIGNATURE_KEY)
+    if not isinstance(mac, str) or not re.fullmatch(r"[0-9a-f]{64}", mac):
+        raise CheckpointError(f"{path} is not signed, but verify_key was given; load it without verify_key only if "
+                              "you trust its source, or ask for a copy saved with save(..., sign_key=...)")
+    found = f'"{SIGNATURE_KEY}":"{mac}"'.encode()
+    header = data[:start]
+    if header.count(found) != 1:
+        raise CheckpointError(f"{path}: its signature is malformed; the file was tampered with")
+    unsigned = header.replace(found, f'"{SIGNATURE_KEY}":"{_UNSIGNED}"'.encode()) + data[start:]
+    if not hmac.compare_digest(hmac.new(_key(key), unsigned, hashlib.sha256).hexdigest(), mac):
+        raise CheckpointError(f"{path}: its HMAC-SHA256 signature does not match verify_key: the file was modified "
+                              "after it was signed, or signed with another key")
+
+
 def parse_header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
     """The safetensors header and where the tensor data starts, parsed here to tell truncated files from
     foreign ones."""
@@ -59,9 +119,9 @@ def parse_header(data: bytes, path: Path) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path} is truncated: its header needs {8 + n} bytes but the file has {len(data)}; "
                               "it was cut short (interrupted copy or download), restore a complete copy")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(not_safetensors + " (its header is not valid JSON)") from None
+        header = load_json(data[8:8 + n].decode("utf-8"), "the header")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{not_safetensors} (its header is not valid JSON: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(not_safetensors)
     end = 0
@@ -91,25 +151,32 @@ def field(manifest: dict[str, Any], key: str, kind: type, path: Path) -> Any:
     return value
 
 
-def read_verified(path: Path) -> tuple[dict[str, Any], bytes]:
-    """The manifest and the whole file's bytes, after every check of the format and the sha256."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (saved with "
-                              "torchslim.export.checkpoint.save?)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a regular file (a directory?); pass the .slim file itself")
-    data = path.read_bytes()
+def read_verified(path: Path, verify_key: bytes | str | None = None, *, data: bytes | None = None
+                  ) -> tuple[dict[str, Any], bytes]:
+    """The manifest and the whole file's bytes (``data`` if given, else read from ``path``), after every check
+    of the format, the signature (with ``verify_key``) and the sha256."""
+    if data is None:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist; check the path (saved with "
+                                  "torchslim.export.checkpoint.save?)")
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} is not a regular file (a directory?); pass the .slim file "
+                                  "itself")
+        data = path.read_bytes()
     header, start = parse_header(data, path)
     metadata = header.get("__metadata__") or {}
+    if verify_key is not None:
+        _verify(data, metadata if isinstance(metadata, dict) else {}, start, verify_key, path)
     text = metadata.get(MANIFEST_KEY) if isinstance(metadata, dict) else None
     if not isinstance(text, str):
         raise CheckpointError(f"{path} is a safetensors file but has no torchslim manifest (metadata key "
                               f"{MANIFEST_KEY!r}), so it was not written by torchslim.export.checkpoint.save; read "
                               "its raw tensors with safetensors.torch.load_file instead")
     try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: the torchslim manifest is not valid JSON; the file is corrupted") from None
+        manifest = load_json(text, "the manifest")
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: the torchslim manifest is not valid JSON ({exc}); the file is corrupted"
+                              ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: the manifest does not declare format {FORMAT!r}; not a torchslim checkpoint")
     version = manifest.get("format_version")

@@ -20,7 +20,17 @@ starts, and errors point at the line: ``recipe.yaml:12: stages[1].sparsity: must
 validation and :mod:`.build` what turns a recipe into a model, data and a metric.
 """
 
-from .build import build_data, build_model, check_against_model, import_callable, metric_function, reseed, save_kwargs
+from .build import (
+    build_data,
+    build_model,
+    check_against_model,
+    import_callable,
+    load_checkpoint,
+    metric_function,
+    reseed,
+    save_kwargs,
+    trusted_code,
+)
 from .parse import load_recipe, parse_recipe, recipe_from_dict
 from .schema import (OBJECTIVES, STAGE_KEYS, BudgetSpec, DataSpec, GuardSpec, ModelSpec, Recipe, SearchSpec,
                      StageSpec)
@@ -28,4 +38,4 @@ from .yaml_source import RecipeError
 
 __all__ = ["Recipe", "ModelSpec", "DataSpec", "StageSpec", "BudgetSpec", "GuardSpec", "SearchSpec", "RecipeError",
            "load_recipe", "parse_recipe", "recipe_from_dict", "check_against_model", "import_callable",
-           "build_model", "build_data", "metric_function", "save_kwargs", "reseed", "OBJECTIVES", "STAGE_KEYS"]
+           "build_model", "build_data", "metric_function", "save_kwargs", "reseed", "load_checkpoint", "trusted_code", "OBJECTIVES", "STAGE_KEYS"]

@@ -62,6 +62,23 @@ def import_callable(spec: str, base_dir: str | Path = ".") -> Callable:
     return obj
 
 
+def trusted_code(recipe: Recipe) -> tuple[str, ...]:
+    """What a checkpoint of this recipe may call (see ``torchslim.load``): the recipe's ``model.trusted`` and the
+    modules of its factories (recipes are code: they name those modules themselves)."""
+    names = list(recipe.model.trusted) if recipe.model is not None else []
+    for spec in (recipe.model, recipe.data):
+        if spec is not None and spec.factory is not None:
+            names.append(spec.factory.partition(":")[0])
+    return tuple(names)
+
+
+def load_checkpoint(recipe: Recipe, path: str | Path, trusted: tuple[str, ...] = ()) -> nn.Module:
+    """``torchslim.load(path)`` trusting :func:`trusted_code` of ``recipe`` (and ``trusted``); the recipe's
+    factory modules may sit next to the recipe file."""
+    with _on_path(Path(recipe.base_dir)):
+        return load(path, trusted=(*trusted_code(recipe), *trusted))
+
+
 def build_data(recipe: Recipe) -> Splits:
     """The recipe's :class:`~torchslim.data.Splits` (train / val / test)."""
     spec = recipe.data
@@ -103,7 +120,7 @@ def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *
     else:
         torch.manual_seed(recipe.seed)
     if spec.checkpoint is not None:
-        model = load(recipe.resolve_path(spec.checkpoint))
+        model = load_checkpoint(recipe, recipe.resolve_path(spec.checkpoint))
     elif spec.builtin is not None:
         model = build_builtin(spec.builtin, **spec.kwargs)
     else:

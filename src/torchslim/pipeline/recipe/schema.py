@@ -44,7 +44,9 @@ class ModelSpec:
     ``weights`` (a ``.pt``/``.pth`` state dict or a ``.safetensors`` file) is loaded into a built-in or factory
     model; ``train`` trains it on the recipe's training split first (for examples and demos without weights).
     Relative paths are relative to the recipe file; a factory module may sit next to the recipe.
-    ``name`` is accepted as another word for ``builtin``.
+    ``trusted`` names the code (``"pkg.module"`` or ``"pkg.module:callable"``) a ``checkpoint`` may call to
+    rebuild its model besides torchslim's own (see ``torchslim.load``); the recipe's factory modules are
+    trusted already. ``name`` is accepted as another word for ``builtin``.
     """
 
     builtin: str | None = None
@@ -54,6 +56,7 @@ class ModelSpec:
     weights: str | None = None
     train: TrainConfig | None = None
     name: str | None = None
+    trusted: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _alias_name(self)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ...core.errors import CheckpointError, ConfigError, TorchslimError, UnsupportedModelError
 from ...data.batches import call_model
 from ...export.checkpoint import ModuleCodec
 from ...export.onnx import ort_session
@@ -92,6 +92,8 @@ class QuantizedGraphModel(nn.Module):
     def __init__(self, graph_size: int, initializers: list[list[Any]], backend: str = "ort_qdq",
                  info: dict[str, Any] | None = None):
         super().__init__()
+        if backend not in ("ort_qdq", "ort_qop", *ENGINES):
+            raise ConfigError(f"unknown int8 backend {backend!r}; choose one of ort_qdq, ort_qop, {', '.join(ENGINES)}")
         self.init_kwargs = {"graph_size": int(graph_size), "initializers": [list(i) for i in initializers],
                             "backend": backend, "info": dict(info or {})}
         self.backend = backend
@@ -174,7 +176,10 @@ class QuantizedGraphModel(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._runner = None  # rebuilt from the loaded tensors on the next call
-        return super()._load_from_state_dict(*args, **kwargs)
+        out = super()._load_from_state_dict(*args, **kwargs)
+        # The graph may come from a checkpoint: make sure ONNX Runtime will only run standard operators on it.
+        check_stored_graph(self.graph.detach().cpu().numpy().tobytes())
+        return out
 
     def _apply(self, fn, recurse=True):
         self._runner = None
@@ -187,6 +192,59 @@ class QuantizedGraphModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, graph_bytes={self.graph.numel()}, tensors={len(self._names)}"
+
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+# ONNX Runtime's own integer kernels that its QOperator quantizer writes (built into every ONNX Runtime, no
+# custom-op library involved); any other com.microsoft operator is refused like any other custom domain.
+_ORT_QUANT_OPS = frozenset({
+    "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearAveragePool", "QLinearGlobalAveragePool",
+    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean", "QLinearWhere",
+    "QLinearConvTranspose", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QuantizeLinear",
+    "DequantizeLinear"})
+_ORT_DOMAIN = "com.microsoft"
+
+
+def check_stored_graph(blob: bytes) -> None:
+    """Refuse a stored graph that is not standard ONNX (plus ONNX Runtime's built-in quantized kernels):
+    custom domains or operators, local functions, external data or its own initializers (ours are stored as
+    tensors) could make ONNX Runtime run foreign code or read files."""
+    import onnx
+
+    if not blob.strip(b"\0"):
+        return  # a model built but not loaded yet holds zeros
+    try:
+        model = onnx.load_from_string(blob)
+    except Exception as exc:
+        raise CheckpointError(f"the stored int8 graph is not a valid ONNX model ({type(exc).__name__}); the "
+                              "checkpoint is corrupted") from None
+    problems = [f"opset domain {o.domain!r}" for o in model.opset_import
+                if o.domain not in (*_STANDARD_DOMAINS, _ORT_DOMAIN)]
+    if model.functions:
+        problems.append(f"{len(model.functions)} local function(s)")
+
+    def visit(graph) -> None:
+        if len(graph.initializer) or len(graph.sparse_initializer):
+            problems.append(f"initializers inside the graph {graph.name!r}")
+        for node in graph.node:
+            if node.domain == _ORT_DOMAIN:
+                standard = node.op_type in _ORT_QUANT_OPS
+            else:
+                standard = node.domain in _STANDARD_DOMAINS and onnx.defs.has(node.op_type, "")
+            if not standard:
+                problems.append(f"operator {node.domain or 'ai.onnx'}:{node.op_type}")
+            for attr in node.attribute:
+                tensors = [attr.t, *attr.tensors] if attr.HasField("t") else list(attr.tensors)
+                if any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors):
+                    problems.append(f"external data in node {node.name!r}")
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
+    if problems:
+        raise CheckpointError(f"the stored int8 graph uses {', '.join(sorted(set(problems))[:5])}; a checkpoint's "
+                              "graph may only use standard ONNX operators (and ONNX Runtime's quantized kernels), so it is refused. "
+                              "Re-create it with torchslim's int8 quantization if you trust its source")
 
 
 def measure_runners(runners: dict[str, Callable[..., Any]], inputs: tuple | dict, *, rounds: int = 12,
