@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterable
 
 import torch
@@ -15,7 +14,7 @@ from ..nn.modules import check_patterns, copy_model, match
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported
 from .backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
 from .backends.weight_only import WeightOnlyLinear
-from .ptq import DYNAMIC_LAYERS, DynamicQuantization, Float8, WeightOnly
+from .ptq import DYNAMIC_LAYERS, DynamicQuantization, Float8, WeightOnly, report_float
 
 __all__ = ["apply_dynamic", "apply_weight_only", "apply_fp8"]
 
@@ -68,14 +67,7 @@ def _convert(model: nn.Module, choose, exclude: tuple[str, ...], what: str, poli
         names = ", ".join(f"{d['layer']} ({d['op']}: {d['reason']})" for d in skipped[:8]) or "none"
         raise UnsupportedModelError(f"{what}: no layer of {type(model).__name__} can be converted ({how}); "
                                     f"layers seen: {names}")
-    if skipped:
-        names = ", ".join(f"{d['layer']} ({d['op']}: {d['reason']})" for d in skipped[:12])
-        more = f" and {len(skipped) - 12} more" if len(skipped) > 12 else ""
-        message = (f"{what}: {len(skipped)} layer(s) stay in float: {names}{more}. Pass exclude=[...] to keep them "
-                   "float on purpose, or on_unsupported='raise' to make this an error")
-        if policy == "raise":
-            raise UnsupportedModelError(message)
-        warnings.warn(message, UserWarning, stacklevel=3)
+    report_float(skipped, policy, what)
     return model, converted
 
 

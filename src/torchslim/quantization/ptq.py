@@ -173,13 +173,16 @@ class Float8(Config):
             check_positive("rows", self.rows, integer=True)
 
 
-def report_float(layers: list[dict[str, str]], policy: str, what: str, how: str) -> None:
-    """Warn (or raise, by ``policy``) that ``layers`` stay in float because they have no integer kernel."""
+def report_float(layers: list[dict[str, str]], policy: str, what: str, how: str | None = None) -> None:
+    """Warn (or raise, by ``policy``) that ``layers`` (``{"layer", "op"[, "reason"]}``) stay in float; ``how``
+    says what runs them when they have no integer kernel."""
     if not layers:
         return
-    names = ", ".join(f"{d['layer']} ({d['op']})" for d in layers[:12])
+    names = ", ".join(f"{d['layer']} ({d['op']}" + (f": {d['reason']}" if d.get("reason") else "") + ")"
+                      for d in layers[:12])
     more = f" and {len(layers) - 12} more" if len(layers) > 12 else ""
-    message = (f"{what}: {len(layers)} layer(s) have no integer kernel and stay in float ({how}): {names}{more}. "
+    why = f"have no integer kernel and stay in float ({how})" if how else "stay in float"
+    message = (f"{what}: {len(layers)} layer(s) {why}: {names}{more}. "
                "Pass exclude=[...] to keep them float on purpose, or on_unsupported='raise' to make this an error")
     if policy == "raise":
         raise UnsupportedModelError(message)
