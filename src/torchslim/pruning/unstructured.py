@@ -30,7 +30,8 @@ def _check_finite(layers: dict[str, nn.Module]) -> None:
 
 
 def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Boolean mask keeping all but the ``n_prune`` smallest scores (exact count, ties broken by index)."""
+    """Boolean mask keeping all but the ``n_prune`` smallest scores (exact count; ties across the threshold are
+    settled as ``torch.topk`` settles them)."""
     if 0 < n_prune < scores.numel():
         threshold = _nth_smallest(scores, n_prune)
         # When the n smallest are exactly those at or below the n-th, they are the set topk picks; a tie across
