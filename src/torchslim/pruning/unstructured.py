@@ -48,27 +48,34 @@ def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
 
 
 _FLOAT32_INF_BITS = 0x7F800000
+_LOW_BITS = 15  # the search counts the scores by their high bit pattern, then the low bits of one bucket
+_CHUNK = 1 << 20  # elements per counting step, so the temporaries stay a few MB
 
 
 def _nth_smallest(scores: torch.Tensor, n: int) -> torch.Tensor | None:
     """The ``n``-th smallest of non-negative float32 ``scores`` (as a 0-dim tensor), or None for other scores.
 
-    Bisects on the bit patterns, which order like the values for non-negative floats: ~31 counting passes
-    with one boolean temporary, where sorting or ``kthvalue`` would copy the scores and an int64 index each.
+    Works on the bit patterns, which order like the values for non-negative floats: two counting passes in
+    chunks (a histogram of the high bits, then of the low bits in the bucket holding the n-th), where sorting
+    or ``kthvalue`` would copy the scores and an int64 index each.
     """
     if scores.dtype != torch.float32 or scores.device.type != "cpu" or not scores.is_contiguous():
         return None
-    bits = scores.view(torch.int32)
+    bits = scores.reshape(-1).view(torch.int32)
     if int(bits.min()) < 0 or int(bits.max()) > _FLOAT32_INF_BITS:  # -0.0, negatives or NaN
         return None
-    lo, hi = 0, _FLOAT32_INF_BITS  # smallest v with count(bits <= v) >= n lies in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if int(torch.count_nonzero(bits <= mid)) >= n:
-            hi = mid
-        else:
-            lo = mid + 1
-    return torch.tensor(lo, dtype=torch.int32).view(torch.float32)
+    chunks = bits.split(_CHUNK)
+    high = torch.zeros((_FLOAT32_INF_BITS >> _LOW_BITS) + 1, dtype=torch.int64)
+    for chunk in chunks:
+        high += torch.bincount(chunk >> _LOW_BITS, minlength=high.numel())
+    cum = high.cumsum(0)
+    bucket = int(torch.searchsorted(cum, n))  # first bucket where the count reaches n
+    low = torch.zeros(1 << _LOW_BITS, dtype=torch.int64)
+    for chunk in chunks:
+        low += torch.bincount(chunk[(chunk >> _LOW_BITS) == bucket] & ((1 << _LOW_BITS) - 1), minlength=low.numel())
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    rest = int(torch.searchsorted(low.cumsum(0) + below, n))
+    return torch.tensor((bucket << _LOW_BITS) | rest, dtype=torch.int32).view(torch.float32)
 
 
 def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float],
