@@ -114,3 +114,23 @@ def test_schedule_shapes():
     g = step_targets(Schedule("gradual", 4, TrainConfig()))
     assert g[-1] == 1.0 and g[0] > 0.25 and all(a < b for a, b in zip(g, g[1:]))  # front-loaded ramp
     assert cubic(0) == 0 and cubic(1) == 1 and cubic(0.5) == pytest.approx(0.875)
+
+
+def _topk_keep(scores, n):
+    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    if n > 0:
+        mask[torch.topk(scores.flatten(), n, largest=False, sorted=False).indices] = False
+    return mask.view_as(scores)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "zeros", "negative", "nan"])
+def test_keep_top_threshold_search_picks_what_topk_picks(kind):
+    from torchslim.pruning.unstructured import _keep_top
+
+    g = torch.Generator().manual_seed(0)
+    scores = {"distinct": torch.rand(3000, generator=g), "ties": torch.randint(0, 9, (3000,), generator=g).float(),
+              "zeros": torch.rand(3000, generator=g) * (torch.rand(3000, generator=g) > 0.5),
+              "negative": torch.randn(3000, generator=g),
+              "nan": torch.rand(3000, generator=g).index_fill(0, torch.tensor([5, 77]), float("nan"))}[kind]
+    for n in (0, 1, 1500, 2700, 2999, 3000):
+        assert torch.equal(_keep_top(scores.view(60, 50), n), _topk_keep(scores.view(60, 50), n))

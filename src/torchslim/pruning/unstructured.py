@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -28,12 +30,52 @@ def _check_finite(layers: dict[str, nn.Module]) -> None:
 
 
 def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Boolean mask keeping all but the ``n_prune`` smallest scores (exact count, ties broken by index)."""
+    """Boolean mask keeping all but the ``n_prune`` smallest scores (exact count; ties across the threshold are
+    settled as ``torch.topk`` settles them)."""
+    if 0 < n_prune < scores.numel():
+        threshold = _nth_smallest(scores, n_prune)
+        # When the n smallest are exactly those at or below the n-th, they are the set topk picks; a tie across
+        # the threshold leaves the choice to topk (below), so the masks never depend on which path ran.
+        if threshold is not None and int(torch.count_nonzero(scores <= threshold)) == n_prune:
+            return scores > threshold
     mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if n_prune > 0:
+        # CPU topk holds a (value, int64 index) pair per element plus int64 indices of the result: ~7x the
+        # scores for a 90% sparsity, hence the threshold search above.
         idx = torch.topk(scores.flatten(), n_prune, largest=False, sorted=False).indices
         mask[idx] = False
     return mask.view_as(scores)
+
+
+_FLOAT32_INF_BITS = 0x7F800000
+_LOW_BITS = 15  # the search counts the scores by their high bit pattern, then the low bits of one bucket
+_CHUNK = 1 << 20  # elements per counting step, so the temporaries stay a few MB
+
+
+def _nth_smallest(scores: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The ``n``-th smallest of non-negative float32 ``scores`` (as a 0-dim tensor), or None for other scores.
+
+    Works on the bit patterns, which order like the values for non-negative floats: two counting passes in
+    chunks (a histogram of the high bits, then of the low bits in the bucket holding the n-th), where sorting
+    or ``kthvalue`` would copy the scores and an int64 index each.
+    """
+    if scores.dtype != torch.float32 or scores.device.type != "cpu" or not scores.is_contiguous():
+        return None
+    bits = scores.reshape(-1).view(torch.int32)
+    if int(bits.min()) < 0 or int(bits.max()) > _FLOAT32_INF_BITS:  # -0.0, negatives or NaN
+        return None
+    chunks = bits.split(_CHUNK)
+    high = torch.zeros((_FLOAT32_INF_BITS >> _LOW_BITS) + 1, dtype=torch.int64)
+    for chunk in chunks:
+        high += torch.bincount(chunk >> _LOW_BITS, minlength=high.numel())
+    cum = high.cumsum(0)
+    bucket = int(torch.searchsorted(cum, n))  # first bucket where the count reaches n
+    low = torch.zeros(1 << _LOW_BITS, dtype=torch.int64)
+    for chunk in chunks:
+        low += torch.bincount(chunk[(chunk >> _LOW_BITS) == bucket] & ((1 << _LOW_BITS) - 1), minlength=low.numel())
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    rest = int(torch.searchsorted(low.cumsum(0) + below, n))
+    return torch.tensor((bucket << _LOW_BITS) | rest, dtype=torch.int32).view(torch.float32)
 
 
 def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float],
@@ -49,7 +91,16 @@ def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, fl
     if scope == "layer":
         return {n: _keep_top(effective(m).detach().abs(), round(sparsity * m.weight.numel()))
                 for n, m in layers.items()}
-    flat = torch.cat([effective(m).detach().abs().flatten() for m in layers.values()])
+    # One buffer filled layer by layer: a list of |w| copies plus their torch.cat would hold the scores twice.
+    first = next(iter(layers.values())).weight
+    flat = torch.empty(sum(m.weight.numel() for m in layers.values()), device=first.device,
+                       dtype=functools.reduce(torch.promote_types, (m.weight.dtype for m in layers.values())))
+    offset = 0
+    for m in layers.values():
+        w = effective(m).detach()
+        torch.abs(w, out=flat[offset:offset + w.numel()].view_as(w))
+        offset += w.numel()
+        del w
     keep = _keep_top(flat, round(sparsity * flat.numel()))
     masks, offset = {}, 0
     for n, m in layers.items():

@@ -78,8 +78,12 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
     # The caller names the factory, so it is trusted here (and when save loads the file back to check it).
     build = resolve_factory(factory_path, (factory_path,), "save", TorchslimError)
     folded, masked = effective_state(model)
-    # Private copies: encoders may slice them freely and safetensors refuses shared storage.
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in folded.items()}
+    # Private copies: encoders may slice them freely and safetensors refuses shared storage. A folded
+    # ``orig * mask`` is already one, so only the model's own tensors are copied (pruned weights held once).
+    fresh_products = set(masked)
+    state = {k: (v.detach() if k in fresh_products and v.device.type == "cpu" else v.detach().to("cpu", copy=True)
+                 ).contiguous() for k, v in folded.items()}
+    del folded
     bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if bad is not None and not allow_nonfinite:
         raise CheckpointError(f"save: tensor {bad!r} has NaN/inf values (a diverged run?); fix or retrain the "
@@ -165,6 +169,7 @@ def _rebuild(manifest: dict[str, Any], data: bytes, path: Path, trusted: tuple[s
     model = build_for_load(manifest, shapes, path, trusted, max_bytes)
     state = decode_all(manifest, stored, path)
     load_state(model, state, path, manifest["arch"]["factory"])
+    del state, stored  # copied into the model: free them before the masks below take their own memory
     for full in field(manifest, "masked", list, path):
         if not isinstance(full, str):
             raise CheckpointError(f"{path}: malformed 'masked' entry {full!r}; the file is corrupted")
