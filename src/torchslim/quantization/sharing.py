@@ -215,6 +215,7 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed:
     zero (pruned) weight and ``k >= 1`` means ``codebook[k - 1]``.
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     w = weight.detach().to("cpu", torch.float64).reshape(-1).numpy()
     nz = np.flatnonzero(w)
@@ -237,7 +238,9 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed:
         start = np.unique(start)  # quantiles of heavily tied weights can coincide
         km = KMeans(n_clusters=start.size, init=start.reshape(-1, 1), n_init=1, max_iter=100, tol=1e-6,
                     random_state=seed)
-        with warnings.catch_warnings():
+        # One OpenMP thread: scikit-learn adds the threads' partial centroid sums in whatever order they finish,
+        # which changes the low bits of the codebook from run to run.
+        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="openmp"):
             warnings.simplefilter("ignore")  # "fewer distinct points than clusters" cannot happen here
             labels = km.fit_predict(values.reshape(-1, 1))
         centroids = km.cluster_centers_.reshape(-1)
