@@ -74,6 +74,27 @@ class WeightSharing(Config):
 # Shared-weight layers
 
 
+class _Decode(torch.autograd.Function):
+    """``[0, *codebook][codes]`` whose codebook gradient is the same from run to run on CPU: indexing's own
+    backward adds the weights' gradients in parallel there, in an order that depends on thread timing."""
+
+    @staticmethod
+    def forward(ctx, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(codes)
+        ctx.size = codebook.numel() + 1
+        return F.pad(codebook, (1, 0))[codes.long()]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        index = codes.reshape(-1).long()
+        if grad.device.type == "cpu":  # bincount adds serially, in index order (the one-thread result)
+            full = torch.bincount(index, weights=grad.reshape(-1), minlength=ctx.size).to(grad.dtype)
+        else:
+            full = grad.new_zeros(ctx.size).index_put_((index,), grad.reshape(-1), accumulate=True)
+        return full[1:], None
+
+
 class SharedWeight(nn.Module):
     """Base of the shared-weight layers: ``codes`` (int16 buffer) index ``[0, *codebook]``."""
 
@@ -87,7 +108,7 @@ class SharedWeight(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight the layer computes with (differentiable in the codebook)."""
-        return decoded_once(self, lambda: F.pad(self.codebook, (1, 0))[self.codes.long()], self.codebook, self.codes)
+        return decoded_once(self, lambda: _Decode.apply(self.codebook, self.codes), self.codebook, self.codes)
 
     @property
     def density(self) -> float:
