@@ -60,15 +60,24 @@ def complete_trials(db: Path) -> dict[int, tuple]:
             if t.state.name == "COMPLETE"}
 
 
-def finished(db: Path) -> int:
-    """COMPLETE trials, read without opening an Optuna storage (that would race the search creating its tables)."""
+def trial_states(db: Path, state: str) -> set[int]:
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return {t.number for t in study.trials if t.state.name == state}
+
+
+def finished(db: Path, state: str = "COMPLETE") -> int:
+    """Trials in ``state``, read without opening an Optuna storage (that would race the search creating its tables)."""
     import sqlite3
 
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            return con.execute("SELECT count(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
     except sqlite3.Error:  # the tables are being created
         return 0
 
@@ -217,7 +226,8 @@ def test_optuna_search_survives_being_killed(tmp_path):
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
-            if finished(out / "search.db") >= 3:
+            # Killed while a trial runs: that trial must not stay RUNNING.
+            if finished(out / "search.db") >= 3 and finished(out / "search.db", "RUNNING"):
                 break
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             time.sleep(0.2)
@@ -228,7 +238,11 @@ def test_optuna_search_survives_being_killed(tmp_path):
         proc.wait()
     before = complete_trials(out / "search.db")
     assert 3 <= len(before) < 40 and not (out / "report.json").exists()
+    killed = trial_states(out / "search.db", "RUNNING")
+    assert killed
     r = search(recipe, out, opts(strategy="optuna", trials=len(before) + 3), **QUIET)
+    assert trial_states(out / "search.db", "RUNNING") == set()  # the killed trial was failed, not left running
+    assert killed <= trial_states(out / "search.db", "FAIL")
     after = complete_trials(out / "search.db")
     assert all(after[n] == v for n, v in before.items())  # no finished trial lost or changed
     assert len(after) == len(before) + 3 and r.n_complete == len(after)

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +22,62 @@ def _cannot_write(path: Path, exc: OSError) -> WriteError:
     folder = path if path.is_dir() else path.parent
     return WriteError(f"cannot write {path}: {exc.strerror or exc}; choose an output folder you can write "
                            f"to, or fix the permissions of {folder}")
+
+
+# Temporary outputs carry their owner (a short host tag and the pid) in their name, so that the leftovers of a
+# killed process can be told from the outputs of one still writing, and removed by the next run.
+STALE_AFTER_S = 3.0
+_TMP_FILE = re.compile(r"^\..+\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+_TMP_FOLDER = re.compile(r"^\.[a-z]+-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>``: names this process in temporary file and folder names."""
+    return f"{_host_tag()}-{os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (assumed so where that cannot be checked safely)."""
+    if sys.platform == "win32":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of :func:`atomic_write` and folders of :func:`temp_folder` in ``folder`` that
+    a killed process left: created on this host, by a process that is gone, untouched for ``STALE_AFTER_S``.
+    Returns what was removed; never raises (a leftover that cannot be removed stays for the next run)."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host, now = _host_tag(), time.time()
+    for e in entries:
+        match = (_TMP_FOLDER if e.is_dir(follow_symlinks=False) else _TMP_FILE).match(e.name)
+        if match is None or match["host"] != host:
+            continue  # another machine's leftover (shared folder): its pid means nothing here
+        try:
+            if now - e.stat(follow_symlinks=False).st_mtime < STALE_AFTER_S or process_alive(int(match["pid"])):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+        except OSError:
+            continue
+        removed.append(Path(e.path))
+    return removed
 
 
 def writable_folder(path: str | os.PathLike) -> Path:
@@ -30,10 +92,13 @@ def writable_folder(path: str | os.PathLike) -> Path:
 
 
 def temp_folder(parent: str | os.PathLike, prefix: str) -> Path:
-    """A new empty folder inside ``parent`` (created if needed), for outputs moved into place when complete."""
+    """A new empty folder inside ``parent`` (created if needed), for outputs moved into place when complete.
+    ``prefix`` is a dot, lowercase letters and a dash (``.publish-``); the owner is added to the name so that
+    :func:`remove_stale` can clear the folder if this process is killed."""
     parent = writable_folder(parent)
+    remove_stale(parent)
     try:
-        return Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+        return Path(tempfile.mkdtemp(dir=parent, prefix=f"{prefix}{owner_tag()}-"))
     except OSError as exc:
         raise _cannot_write(parent, exc) from None
 
@@ -46,7 +111,8 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, overwrite: bool = True
     raises WriteError (a CheckpointError) naming the path."""
     path = Path(path)
     writable_folder(path.parent)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    remove_stale(path.parent)
+    tmp = path.parent / f".{path.name}.{owner_tag()}.{uuid.uuid4().hex[:12]}.tmp"
     refuse = f"refusing to overwrite existing file {path}; pass overwrite=True to replace it"
     try:
         # 0o666 lets the umask decide the permissions, as for a normal open().

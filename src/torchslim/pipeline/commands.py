@@ -3,6 +3,7 @@ helpers it shares with the search (the command line itself is :mod:`torchslim.cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..core.errors import TorchslimError
-from ..core.files import temp_folder, writable_folder
+from ..core.files import remove_stale, temp_folder, writable_folder
 from ..core.technique import Techniques
 from ..export import saved_size
 from ..export.checkpoint import save
@@ -126,6 +127,9 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
         (tmp / "report.md").write_text(md)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         names = [p.name for p in tmp.iterdir() if p.name != "report.json"] + ["report.json"]
+        # An old report goes first: killed mid-way, the folder must not pair it with the new model.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out / "report.json")
         for name in names:
             os.replace(tmp / name, out / name)
     finally:
@@ -162,6 +166,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     out = Path(out_dir)
     check_outputs(out, overwrite)
     writable_folder(out)  # an unwritable output folder fails now, not after the work
+    remove_stale(out)  # what a killed run left
     max_drop = recipe.budget.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)

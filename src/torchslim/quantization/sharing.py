@@ -74,6 +74,27 @@ class WeightSharing(Config):
 # Shared-weight layers
 
 
+class _Decode(torch.autograd.Function):
+    """``[0, *codebook][codes]`` whose codebook gradient is the same from run to run on CPU: indexing's own
+    backward adds the weights' gradients in parallel there, in an order that depends on thread timing."""
+
+    @staticmethod
+    def forward(ctx, codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(codes)
+        ctx.size = codebook.numel() + 1
+        return F.pad(codebook, (1, 0))[codes.long()]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (codes,) = ctx.saved_tensors
+        index = codes.reshape(-1).long()
+        if grad.device.type == "cpu":  # bincount adds serially, in index order (the one-thread result)
+            full = torch.bincount(index, weights=grad.reshape(-1), minlength=ctx.size).to(grad.dtype)
+        else:
+            full = grad.new_zeros(ctx.size).index_put_((index,), grad.reshape(-1), accumulate=True)
+        return full[1:], None
+
+
 class SharedWeight(nn.Module):
     """Base of the shared-weight layers: ``codes`` (int16 buffer) index ``[0, *codebook]``."""
 
@@ -87,7 +108,7 @@ class SharedWeight(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight the layer computes with (differentiable in the codebook)."""
-        return decoded_once(self, lambda: F.pad(self.codebook, (1, 0))[self.codes.long()], self.codebook, self.codes)
+        return decoded_once(self, lambda: _Decode.apply(self.codebook, self.codes), self.codebook, self.codes)
 
     @property
     def density(self) -> float:
@@ -215,6 +236,7 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed:
     zero (pruned) weight and ``k >= 1`` means ``codebook[k - 1]``.
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     w = weight.detach().to("cpu", torch.float64).reshape(-1).numpy()
     nz = np.flatnonzero(w)
@@ -237,7 +259,9 @@ def kmeans_codebook(weight: torch.Tensor, bits: int, init: str = "linear", seed:
         start = np.unique(start)  # quantiles of heavily tied weights can coincide
         km = KMeans(n_clusters=start.size, init=start.reshape(-1, 1), n_init=1, max_iter=100, tol=1e-6,
                     random_state=seed)
-        with warnings.catch_warnings():
+        # One OpenMP thread: scikit-learn adds the threads' partial centroid sums in whatever order they finish,
+        # which changes the low bits of the codebook from run to run.
+        with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="openmp"):
             warnings.simplefilter("ignore")  # "fewer distinct points than clusters" cannot happen here
             labels = km.fit_predict(values.reshape(-1, 1))
         centroids = km.cluster_centers_.reshape(-1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError
-from ..core.files import writable_folder
+from ..core.files import remove_stale, writable_folder
 from ..export.checkpoint import save
 from ..nn.modules import copy_model
 from ..pipeline.commands import (
@@ -121,6 +121,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     if not o.worker_only:
         check_outputs(out, o.overwrite)
     writable_folder(out)
+    remove_stale(out)  # what a killed run left
     store = open_storage(o.storage)  # an unreachable storage fails here, before any work
     _check_reducible(recipe, o.objective)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -14,9 +16,10 @@ import torch
 from torch import nn
 
 from ..core.errors import TorchslimError
+from ..core.files import process_alive
 
 __all__ = ["StorageError", "open_storage", "open_study", "describe_study", "is_described", "redact", "tpe_sampler",
-           "fingerprint", "params_key", "complete", "count_failed", "point"]
+           "fingerprint", "params_key", "complete", "count_failed", "point", "owner_attrs", "fail_orphans"]
 
 HEARTBEAT_S = 10
 GRACE_S = 60
@@ -95,12 +98,40 @@ def open_study(storage, name: str, sampler=None, create: bool = True):
 
     try:
         if create:
-            return optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
-                                       load_if_exists=True, sampler=sampler)
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+            study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
+                                        load_if_exists=True, sampler=sampler)
+        else:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     except KeyError:
         raise StorageError(f"no study {name!r} in the storage; start the coordinating search first "
                            "(torchslim search without --worker)") from None
+    fail_orphans(study, storage)
+    return study
+
+
+def owner_attrs() -> dict[str, Any]:
+    """The user attributes naming the process that runs a trial (see :func:`fail_orphans`)."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def fail_orphans(study, storage) -> list[int]:
+    """Mark FAIL the RUNNING trials of ``study`` whose process (host and pid in their user attributes) is gone
+    from this host: a killed search would otherwise leave them RUNNING for good (heartbeats only catch them
+    after the grace period). Returns their numbers."""
+    import optuna
+    from optuna.trial import TrialState
+
+    host, failed = socket.gethostname(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or not isinstance(pid, int) or process_alive(pid):
+            continue
+        try:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished by its owner meanwhile
+            continue
+        failed.append(t.number)
+    return failed
 
 
 def is_described(study) -> bool:

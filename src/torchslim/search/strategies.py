@@ -20,7 +20,7 @@ from .allocation import bisect_path, bisection_steps, lagrangian_path, spread
 from .knobs import Knob
 from .pareto import OBJECTIVE_LABELS
 from .problem import Evaluation, Problem
-from .storage import complete, params_key
+from .storage import complete, owner_attrs, params_key
 
 __all__ = ["fast", "optimize", "warm_start", "quiet_optuna"]
 
@@ -111,6 +111,9 @@ def optimize(problem: Problem, study, total: int, worker: int, floor: float, pro
     knobs = problem.knobs
 
     def objective(trial) -> tuple[float, float]:
+        # Who runs the trial, so that a resumed search can fail it if this process is killed.
+        for key, value in owner_attrs().items():
+            trial.set_user_attr(key, value)
         values = {}
         for k in knobs:
             values[k.name] = (trial.suggest_categorical(k.name, list(k.choices)) if k.choices is not None
