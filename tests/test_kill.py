@@ -54,7 +54,8 @@ def _kill_during(script: str, args: list[str], delay: float) -> None:
 
 
 def _leftovers(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.name.startswith(".")]
+    # A process killed before it created the folder left nothing behind.
+    return [p for p in folder.iterdir() if p.name.startswith(".")] if folder.is_dir() else []
 
 
 def _age(paths: list[Path]) -> None:
