@@ -1,9 +1,11 @@
-"""The one copy of each config field check; each raises ConfigError naming the field."""
+"""The one copy of each config field check; each raises ConfigError naming the field. ``did_you_mean``
+formats the closest names for any "unknown name" message."""
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import ConfigError
 
@@ -59,3 +61,9 @@ def check_range(name: str, value: Any, lo: float, hi: float, *, integer: bool = 
     check_finite(name, value)
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def did_you_mean(name: str, names: Iterable[str], n: int = 1, cutoff: float = 0.6) -> str:
+    """`` (did you mean 'a', 'b'?)`` with the names closest to ``name``, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(names), n=n, cutoff=cutoff)
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import difflib
 import fnmatch
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from ..core.checks import did_you_mean
 from ..core.errors import ConfigError
 
 
@@ -61,8 +61,7 @@ def check_patterns(field: str, patterns: Iterable[str], names: Iterable[str], ki
     for pattern in patterns:
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             continue
-        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        hint = did_you_mean(pattern, names, n=3, cutoff=0.5)
         shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
         kind = f"{kinds} " if kinds else ""
         raise ConfigError(f"{field}: pattern {pattern!r} matches no {kind}layer{hint}; layers are: "

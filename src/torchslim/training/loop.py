@@ -15,7 +15,7 @@ from ..core.checks import check_choice, check_nonnegative, check_positive
 from ..data import check_loader
 from ..data.batches import call_model, split_batch, to_device
 from ..core.errors import TorchslimError
-from ..metrics.evaluate import Metric, evaluate, model_device
+from ..metrics.evaluate import Metric, evaluate
 from .losses import LossFn, resolve_loss
 
 

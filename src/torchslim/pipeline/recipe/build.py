@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import fnmatch
 import importlib
 import sys
@@ -16,6 +15,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from ...core.checks import did_you_mean
 from ...core.errors import ConfigError, DataError, TorchslimError
 from ...core.technique import SearchSpace, Techniques
 from ...data import Splits, load_dataset
@@ -203,9 +203,8 @@ def _check_patterns(config, modules: list[str], path: tuple, problems: Problems)
             continue  # DynamicQuantization.layers, say, names layer types, not layers
         for k, pattern in enumerate(getattr(config, f.name) or ()):
             if isinstance(pattern, str) and not fnmatch.filter(modules, pattern):
-                close = difflib.get_close_matches(pattern, modules, n=1)
                 problems.add(path + (f.name, k), f"pattern {pattern!r} matches no layer of the model"
-                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; layers: {modules}")
+                             f"{did_you_mean(pattern, modules)}; layers: {modules}")
 
 
 def check_against_model(recipe: Recipe, model: nn.Module, example_inputs: tuple,
@@ -230,7 +229,6 @@ def check_against_model(recipe: Recipe, model: nn.Module, example_inputs: tuple,
             valid = fs.valid_keys(stage.config, model, example_inputs)
             for key in value:
                 if key not in valid and not fnmatch.filter(valid, key):
-                    close = difflib.get_close_matches(key, valid, n=1)
                     problems.add(("stages", i, fs.field, Key(key)), f"no layer {key!r} in the model for {fs.field}"
-                                 + (f" (did you mean {close[0]!r}?)" if close else "") + f"; layers: {valid}")
+                                 f"{did_you_mean(key, valid)}; layers: {valid}")
     problems.raise_if_any()

@@ -5,13 +5,13 @@ collected, so that one error lists them all with their lines. Stage types resolv
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping
 
+from ...core.checks import did_you_mean
 from ...core.config import Config, config_types
 from ...core.errors import ConfigError, TorchslimError
 from ...core.technique import Techniques
@@ -52,9 +52,7 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", base_dir: str | Path =
     top = {f.name for f in dataclasses.fields(Recipe) if f.name not in ("source", "base_dir", "lines")}
     for key in data:
         if key not in top:
-            close = difflib.get_close_matches(str(key), sorted(top), n=1)
-            ctx.add((key,), f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                    + f"; allowed: {sorted(top)}")
+            ctx.add((key,), f"unknown key {key!r}{did_you_mean(str(key), sorted(top))}; allowed: {sorted(top)}")
     if "stages" not in data:
         ctx.add((), "missing required key 'stages'")
     kwargs: dict[str, Any] = {}
@@ -107,10 +105,9 @@ def _parse_stages(items: Any, ctx: Problems, techniques: Techniques) -> tuple[St
                                       f"{type_name!r}; stage types: {known}")
             continue
         if type_name not in known:
-            close = difflib.get_close_matches(str(type_name), known, n=1)
             what = ("is a config but not a pipeline stage" if type_name in types_ else "is not a known stage type")
-            ctx.add(path + ("type",), f"{type_name!r} {what}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                    + f"; stage types: {known}")
+            ctx.add(path + ("type",), f"{type_name!r} {what}{did_you_mean(str(type_name), known)}; "
+                                      f"stage types: {known}")
             continue
         cls = techniques.named(type_name).config
         clash = [k for k in STAGE_KEYS if k not in ("type",) and k in {f.name for f in dataclasses.fields(cls)}]
@@ -180,9 +177,8 @@ def _build(cls: type, data: Any, path: Loc, ctx: Problems, skip: tuple[str, ...]
         if key in skip or (key == "version" and issubclass(cls, Config)):
             continue
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            ctx.add(path + (key,), f"unknown key {key!r} for {cls.__name__}{hint}; allowed: {sorted(fields)}")
+            ctx.add(path + (key,), f"unknown key {key!r} for {cls.__name__}{did_you_mean(str(key), fields)}; "
+                                   f"allowed: {sorted(fields)}")
             continue
         hint = hints.get(key, Any)
         sub_cls = _config_class_in(hint)
