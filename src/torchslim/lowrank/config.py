@@ -14,6 +14,7 @@ from typing import Any
 from ..core.config import Config
 from ..core.checks import check_fraction, check_positive, check_range
 from ..core.errors import ConfigError
+from ..nn.modules import match
 
 
 def _check_patterns(name: str, value: Any) -> None:
@@ -85,6 +86,11 @@ class SVD(Config):
                 _check_rank(f"rank[{layer!r}]", r)
         elif self.rank is not None:
             _check_rank("rank", self.rank)
+
+
+def selected(config: Any, name: str) -> bool:
+    """Whether layer ``name`` is one ``config.layers`` selects (all when empty) and ``config.exclude`` does not."""
+    return (not config.layers or match(name, config.layers) is not None) and match(name, config.exclude) is None
 
 
 def _tucker_pair(name: str, value: Any) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from ..data.batches import as_example_inputs, select, split_batch
 from ..metrics.evaluate import Metric
 from ..nn.modules import check_patterns, copy_model, match
 from ..training.losses import LossFn
-from .config import CP, SVD, Tucker
+from .config import CP, SVD, Tucker, selected
 from .cp import cp_conv, cp_max_rank, cp_params
 from .svd import energy_rank, linear_svd, svd_linear, svd_max_rank, svd_params
 from .scan import Scanner, record_shapes, set_module
@@ -217,8 +217,7 @@ def _check_selection(config, method: _Method, candidates: list[tuple[str, nn.Mod
     check_patterns(f"{type(config).__name__}.layers", config.layers, names, kind)
     check_patterns(f"{type(config).__name__}.exclude", config.exclude, names, kind)
     for name, layer in candidates:
-        chosen = (not config.layers or match(name, config.layers)) and not match(name, config.exclude)
-        if chosen and not torch.isfinite(layer.weight.detach()).all():
+        if selected(config, name) and not torch.isfinite(layer.weight.detach()).all():
             raise UnsupportedModelError(f"{kind} layer {name!r} has NaN/inf weights, which "
                                         f"{type(config).__name__} cannot factorise; fix or retrain the model, or "
                                         f"leave the layer out with exclude=({name!r},)")

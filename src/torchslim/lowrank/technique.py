@@ -10,8 +10,7 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.technique import FieldSpace, LayerList, SearchSpace, Technique
-from ..nn.modules import match
-from .config import CP, SVD, Tucker
+from .config import CP, SVD, Tucker, selected
 from .cp import cp_max_rank
 from .decompose import decompose
 
@@ -21,26 +20,19 @@ _ORDER = {"unstructured": "decomposing replaces the masked weights by dense fact
           "quantize": "decomposing after quantization breaks the quantized weights; quantize last"}
 
 
-def _selected(config: Config, name: str) -> bool:
-    layers = getattr(config, "layers", ())
-    if layers and match(name, layers) is None:
-        return False
-    return match(name, getattr(config, "exclude", ())) is None
-
-
 def _linears(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
     return [(n, min(m.in_features, m.out_features)) for n, m in model.named_modules()
-            if n and type(m) is nn.Linear and _selected(config, n)]
+            if n and type(m) is nn.Linear and selected(config, n)]
 
 
 def _convs(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
     return [(n, (m.in_channels, m.out_channels)) for n, m in model.named_modules()
-            if n and type(m) is nn.Conv2d and m.groups == 1 and _selected(config, n)]
+            if n and type(m) is nn.Conv2d and m.groups == 1 and selected(config, n)]
 
 
 def _cp_convs(config: Config, model: nn.Module, example_inputs: Any) -> list[tuple[str, Any]]:
     return [(n, cp_max_rank(m)) for n, m in model.named_modules()
-            if n and type(m) is nn.Conv2d and m.groups == 1 and _selected(config, n)]
+            if n and type(m) is nn.Conv2d and m.groups == 1 and selected(config, n)]
 
 
 def _rank_of(fraction: float, max_rank: Any) -> Any:
