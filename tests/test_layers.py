@@ -18,6 +18,7 @@ LAYERS = [
     ("training", "export"),
     ("pruning", "quantization", "lowrank", "distillation"),
     ("techniques",),
+    ("hf",),
     ("pipeline",),
     ("search",),
     ("cli",),
