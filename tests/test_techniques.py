@@ -30,7 +30,7 @@ EXAMPLES = {
     "MixedPrecision": torchslim.MixedPrecision(),
     "StaticQuantization": torchslim.StaticQuantization(observer="entropy"),
     "DynamicQuantization": torchslim.DynamicQuantization(),
-    "WeightOnly": torchslim.WeightOnly(bits=4),
+    "WeightOnly": torchslim.WeightOnly(bits=4, method="gptq", group_size=0),
     "Float8": torchslim.Float8(),
     "WeightSharing": torchslim.WeightSharing(bits={"fc1": 3}),
     "SVD": torchslim.SVD(rank=8),

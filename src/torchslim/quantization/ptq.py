@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.checks import check_choice, check_finite, check_positive
+from ..core.checks import check_choice, check_finite, check_fraction, check_positive
 from ..core.config import Config
 from ..core.errors import ConfigError, UnsupportedModelError
 from .backends import STATIC_BACKENDS
@@ -129,9 +129,13 @@ class DynamicQuantization(Config):
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnly(Config):
-    """Weight-only quantization of Linear layers to ``bits`` (8, 4 or 2) in groups of ``group_size`` inputs,
-    symmetric (codes around zero) or affine; activations stay float. On CUDA with ``require_speedup`` a
-    layer is kept only where its kernel measures faster than bf16 for its shape."""
+    """Weight-only quantization of Linear layers to ``bits`` (8, 4 or 2) in groups of ``group_size`` inputs
+    (0: one group per output channel, the whole row), symmetric (codes around zero) or affine; activations stay
+    float. On CUDA with ``require_speedup`` a layer is kept only where its kernel measures faster than bf16 for
+    its shape. ``method``: ``rtn`` rounds each weight to nearest; ``gptq`` (Frantar et al. 2023) quantizes
+    column by column, compensating each rounding error on the remaining weights through the inverse Hessian of
+    the layer's inputs over ``calibration_batches`` batches of ``data`` (``damp``: dampening, share of the
+    Hessian's mean diagonal). Both give the same layers, checkpoint and kernels."""
 
     bits: int = 4
     group_size: int = 32
@@ -139,16 +143,23 @@ class WeightOnly(Config):
     exclude: tuple[str, ...] = ()
     on_unsupported: str = "warn"
     require_speedup: bool = False
+    method: str = "rtn"
+    calibration_batches: int = 8
+    damp: float = 0.01
 
     def validate(self) -> None:
         _check_bits(self.bits, WEIGHT_ONLY_BITS, "Other widths have no packed kernel; QAT covers 1-8 bits")
-        check_positive("group_size", self.group_size, integer=True)
+        if self.group_size != 0:
+            check_positive("group_size", self.group_size, integer=True)
         per_byte = 8 // self.bits
         if self.group_size % per_byte:
             raise ConfigError(f"group_size must be a multiple of {per_byte} for {self.bits}-bit codes (whole bytes), "
                               f"got {self.group_size}")
         _check_patterns("exclude", self.exclude)
         check_choice("on_unsupported", self.on_unsupported, _POLICIES)
+        check_choice("method", self.method, ("rtn", "gptq"))
+        check_positive("calibration_batches", self.calibration_batches, integer=True)
+        check_fraction("damp", self.damp, allow_zero=False, allow_one=True)
 
 
 @dataclasses.dataclass(frozen=True)
