@@ -190,10 +190,12 @@ def test_gptq_asymmetric_codes_match_their_scales():
     assert _error(x, w, deq) < _error(x, w, rtn)
 
 
-def test_weight_only_gptq_model_round_trips_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("bits", [2, 3])
+def test_weight_only_gptq_model_round_trips_a_checkpoint(tmp_path, bits):
     model, data = _mlp(), _batches()
-    gptq = torchslim.quantize(model, torchslim.WeightOnly(bits=2, group_size=0, method="gptq"), data=data)
-    rtn = torchslim.quantize(model, torchslim.WeightOnly(bits=2, group_size=0), data=data)
+    gptq = torchslim.quantize(model, torchslim.WeightOnly(bits=bits, group_size=0, method="gptq"), data=data)
+    rtn = torchslim.quantize(model, torchslim.WeightOnly(bits=bits, group_size=0), data=data)
+    assert gptq[0].packed.shape == (64, (32 * bits + 7) // 8) and int(gptq[0].codes().max()) < 2 ** bits
     assert isinstance(gptq[0], WeightOnlyLinear) and gptq[0].group_size == 32 and gptq[2].group_size == 64
     assert _output_error(model, gptq, data) < _output_error(model, rtn, data)
     torchslim.save(gptq, tmp_path / "q.slim")

@@ -114,8 +114,6 @@ def apply_weight_only(model: nn.Module, config: WeightOnly, *, calibration_data=
         group_size = config.group_size or module.in_features
         if module.in_features % group_size:
             return f"group_size={config.group_size} does not divide in_features={module.in_features}"
-        if group_size * config.bits % 8:
-            return f"rows of {module.in_features} {config.bits}-bit codes do not fill whole bytes"
         return group_size
 
     if config.method == "gptq":

@@ -9,7 +9,8 @@ input model is never modified).
   QOperator forms) and PyTorch's onednn/x86 engines side by side and keeps the fastest.
 - :class:`DynamicQuantization` -> :func:`apply_dynamic`: Linear / LSTM / GRU with int8 weights, activations
   quantized per call (PyTorch's fbgemm/oneDNN kernels).
-- :class:`WeightOnly` -> :func:`apply_weight_only`: int8/int4/int2 grouped weights for Linear layers.
+- :class:`WeightOnly` -> :func:`apply_weight_only`: 2- to 8-bit grouped weights for Linear layers (round to
+  nearest or GPTQ).
 - :class:`Float8` -> :func:`apply_fp8`: e4m3 Linear layers through ``torch._scaled_mm``, kept only where
   measured faster than bf16 on the GPU.
 """
@@ -129,7 +130,7 @@ class DynamicQuantization(Config):
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnly(Config):
-    """Weight-only quantization of Linear layers to ``bits`` (8, 4 or 2) in groups of ``group_size`` inputs
+    """Weight-only quantization of Linear layers to ``bits`` (2 to 8; integer kernels for 4 and 8) in groups of ``group_size`` inputs
     (0: one group per output channel, the whole row), symmetric (codes around zero) or affine; activations stay
     float. On CUDA with ``require_speedup`` a layer is kept only where its kernel measures faster than bf16 for
     its shape. ``method``: ``rtn`` rounds each weight to nearest; ``gptq`` (Frantar et al. 2023) quantizes
@@ -148,13 +149,9 @@ class WeightOnly(Config):
     damp: float = 0.01
 
     def validate(self) -> None:
-        _check_bits(self.bits, WEIGHT_ONLY_BITS, "Other widths have no packed kernel; QAT covers 1-8 bits")
+        _check_bits(self.bits, WEIGHT_ONLY_BITS, "For 1-bit weights use BinaryWeights (or QAT)")
         if self.group_size != 0:
             check_positive("group_size", self.group_size, integer=True)
-        per_byte = 8 // self.bits
-        if self.group_size % per_byte:
-            raise ConfigError(f"group_size must be a multiple of {per_byte} for {self.bits}-bit codes (whole bytes), "
-                              f"got {self.group_size}")
         _check_patterns("exclude", self.exclude)
         check_choice("on_unsupported", self.on_unsupported, _POLICIES)
         check_choice("method", self.method, ("rtn", "gptq"))
