@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..core.registry import Registry
-from ..data.batches import call_model, split_batch, to_device
+from ..data.batches import batch_size, call_model, select, split_batch, to_device
 from ..metrics.evaluate import model_device
 from ..training.losses import LossFn, resolve_loss
 from .graph import Group, Member
@@ -68,10 +68,11 @@ def _bn_scale(model: nn.Module, group: Group) -> torch.Tensor:
 
 
 def _gradient_passes(model: nn.Module, params: dict, data: Iterable, loss_fn: LossFn | str | None, batches: int,
-                     visit: Callable[[dict], None], what: str) -> None:
-    """Backward passes of ``loss_fn`` (default cross-entropy) over ``batches`` batches of ``data``, calling
-    ``visit({key: parameter})`` after each while the gradients are fresh. Runs in eval mode so BN statistics and
-    dropout stay untouched; gradients and ``requires_grad`` flags are restored afterwards."""
+                     visit: Callable[[dict], None], what: str, splits: int = 1) -> None:
+    """Backward passes of ``loss_fn`` (default cross-entropy) over ``batches`` batches of ``data``, each cut into
+    up to ``splits`` micro-batches, calling ``visit({key: parameter})`` after each pass while the gradients are
+    fresh. Runs in eval mode so BN statistics and dropout stay untouched; gradients and ``requires_grad`` flags
+    are restored afterwards."""
     if data is None:
         raise ConfigError(f"{what} needs data= (a loader of training batches)")
     loss = resolve_loss(loss_fn)
@@ -88,10 +89,15 @@ def _gradient_passes(model: nn.Module, params: dict, data: Iterable, loss_fn: Lo
                 break
             batch = to_device(batch, device)
             inputs, _ = split_batch(batch, keep_labels=loss.keep_labels)
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss(call_model(model, inputs), batch).backward()
-            visit(params)
+            n = batch_size(inputs) if splits > 1 else 1
+            step = -(-n // splits)
+            for start in range(0, n, step):
+                part = batch if splits == 1 else select(batch, slice(start, start + step))
+                inputs, _ = split_batch(part, keep_labels=loss.keep_labels)
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss(call_model(model, inputs), part).backward()
+                visit(params)
             seen += 1
     finally:
         for p, (grad, requires_grad) in saved.items():
@@ -126,10 +132,15 @@ def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: Loss
     return scores
 
 
+FISHER_SPLITS = 16
+
+
 def fisher_diagonal(model: nn.Module, params: dict, data: Iterable, loss_fn: LossFn | str | None = None,
-                    batches: int = 4, what: str = "importance='hessian'") -> dict:
-    """The empirical Fisher diagonal ``mean over batches of grad^2`` of each of ``params`` ({key: Parameter}),
-    the Hessian-diagonal estimate of Optimal Brain Damage (LeCun et al. 1990) at a trained minimum."""
+                    batches: int = 4, what: str = "importance='hessian'", splits: int = FISHER_SPLITS) -> dict:
+    """The empirical Fisher diagonal ``mean of grad^2`` of each of ``params`` ({key: Parameter}), the
+    Hessian-diagonal estimate of Optimal Brain Damage (LeCun et al. 1990) at a trained minimum, over
+    ``batches`` batches of ``data`` each cut into ``splits`` micro-batches: at a minimum the gradient of a whole
+    batch averages out to almost nothing, while micro-batch gradients keep the per-sample signal."""
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     count = [0]
 
@@ -139,7 +150,7 @@ def fisher_diagonal(model: nn.Module, params: dict, data: Iterable, loss_fn: Los
                 sums[k] += p.grad.detach().float() ** 2
         count[0] += 1
 
-    _gradient_passes(model, params, data, loss_fn, batches, visit, what)
+    _gradient_passes(model, params, data, loss_fn, batches, visit, what, splits)
     return {k: v / count[0] for k, v in sums.items()}
 
 
