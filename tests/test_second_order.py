@@ -213,3 +213,26 @@ def test_weight_only_gptq_folds_pruning_masks():
     q = torchslim.quantize(pruned, torchslim.WeightOnly(bits=4, group_size=32, method="gptq"), data=data)
     assert isinstance(q[0], WeightOnlyLinear) and isinstance(q[2], WeightOnlyLinear)
     assert _output_error(pruned, q, data) < 0.1 * _output_error(model, pruned, data) + 1e-3
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(24, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 24, bias=False)
+        self.head.weight = self.emb.weight  # tied, as in language models
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x)))).mean(1)
+
+
+def test_gptq_leaves_tied_weights_of_other_layers_alone():
+    model = _Tied()
+    data = [torch.randint(0, 24, (8, 5), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    emb = model.emb.weight.detach().clone()
+    with pytest.warns(UserWarning, match="stay in float: emb"):
+        q = torchslim.quantize(model, torchslim.WeightOnly(bits=4, group_size=16, method="gptq"), data=data)
+    assert isinstance(q.mid, WeightOnlyLinear) and isinstance(q.head, WeightOnlyLinear)
+    assert torch.equal(q.emb.weight, emb) and torch.equal(model.emb.weight, emb)

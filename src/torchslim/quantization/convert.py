@@ -119,17 +119,21 @@ def apply_weight_only(model: nn.Module, config: WeightOnly, *, calibration_data=
     if config.method == "gptq":
         model = _unmasked_copy(model)
         check_patterns("WeightOnly.exclude", config.exclude, [n for n, _ in model.named_modules() if n])
+        opaque = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
         layers = {name: (m, fit(name, m)) for name, m in model.named_modules()
-                  if type(m) is nn.Linear and match(name, config.exclude) is None}
-        prebuilt = gptq_layers(model, {k: v for k, v in layers.items() if isinstance(v[1], int)},
-                               data if data is not None else calibration_data, bits=config.bits,
+                  if type(m) is nn.Linear and match(name, config.exclude) is None and not _inside(name, opaque)}
+        layers = {k: v for k, v in layers.items() if isinstance(v[1], int)}
+        prebuilt = gptq_layers(model, layers, data if data is not None else calibration_data, bits=config.bits,
                                symmetric=config.symmetric, batches=config.calibration_batches, damp=config.damp)
+        for name, (linear, _) in layers.items():  # float layers back: the speed check below may keep them
+            model = _set_module(model, name, linear)
 
     def choose(name: str, module: nn.Module):
         group_size = fit(name, module)
         if isinstance(group_size, str):
             return group_size
-        q = prebuilt[name] if name in prebuilt else WeightOnlyLinear.from_float(module, config.bits, group_size, config.symmetric)
+        q = prebuilt[name] if name in prebuilt else WeightOnlyLinear.from_float(module, config.bits, group_size,
+                                                                                config.symmetric)
         if config.require_speedup and module.weight.is_cuda:
             faster, base, low = faster_than_bf16(module, q, rows.get(name, 64))
             if not faster:

@@ -69,10 +69,10 @@ def gptq_codes(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym
 
 def gptq_layers(model: nn.Module, layers: dict[str, tuple[nn.Linear, int]], data: Iterable | None, *, bits: int,
                 symmetric: bool, batches: int, damp: float) -> dict[str, WeightOnlyLinear]:
-    """GPTQ-quantized replacements for ``layers`` ({name: (Linear, group size)}) of ``model``, computed in
-    execution order; each processed Linear's weight is overwritten in ``model`` by its dequantized value so that
-    later layers calibrate on quantized outputs (pass a copy). Layers the calibration batches never reach fall
-    back to round-to-nearest, with a warning naming them."""
+    """Replace ``layers`` ({name: (Linear, group size)}) of ``model`` in place by GPTQ-quantized
+    :class:`WeightOnlyLinear` layers (pass a copy), in execution order, so that later layers calibrate on the
+    quantized outputs; returns the new layers by name. Layers the calibration batches never reach are rounded to
+    nearest, with a warning naming them."""
     run = calibration_runner(model, data, batches, "WeightOnly(method='gptq')")
     plain = {name: linear for name, (linear, _) in layers.items()}
     out: dict[str, WeightOnlyLinear] = {}
@@ -82,7 +82,6 @@ def gptq_layers(model: nn.Module, layers: dict[str, tuple[nn.Linear, int]], data
         H, seen = layer_hessian(linear, run, batches)
         if seen == 0:
             unreached.append(name)
-            out[name] = WeightOnlyLinear.from_float(linear, bits, group_size, symmetric)
             continue
         codes, scale, zero = gptq_codes(linear.weight, H, bits, group_size, symmetric, damp)
         q = WeightOnlyLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=bits,
@@ -95,9 +94,10 @@ def gptq_layers(model: nn.Module, layers: dict[str, tuple[nn.Linear, int]], data
             if linear.bias is not None:
                 q.bias.copy_(linear.bias.detach())
         out[name] = q.to(linear.weight.device)
-        with torch.no_grad():
-            linear.weight.copy_(out[name].dequantized_weight(linear.weight.dtype))
+        # Swapped rather than written into the Linear's weight, which may be shared (tied embeddings).
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, out[name])
     if unreached:
         warnings.warn(f"WeightOnly(method='gptq'): the calibration batches never reach {unreached}; they are "
-                      "rounded to nearest", RuntimeWarning, stacklevel=3)
+                      "rounded to nearest instead", RuntimeWarning, stacklevel=3)
     return out
