@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.core.errors import ConfigError, UnsupportedModelError
+from torchslim.core.errors import ConfigError
 from torchslim.nn.hessian import layer_rows
 from torchslim.pruning import layer_sparsity
 from torchslim.pruning.importance import fisher_diagonal
