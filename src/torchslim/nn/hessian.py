@@ -71,16 +71,29 @@ def execution_order(model: nn.Module, layers: dict[str, nn.Module], run: Callabl
     return seen + [n for n in layers if n not in seen]
 
 
+_SAMPLES = 16
+
+
+def _batched(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``x`` has a leading batch dimension that may be split."""
+    if isinstance(module, nn.Linear):
+        return x.dim() > 1
+    return x.dim() == (4 if isinstance(module, nn.Conv2d) else 3)
+
+
 def layer_hessian(module: nn.Module, run: Callable[[int], None], batches: int) -> tuple[torch.Tensor, int]:
     """``2 X X^T / n`` of ``module``'s inputs over ``batches`` calibration batches (``run(batches)`` feeds them
     through the model), in float64 for a stable inverse, and the number of input rows ``n`` it saw."""
     state: dict = {"H": None, "n": 0}
 
     def hook(mod: nn.Module, inputs: tuple) -> None:
-        rows = layer_rows(mod, inputs[0].detach()).double()
-        h = rows.t() @ rows
-        state["H"] = h if state["H"] is None else state["H"] + h
-        state["n"] += rows.shape[0]
+        x = inputs[0].detach()
+        # A few samples at a time: unfolded Conv inputs (and their float64 copy) are large.
+        for part in (x.split(_SAMPLES) if _batched(mod, x) else (x,)):
+            rows = layer_rows(mod, part).double()
+            h = rows.t() @ rows
+            state["H"] = h if state["H"] is None else state["H"] + h
+            state["n"] += rows.shape[0]
 
     handle = module.register_forward_pre_hook(hook)
     try:
