@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.core.errors import ConfigError
+from torchslim.core.errors import ConfigError, DataError
 from torchslim.nn.hessian import layer_rows
 from torchslim.pruning import layer_sparsity
 from torchslim.pruning.importance import fisher_diagonal
@@ -205,6 +205,8 @@ def test_weight_only_gptq_model_round_trips_a_checkpoint(tmp_path, bits):
         assert torch.equal(again(x), gptq(x))
     with pytest.raises(ConfigError, match="data="):
         torchslim.quantize(model, torchslim.WeightOnly(method="gptq"))
+    with pytest.raises(DataError, match="no batches"):
+        torchslim.quantize(model, torchslim.WeightOnly(method="gptq"), data=[])
 
 
 def test_weight_only_gptq_folds_pruning_masks():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.core.errors import ConfigError, UnsupportedModelError
+from torchslim.core.errors import ConfigError, DataError, UnsupportedModelError
 from torchslim.export.checkpoint import ENCODINGS
 from torchslim.export.checkpoint.encodings import encode_tensor
 from torchslim.nn.masks import effective
@@ -91,6 +91,13 @@ def test_bad_configs_name_the_fix():
             kind="iterative", steps=2, finetune=torchslim.TrainConfig(epochs=1)))
     with pytest.raises(ConfigError, match="data="):
         torchslim.prune(_model(), torchslim.SemiStructuredPruning(method="obs"))
+    with pytest.raises(DataError, match="no batches"):
+        torchslim.prune(_model(), torchslim.SemiStructuredPruning(method="obs"), data=[])
+    broken = _model()
+    with torch.no_grad():
+        broken[3].weight[0, 0] = float("nan")
+    with pytest.raises(UnsupportedModelError, match="NaN"):
+        torchslim.prune(broken, torchslim.SemiStructuredPruning())
 
 
 def _two_four(rows: int, cols: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..nn.modules import check_patterns
 from ..training.losses import LossFn
 from .config import SemiStructuredPruning
 from .obs import _nm_block_mask, obs_prune
-from .unstructured import apply_masks, hessian_scores, layer_sparsity, prunable_layers
+from .unstructured import _check_finite, apply_masks, hessian_scores, layer_sparsity, prunable_layers
 
 __all__ = ["semi_structured_prune", "nm_masks", "is_nm", "encode_nm", "decode_nm", "accelerate_semi_structured",
            "CODECS"]
@@ -74,6 +74,7 @@ def semi_structured_prune(model: nn.Module, config: SemiStructuredPruning, *, da
     if odd:
         warnings.warn(f"{config.n}:{config.m} sparsity leaves {odd} dense: their weight rows are not a multiple of "
                       f"{config.m} long (add them to exclude= to silence this)", RuntimeWarning, stacklevel=3)
+    _check_finite(layers)
     nm = (config.n, config.m)
     if config.method == "obs":
         def fallback(name: str, module: nn.Module) -> torch.Tensor:
