@@ -93,11 +93,11 @@ def run(args) -> dict:
     settings = ((4, 0), (3, 0)) if args.quick else ((4, 0), (3, 0), (2, 0), (3, 4), (2, 4))
     for bits, group in settings:
         key = f"{bits}bit_" + ("per_channel" if group == 0 else f"g{group}")
-        result["weight_only"][key] = {
-            method: _measure(model, data, calibration, base, torchslim.WeightOnly(bits=bits, group_size=group, method=method,
-                                                                     calibration_batches=CALIBRATION_BATCHES),
-                             "quantize")
-            for method in ("rtn", "gptq")}
+        configs = {method: torchslim.WeightOnly(bits=bits, group_size=group, method=method,
+                                                calibration_batches=CALIBRATION_BATCHES) for method in ("rtn", "gptq")}
+        configs["gptq_act_order"] = configs["gptq"].replace(act_order=True)
+        result["weight_only"][key] = {name: _measure(model, data, calibration, base, config, "quantize")
+                                      for name, config in configs.items()}
     for bits in (4, 3):
         w = result["weight_only"][f"{bits}bit_per_channel"]
         result["targets"].append(_target(f"GPTQ {bits}-bit per channel: loss <= RTN loss / 2 (same group size)",

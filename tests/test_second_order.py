@@ -180,6 +180,18 @@ def test_gptq_error_is_below_round_to_nearest(bits, group):
     assert _error(x, w, _dequantize(u, scale, bits, group)) < 0.9 * _error(x, w, _dequantize(u2, scale2, bits, group))
 
 
+def test_gptq_act_order_uses_static_group_scales_and_beats_rtn():
+    x = _correlated(1024, 64, seed=7)
+    x[:, :8] *= 10  # a few inputs dominate the Hessian
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(8))
+    u, scale, _ = gptq_codes(w, _hessian(x), 3, 16, act_order=True)
+    u2, scale2, _ = quantize_groups(w, 3, 16)
+    assert torch.equal(scale, scale2)  # static groups: scales of the weights before any update
+    assert _error(x, w, _dequantize(u, scale, 3, 16)) < 0.9 * _error(x, w, _dequantize(u2, scale2, 3, 16))
+    with pytest.raises(ConfigError, match="act_order"):
+        torchslim.WeightOnly(act_order=True)
+
+
 def test_gptq_asymmetric_codes_match_their_scales():
     x = _correlated(512, 64, seed=5)
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) + 0.5

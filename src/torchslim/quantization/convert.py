@@ -124,7 +124,8 @@ def apply_weight_only(model: nn.Module, config: WeightOnly, *, calibration_data=
                   if type(m) is nn.Linear and match(name, config.exclude) is None and not _inside(name, opaque)}
         layers = {k: v for k, v in layers.items() if isinstance(v[1], int)}
         prebuilt = gptq_layers(model, layers, data if data is not None else calibration_data, bits=config.bits,
-                               symmetric=config.symmetric, batches=config.calibration_batches, damp=config.damp)
+                               symmetric=config.symmetric, batches=config.calibration_batches, damp=config.damp,
+                               act_order=config.act_order)
         for name, (linear, _) in layers.items():  # float layers back: the speed check below may keep them
             model = _set_module(model, name, linear)
 

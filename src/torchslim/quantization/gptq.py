@@ -26,36 +26,48 @@ __all__ = ["gptq_codes", "gptq_layers"]
 
 @torch.no_grad()
 def gptq_codes(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
-               damp: float = 0.01, block_size: int = 128
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """GPTQ of ``W`` ([out, in]) given its input Hessian ``H``: (uint8 codes [out, in], fp16 scales [out, groups],
-    uint8 zero points or None), in the format of :func:`quantize_groups`."""
+    uint8 zero points or None), in the format of :func:`quantize_groups`.
+
+    ``act_order`` quantizes the inputs with the largest Hessian diagonal first (while the most weights remain to
+    absorb their error); group scales then come from the weights before any update (static groups), since a
+    group's columns are no longer consecutive."""
     W = W.detach().double().clone()
     rows, cols = W.shape
-    U, dead = inverse_cholesky(H.double().to(W.device), damp)
+    H = H.double().to(W.device)
+    dead = torch.diag(H) == 0
     W[:, dead] = 0.0
-    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
-    scales = torch.zeros(rows, cols // group_size, dtype=torch.float16, device=W.device)
-    zeros = None if symmetric else torch.zeros(rows, cols // group_size, dtype=torch.uint8, device=W.device)
     levels, half = 2 ** bits - 1, 2 ** (bits - 1)
     lo = 1 if symmetric else 0
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    if act_order:
+        _, scales, zeros = quantize_groups(W, bits, group_size, symmetric)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        scales = torch.zeros(rows, cols // group_size, dtype=torch.float16, device=W.device)
+        zeros = None if symmetric else torch.zeros(rows, cols // group_size, dtype=torch.uint8, device=W.device)
+        perm = torch.arange(cols, device=W.device)
+    U, _ = inverse_cholesky(H, damp)
     # Blocks hold whole groups, so a group's scale is set from weights that already carry every earlier update.
     block = group_size * max(1, block_size // group_size)
-    scale = zero = None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            j = i1 + i
-            if j % group_size == 0:
+            j = int(perm[i1 + i])
+            g = j // group_size
+            if not act_order and j % group_size == 0:
                 _, s, z = quantize_groups(W1[:, i:i + group_size], bits, group_size, symmetric)
-                scales[:, j // group_size] = s[:, 0]
-                scale = s[:, 0].double()
-                zero = torch.full_like(scale, half) if z is None else z[:, 0].double()
+                scales[:, g] = s[:, 0]
                 if zeros is not None:
-                    zeros[:, j // group_size] = z[:, 0]
+                    zeros[:, g] = z[:, 0]
+            scale = scales[:, g].double()
+            zero = torch.full_like(scale, half) if zeros is None else zeros[:, g].double()
             w = W1[:, i]
             u = torch.clamp(torch.round(w / scale) + zero, lo, levels)
             q = (u - zero) * scale
@@ -68,7 +80,7 @@ def gptq_codes(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym
 
 
 def gptq_layers(model: nn.Module, layers: dict[str, tuple[nn.Linear, int]], data: Iterable | None, *, bits: int,
-                symmetric: bool, batches: int, damp: float) -> dict[str, WeightOnlyLinear]:
+                symmetric: bool, batches: int, damp: float, act_order: bool = False) -> dict[str, WeightOnlyLinear]:
     """Replace ``layers`` ({name: (Linear, group size)}) of ``model`` in place by GPTQ-quantized
     :class:`WeightOnlyLinear` layers (pass a copy), in execution order, so that later layers calibrate on the
     quantized outputs; returns the new layers by name. Layers the calibration batches never reach are rounded to
@@ -83,7 +95,7 @@ def gptq_layers(model: nn.Module, layers: dict[str, tuple[nn.Linear, int]], data
         if seen == 0:
             unreached.append(name)
             continue
-        codes, scale, zero = gptq_codes(linear.weight, H, bits, group_size, symmetric, damp)
+        codes, scale, zero = gptq_codes(linear.weight, H, bits, group_size, symmetric, damp, act_order=act_order)
         q = WeightOnlyLinear(linear.in_features, linear.out_features, linear.bias is not None, bits=bits,
                              group_size=group_size, symmetric=symmetric)
         with torch.no_grad():

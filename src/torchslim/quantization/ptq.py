@@ -136,7 +136,8 @@ class WeightOnly(Config):
     its shape. ``method``: ``rtn`` rounds each weight to nearest; ``gptq`` (Frantar et al. 2023) quantizes
     column by column, compensating each rounding error on the remaining weights through the inverse Hessian of
     the layer's inputs over ``calibration_batches`` batches of ``data`` (``damp``: dampening, share of the
-    Hessian's mean diagonal). Both give the same layers, checkpoint and kernels."""
+    Hessian's mean diagonal; ``act_order``: inputs with the largest Hessian diagonal first, group scales from the
+    weights before any update). Both give the same layers, checkpoint and kernels."""
 
     bits: int = 4
     group_size: int = 32
@@ -147,6 +148,7 @@ class WeightOnly(Config):
     method: str = "rtn"
     calibration_batches: int = 8
     damp: float = 0.01
+    act_order: bool = False
 
     def validate(self) -> None:
         _check_bits(self.bits, WEIGHT_ONLY_BITS, "For 1-bit weights use BinaryWeights (or QAT)")
@@ -157,6 +159,10 @@ class WeightOnly(Config):
         check_choice("method", self.method, ("rtn", "gptq"))
         check_positive("calibration_batches", self.calibration_batches, integer=True)
         check_fraction("damp", self.damp, allow_zero=False, allow_one=True)
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"act_order must be True or False, got {self.act_order!r}")
+        if self.act_order and self.method != "gptq":
+            raise ConfigError("act_order orders GPTQ's columns: it needs method='gptq'")
 
 
 @dataclasses.dataclass(frozen=True)
