@@ -19,7 +19,8 @@ from torchslim.quantization.gptq import gptq_codes
 def _correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # Mostly low-rank, like real activations: the regime where reconstruction beats magnitude.
-    return torch.randn(n, d // 4, generator=g) @ torch.randn(d // 4, d, generator=g) + 0.3 * torch.randn(n, d, generator=g)
+    low = torch.randn(n, d // 4, generator=g) @ torch.randn(d // 4, d, generator=g)
+    return low + 0.3 * torch.randn(n, d, generator=g)
 
 
 def _hessian(x: torch.Tensor) -> torch.Tensor:

@@ -26,15 +26,16 @@ __all__ = ["prune", "UnstructuredPruning", "StructuredPruning", "SemiStructuredP
            "Importance", "register_importance", "register_op_rule"]
 
 
-def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning | SemiStructuredPruning, *, data=None, val_data=None,
-          example_inputs=None, loss_fn: LossFn | str | None = None, metric: Metric | None = None,
+def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning | SemiStructuredPruning, *, data=None,
+          val_data=None, example_inputs=None, loss_fn: LossFn | str | None = None, metric: Metric | None = None,
           inplace: bool = False) -> nn.Module:
     """Prune ``model`` as ``config`` says and return the pruned model (a copy unless ``inplace``).
 
     ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs) is needed to trace
     the model for structured pruning; ``data`` (any batch form of :mod:`torchslim.data.batches`) feeds
-    fine-tuning schedules, Taylor / Hessian importance and the calibration of ``method="obs"``, with ``loss_fn`` (default cross-entropy); ``metric`` is
-    measured on ``val_data`` after each fine-tuning epoch. The config is recorded in the model's history.
+    fine-tuning schedules, Taylor / Hessian importance and the calibration of ``method="obs"``, with ``loss_fn``
+    (default cross-entropy); ``metric`` is measured on ``val_data`` after each fine-tuning epoch. The config is
+    recorded in the model's history.
     """
     if not isinstance(config, (UnstructuredPruning, StructuredPruning, SemiStructuredPruning)):
         raise ConfigError(f"prune() takes UnstructuredPruning, StructuredPruning or SemiStructuredPruning, got "

@@ -1,4 +1,5 @@
-"""Unstructured pruning (magnitude, OBD saliency or SparseGPT reconstruction) through ``torch.nn.utils.prune`` masks (weights stay zero while training)."""
+"""Unstructured pruning (magnitude, OBD saliency or SparseGPT reconstruction) through ``torch.nn.utils.prune``
+masks (weights stay zero while training)."""
 
 from __future__ import annotations
 
@@ -157,7 +158,10 @@ def obs_masks(model: nn.Module, layers: dict[str, nn.Module], sparsity: float | 
               data, config) -> dict[str, torch.Tensor]:
     """SparseGPT masks (the surviving weights reconstructed in place) for ``layers`` at ``sparsity``."""
     rates = _rates(layers, sparsity, scope)
-    fallback = lambda name, m: _keep_top(effective(m).detach().abs(), round(rates[name] * m.weight.numel()))  # noqa: E731
+
+    def fallback(name: str, m: nn.Module) -> torch.Tensor:
+        return _keep_top(effective(m).detach().abs(), round(rates[name] * m.weight.numel()))
+
     return obs_prune(model, {n: layers[n] for n in rates}, data, rates=rates, batches=config.calibration_batches,
                      damp=config.damp, what=f"{type(config).__name__}(method='obs')", fallback=fallback)
 

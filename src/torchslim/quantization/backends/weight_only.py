@@ -1,7 +1,8 @@
 """Weight-only low-bit Linear: 2- to 8-bit codes in groups along the input dimension, packed into bytes.
 
 Storage is portable (``packed``: uint8, each row one bit stream of ``bits``-bit codes, e.g. 2 codes per byte
-for int4, 4 for int2, 8 per 3 bytes for int3; ``scale`` and, when asymmetric, ``zero`` per group). Kernels are chosen per device and call:
+for int4, 4 for int2, 8 per 3 bytes for int3; ``scale`` and, when asymmetric, ``zero`` per group). Kernels are
+chosen per device and call:
 
 - CPU, 4 bits: PyTorch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations, fp32 accumulation) when
   this build has it, packed lazily from the portable codes;
