@@ -133,11 +133,12 @@ class WeightOnly(Config):
     """Weight-only quantization of Linear layers to ``bits`` (2 to 8; integer kernels for 4 and 8) in groups of
     ``group_size`` inputs (0: one group per output channel, the whole row), symmetric (codes around zero) or
     affine; activations stay float. On CUDA with ``require_speedup`` a layer is kept only where its kernel
-    measures faster than bf16 for its shape. ``method``: ``rtn`` rounds each weight to nearest; ``gptq`` (Frantar et al. 2023) quantizes
-    column by column, compensating each rounding error on the remaining weights through the inverse Hessian of
-    the layer's inputs over ``calibration_batches`` batches of ``data`` (``damp``: dampening, share of the
-    Hessian's mean diagonal; ``act_order``: inputs with the largest Hessian diagonal first, group scales from the
-    weights before any update). Both give the same layers, checkpoint and kernels."""
+    measures faster than bf16 for its shape. ``method``: ``rtn`` rounds each weight to nearest; ``gptq``
+    (Frantar et al. 2023) quantizes column by column, compensating each rounding error on the remaining weights
+    through the inverse Hessian of the layer's inputs over ``calibration_batches`` batches of ``data``
+    (``damp``: dampening, share of the Hessian's mean diagonal; ``act_order``: inputs with the largest Hessian
+    diagonal first, group scales from the weights before any update). Both give the same layers, checkpoint and
+    kernels."""
 
     bits: int = 4
     group_size: int = 32
