@@ -28,36 +28,11 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..nn.modules import match
-from .oprules import call_rule, module_rule, node_arg
+from .layout import Layout as _Layout, Seg as _Seg
+from .oprules import call_rule, handles_tuples, module_rule, node_arg
 from .trace import EXCLUDED, INPUT, OUTPUT, UNSUPPORTED, Group, Member, trace_model
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Seg:
-    space: int
-    n: int
-    rep: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    dim: int
-    segs: tuple[_Seg, ...]
-
-    @property
-    def width(self) -> int:
-        return sum(s.n * s.rep for s in self.segs)
-
-    def with_offsets(self) -> Iterator[tuple[int, _Seg]]:
-        off = 0
-        for s in self.segs:
-            yield off, s
-            off += s.n * s.rep
-
-    def signature(self) -> tuple:
-        return tuple((s.n, s.rep) for s in self.segs)
 
 
 class _Builder:
@@ -71,6 +46,8 @@ class _Builder:
         self.members: list[list[tuple[int, Member]]] = []
         self.reasons: list[list[tuple[str, str]]] = []
         self.layouts: dict[fx.Node, _Layout] = {}
+        self.tuple_layouts: dict[fx.Node, tuple] = {}  # nodes returning tuples: a layout (or None) per item
+        self.ties: list[tuple[int, int, int]] = []  # (space, position space, m): see tie()
         self.order = 0
         self.shared = self._shared_modules()
 
@@ -106,6 +83,11 @@ class _Builder:
 
     def add(self, space: int, member: Member) -> None:
         self.members[self.find(space)].append((self.order, member))
+
+    def tie(self, space: int, positions: int, m: int) -> None:
+        """Make ``space`` periodic: its slot ``k`` is slot ``k % m`` of ``positions`` (a grouped conv reads or
+        writes the same positions in each of its groups), so its channels are pruned block by block alike."""
+        self.ties.append((space, positions, m))
 
     def fixed(self, n: int, dim: int, kind: str, why: str) -> _Layout:
         return _Layout(dim, (_Seg(self.new_space(n, (kind, why)), n, 1),))
@@ -170,8 +152,9 @@ class _Builder:
                 continue
             if "tensor_meta" not in node.meta:
                 continue  # sizes, dims, shapes: no tensor, no channels
-            if any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node)) \
-                    or self.shape(node) is None:
+            if not handles_tuples(node, self.gm) and (
+                    any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node))
+                    or self.shape(node) is None):
                 excluded = node.op == "call_module" and match(node.target, self.exclude)
                 self.unknown(node, f"{self.describe(node)} takes or returns a tuple of tensors"
                              + (" (excluded)" if excluded else ""), EXCLUDED if excluded else UNSUPPORTED)
@@ -226,11 +209,30 @@ class _Builder:
                 segs.append(_Seg(s.space, s.n, s.rep * k))
             self.layouts[node] = _Layout(1, tuple(segs))
         else:
-            why = (f"grouped conv {name!r} (groups={mod.groups}) couples channels group-wise; only groups=1 "
-                   "and depthwise convs are pruned")
-            self.block(layout, UNSUPPORTED, why)
-            self.layouts[node] = self.fixed(mod.out_channels, 1, UNSUPPORTED, why)
-            self.add(self.layouts[node].segs[0].space, Member(name, "weight", 0, 0, 1, "out"))
+            self.grouped_conv(node, mod, layout, params, name)
+
+    def grouped_conv(self, node: fx.Node, mod: nn.Module, layout: _Layout, params: list[str], name: str) -> None:
+        """A conv with 1 < groups < in_channels: weight dim 1 indexes the position within a group, so the same
+        positions are removed from every input group (and, independently, from every output group)."""
+        g = mod.groups
+        cg_in, cg_out = mod.in_channels // g, mod.out_channels // g
+        reps = {s.rep for s in layout.segs}
+        rep = reps.pop() if len(reps) == 1 else 0
+        aligned = rep and cg_in % rep == 0 and all(off % cg_in == 0 and (s.n * s.rep) % cg_in == 0
+                                                  for off, s in layout.with_offsets())
+        if aligned:
+            positions = self.new_space(cg_in // rep)
+            self.add(positions, Member(name, "weight", 1, 0, rep, "in"))
+            for _, s in layout.with_offsets():
+                self.tie(s.space, positions, cg_in // rep)
+        else:
+            self.block(layout, UNSUPPORTED, f"grouped conv {name!r} (groups={g}) reads channels whose concatenated "
+                                            "parts do not line up with its groups")
+        space = self.new_space(mod.out_channels)
+        for p in params:
+            self.add(space, Member(name, p, 0, 0, 1, "out"))
+        self.tie(space, self.new_space(cg_out), cg_out)
+        self.layouts[node] = _Layout(1, (_Seg(space, mod.out_channels, 1),))
 
     def linear(self, node: fx.Node, mod: nn.Linear, x: fx.Node, name: str | None = None) -> None:
         name = name or node.target
@@ -361,12 +363,40 @@ class _Builder:
         self.layouts[node] = _Layout(layout.dim - shift, layout.segs)
 
     # -- result ----------------------------------------------------------------------------------
+    def _resolve_ties(self) -> tuple[dict[int, int], dict[int, list[tuple[int, Member]]]]:
+        """Fold every tied space into its position space: each member over ``n`` slots becomes ``n / m``
+        members over ``m`` slots, one per block. Returns {tied root: position root} and the added members."""
+        tied: dict[int, tuple[int, int]] = {}
+        for space, positions, m in self.ties:
+            root = self.find(space)
+            if root in tied:
+                other, m0 = tied[root]
+                if m0 == m:
+                    self.union(other, positions)
+                else:  # the other conv's positions then lead no group: nothing of it is sliced
+                    self.reasons[self.find(other)].append(
+                        (UNSUPPORTED, f"channels read by grouped convs with different group sizes ({m0}, {m})"))
+                continue
+            tied[root] = (positions, m)
+        extra: dict[int, list[tuple[int, Member]]] = {}
+        where: dict[int, int] = {}
+        for root, (positions, m) in tied.items():
+            target = self.find(positions)
+            where[root] = target
+            for order, mem in self.members[root]:
+                for b in range(self.sizes[root] // m):
+                    extra.setdefault(target, []).append(
+                        (order, dataclasses.replace(mem, offset=mem.offset + b * m * mem.rep)))
+            self.reasons[target] += self.reasons[root]
+        return where, extra
+
     def groups(self) -> list[Group]:
+        where, extra = self._resolve_ties()
         out = []
         for root in range(len(self.parent)):
-            if self.find(root) != root:
+            if self.find(root) != root or root in where:
                 continue
-            members = [m for _, m in sorted(self.members[root], key=lambda om: om[0])]
+            members = [m for _, m in sorted(self.members[root] + extra.get(root, []), key=lambda om: om[0])]
             producers = [m for m in members if m.role == "out"]
             if not producers:
                 continue  # e.g. the model input's channels: nothing to remove

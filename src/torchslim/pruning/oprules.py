@@ -29,12 +29,13 @@ from torch import fx, nn
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from .seqrules import SEQUENCE_RULES, handles_tuples
 
 if TYPE_CHECKING:
     from .graph import _Builder
 
 __all__ = ["OpRule", "register_op_rule", "elementwise", "per_channel", "submodule", "module_rule", "call_rule",
-           "traced_whole", "node_arg"]
+           "traced_whole", "node_arg", "handles_tuples"]
 
 OpRule = Callable[["_Builder", fx.Node, Optional[nn.Module], Optional[str]], None]
 
@@ -170,7 +171,7 @@ _SPATIAL = (  # (module class, function, number of trailing spatial dims)
 _REDUCTIONS = ("mean", "sum", "amax", "amin")
 
 BUILTIN_RULES: tuple[tuple[Any, OpRule], ...] = (
-    (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
+    (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),  # transposed convs: seqrules
     (nn.Linear, _linear),
     (nn.modules.batchnorm._BatchNorm, _batch_norm), (nn.modules.instancenorm._InstanceNorm, _batch_norm),
     (nn.LayerNorm, _layer_norm),
@@ -188,6 +189,7 @@ BUILTIN_RULES: tuple[tuple[Any, OpRule], ...] = (
     *((m, elementwise) for m in _ELEMENTWISE_METHODS),
     ("view", _reshape), ("reshape", _reshape), ("flatten", _flatten_call),
     *((r, _reduce) for r in _REDUCTIONS),
+    *SEQUENCE_RULES,
 )
 """The tracer's built-in rules, keyed by module class, function or method name."""
 
