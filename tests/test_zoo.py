@@ -78,6 +78,9 @@ def _structured(name: str, model: nn.Module, x: torch.Tensor, data: list, tmp: P
     agreement = onnx_agreement(pruned, tmp / "m.onnx", [(x,)])
     assert agreement.max_abs_diff < 1e-3 * max(1.0, agreement.max_logit)
     assert out.shape == model(x).shape
+    rnn = [m for m in pruned.modules() if isinstance(m, nn.RNNBase)]
+    if rnn:  # torch's MAC counter does not see into recurrent layers
+        return f"hidden {model.rnn.hidden_size}->{rnn[0].hidden_size}"
     return f"{ratio:.1f}x MACs"
 
 
@@ -86,7 +89,7 @@ def _unstructured(name: str, model: nn.Module, x: torch.Tensor, data: list, tmp:
     sparsity = layer_sparsity(pruned)
     assert sparsity and min(sparsity.values()) > 0.45, sparsity
     _roundtrip(pruned, x, tmp)
-    return f"{len(sparsity)} layers"
+    return f"{len(sparsity)} layer{'s' if len(sparsity) > 1 else ''}"
 
 
 def _linear_layers(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> int:
