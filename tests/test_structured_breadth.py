@@ -227,27 +227,45 @@ def test_channels_last_layout_is_kept():
 
 
 class HandAttention(nn.Module):
-    """Attention written by hand: q/k/v Linear layers reshaped to heads."""
+    """Attention written by hand: q/k/v Linear layers reshaped to heads, with the head count inferred (-1) or
+    written as a constant, and the product spelled out or through scaled_dot_product_attention."""
 
-    def __init__(self, dim: int = 16, heads: int = 4):
+    def __init__(self, dim: int = 16, heads: int = 4, infer: bool = True, sdpa: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.head_dim, self.infer, self.sdpa = heads, dim // heads, infer, sdpa
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.fc1, self.fc2 = nn.Linear(dim, 32), nn.Linear(32, 3)
 
     def forward(self, x):
         b, t, d = x.shape
-        q, k, v = (f(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
-        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
-        h = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        heads, width = (-1, -1) if self.infer else (self.heads, d)
+        q, k, v = (f(x).view(b, t, heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        h = x + self.o(a.transpose(1, 2).reshape(b, t, width))
         return self.fc2(F.relu(self.fc1(h.mean(1))))
 
 
-def test_hand_written_attention_heads_are_named():
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_hand_written_attention_heads(sdpa):
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
-    model = HandAttention().eval()
+    model = HandAttention(sdpa=sdpa).eval()
+    pruned, summary, _ = _prune(model, x)
+    assert summary["removed_channels"]["q"] == [4, 2]  # heads of 4 channels, q/k/v rows and o's inputs
+    assert (pruned.q.out_features, pruned.k.out_features, pruned.v.out_features, pruned.o.in_features) == (8,) * 4
+    kept_rows = [h * 4 + j for h in summary["kept"]["q"] for j in range(4)]
+    assert torch.equal(pruned.k.weight, model.k.weight[kept_rows])
+    assert _masked_diff(model, pruned, summary, x) < 1e-5  # zeroed q/k/v rows: those heads add nothing
+
+
+def test_constant_head_count_is_named():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    model = HandAttention(infer=False).eval()
     pruned, summary, messages = _prune(model, x)
-    assert any("'q'" in m and "not a flatten" in m for m in messages)
+    assert any("'q'" in m and "constant number of heads" in m and "-1" in m for m in messages)
     assert pruned.q.out_features == 16 and pruned.fc1.out_features == 16
     assert _masked_diff(model, pruned, summary, x) < 1e-5

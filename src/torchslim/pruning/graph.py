@@ -19,75 +19,32 @@ channels, so the pruned model is then not exactly the original with those channe
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..nn.modules import match
 from .layout import Layout as _Layout, Seg as _Seg
+from .spaces import Spaces, constant_size, merged_dims
 from .oprules import call_rule, handles_tuples, module_rule, node_arg
 from .trace import EXCLUDED, INPUT, OUTPUT, UNSUPPORTED, Group, Member, trace_model
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 
 
-class _Builder:
+class _Builder(Spaces):
     """Walks the traced graph once, building channel spaces, their members and blocking reasons."""
 
     def __init__(self, gm: fx.GraphModule, exclude: tuple[str, ...] = ()):
         self.gm = gm
         self.exclude = exclude
-        self.parent: list[int] = []
-        self.sizes: list[int] = []
-        self.members: list[list[tuple[int, Member]]] = []
-        self.reasons: list[list[tuple[str, str]]] = []
+        super().__init__()
         self.layouts: dict[fx.Node, _Layout] = {}
         self.tuple_layouts: dict[fx.Node, tuple] = {}  # nodes returning tuples: a layout (or None) per item
-        self.ties: list[tuple[int, int, int]] = []  # (space, position space, m): see tie()
-        self.order = 0
         self.shared = self._shared_modules()
-
-    # -- union-find over channel spaces --------------------------------------------------------
-    def new_space(self, n: int, reason: tuple[str, str] | None = None) -> int:
-        self.parent.append(len(self.parent))
-        self.sizes.append(n)
-        self.members.append([])
-        self.reasons.append([reason] if reason else [])
-        return len(self.parent) - 1
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return
-        if b < a:  # keep the oldest space as root so the group's leader is its first producer
-            a, b = b, a
-        self.parent[b] = a
-        self.members[a] += self.members[b]
-        self.reasons[a] += self.reasons[b]
-        self.members[b], self.reasons[b] = [], []
-
-    def block(self, layout: _Layout | None, kind: str, why: str) -> None:
-        if layout is not None:
-            for s in layout.segs:
-                self.reasons[self.find(s.space)].append((kind, why))
-
-    def add(self, space: int, member: Member) -> None:
-        self.members[self.find(space)].append((self.order, member))
-
-    def tie(self, space: int, positions: int, m: int) -> None:
-        """Make ``space`` periodic: its slot ``k`` is slot ``k % m`` of ``positions`` (a grouped conv reads or
-        writes the same positions in each of its groups), so its channels are pruned block by block alike."""
-        self.ties.append((space, positions, m))
 
     def fixed(self, n: int, dim: int, kind: str, why: str) -> _Layout:
         return _Layout(dim, (_Seg(self.new_space(n, (kind, why)), n, 1),))
@@ -333,20 +290,48 @@ class _Builder:
         else:
             self.unknown(node, f"{self.describe(node)} flattens the channel dim into a preceding dim")
 
-    def reshape(self, node: fx.Node, x: fx.Node) -> None:
+    def reshape(self, node: fx.Node, x: fx.Node, sizes: list | None = None) -> None:
+        """``sizes``: the requested shape as written in the forward (ints and nodes), to tell a width fixed by
+        a constant, which pruning would break, from one computed at run time (``-1``, ``x.size(...)``)."""
         src, dst = self.shape(x), self.shape(node)
+        layout = self.layouts.get(x)
+        fixed = sizes is not None and len(sizes) == len(dst)
+        if layout is not None and src[:layout.dim] == dst[:layout.dim] and dst[layout.dim + 2:] == \
+                src[layout.dim + 1:] and dst[layout.dim] * dst[layout.dim + 1] == src[layout.dim]:
+            return self.split(node, layout, dst[layout.dim + 1], fixed and constant_size(sizes[layout.dim]))
         if src == dst:
-            if x in self.layouts:
-                self.layouts[node] = self.layouts[x]
+            if layout is not None:
+                self.layouts[node] = layout
+        else:
+            merge = merged_dims(src, dst, layout.dim if layout is not None else None)
+            if merge is None:
+                return self.unknown(node, f"{self.describe(node)} reshapes {list(src)} -> {list(dst)}, which is not "
+                                          "a flatten; the channel tracer cannot follow it")
+            self.flatten(node, x, *merge)
+        out = self.layouts.get(node)
+        if out is not None and fixed and constant_size(sizes[out.dim]):
+            del self.layouts[node]
+            self.unknown(node, f"{self.describe(node)} gives the channel dim the constant size {sizes[out.dim]}; "
+                               "write -1 there (or compute it from the input's size) to let them be pruned")
+
+    def split(self, node: fx.Node, layout: _Layout, width: int, constant: bool) -> None:
+        """The channel dim split into (heads, ``width``): a head (``width`` consecutive channels) is one slot."""
+        if constant:
+            return self.unknown(node, f"{self.describe(node)} splits the channels into a constant number of heads; "
+                                      "write -1 for the head count to let heads be pruned")
+        if width == 1:  # (..., C) -> (..., C, 1): the channels stay where they are
+            self.layouts[node] = layout
             return
-        for start in range(len(src)):
-            for end in range(start + 1, len(src)):
-                merged = src[:start] + (math.prod(src[start:end + 1]),) + src[end + 1:]
-                layout = self.layouts.get(x)
-                if merged == dst and (layout is None or not start < layout.dim <= end):
-                    return self.flatten(node, x, start, end)
-        self.unknown(node, f"{self.describe(node)} reshapes {list(src)} -> {list(dst)}, which is not a "
-                           "flatten; the channel tracer cannot follow it")
+        segs = []
+        for off, s in layout.with_offsets():
+            if width % s.rep or off % width or (s.n * s.rep) % width:
+                return self.unknown(node, f"{self.describe(node)} splits the channels into heads that do not line "
+                                          "up with the parts of a concatenation")
+            f = width // s.rep
+            heads = self.new_space(s.n // f)
+            self.tie(s.space, heads, s.n // f, f)
+            segs.append(_Seg(heads, s.n // f, 1))
+        self.layouts[node] = _Layout(layout.dim, tuple(segs))
 
     def reduce(self, node: fx.Node, x: fx.Node) -> None:
         layout, nd = self.layouts.get(x), len(self.shape(x))
@@ -363,33 +348,6 @@ class _Builder:
         self.layouts[node] = _Layout(layout.dim - shift, layout.segs)
 
     # -- result ----------------------------------------------------------------------------------
-    def _resolve_ties(self) -> tuple[dict[int, int], dict[int, list[tuple[int, Member]]]]:
-        """Fold every tied space into its position space: each member over ``n`` slots becomes ``n / m``
-        members over ``m`` slots, one per block. Returns {tied root: position root} and the added members."""
-        tied: dict[int, tuple[int, int]] = {}
-        for space, positions, m in self.ties:
-            root = self.find(space)
-            if root in tied:
-                other, m0 = tied[root]
-                if m0 == m:
-                    self.union(other, positions)
-                else:  # the other conv's positions then lead no group: nothing of it is sliced
-                    self.reasons[self.find(other)].append(
-                        (UNSUPPORTED, f"channels read by grouped convs with different group sizes ({m0}, {m})"))
-                continue
-            tied[root] = (positions, m)
-        extra: dict[int, list[tuple[int, Member]]] = {}
-        where: dict[int, int] = {}
-        for root, (positions, m) in tied.items():
-            target = self.find(positions)
-            where[root] = target
-            for order, mem in self.members[root]:
-                for b in range(self.sizes[root] // m):
-                    extra.setdefault(target, []).append(
-                        (order, dataclasses.replace(mem, offset=mem.offset + b * m * mem.rep)))
-            self.reasons[target] += self.reasons[root]
-        return where, extra
-
     def groups(self) -> list[Group]:
         where, extra = self._resolve_ties()
         out = []

@@ -137,7 +137,10 @@ def _cat(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
 
 
 def _reshape(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
-    tracer.reshape(node, _input(node))
+    sizes = list(node.args[1:]) if node.op == "call_method" else [node_arg(node, 1, "shape")]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    tracer.reshape(node, _input(node), sizes)
 
 
 def _reduce(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:

@@ -1,6 +1,6 @@
 """Op rules for layers whose weights hold several coupled blocks or that return tuples (recurrent layers,
-multi-head attention), transposed convs, GroupNorm, and the layout ops (indexing, permute, transpose, pad) of
-sequence and channels-last models. See ``oprules.py`` for what a rule is.
+multi-head attention), transposed convs, GroupNorm, the layout ops (indexing, permute, transpose, pad) of
+sequence and channels-last models, and the products of hand-written attention (heads in the batch dims). See ``oprules.py`` for what a rule is.
 
 Recurrent hidden units: unit ``j`` of an LSTM (GRU) is row ``j`` of each of the 4 (3) gate blocks of
 ``weight_ih``, ``weight_hh`` and the biases, column ``j`` of ``weight_hh`` and, in the next layer, column
@@ -143,6 +143,44 @@ def _pad(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
     tracer.layouts[node] = layout
 
 
+def _batch_dims(tracer: _Builder, node: fx.Node, operands: list) -> None:
+    """Attention products (``q @ k.transpose(-1, -2)``, ``weights @ v``, scaled_dot_product_attention): the
+    channels (heads) must lie in the batch dims, where the operands' heads are coupled."""
+    out_nd = len(tracer.shape(node))
+    laid = [(tracer.layouts[a], out_nd - len(tracer.shape(a))) for a in operands if a in tracer.layouts]
+    if not laid:
+        return
+    if any(lay.dim + shift >= out_nd - 2 or lay.dim >= len(tracer.shape(a)) - 2
+           for (lay, shift), a in zip(laid, [a for a in operands if a in tracer.layouts])):
+        return tracer.unknown(node, f"{tracer.describe(node)} multiplies along the channel dim")
+    ref, shift = laid[0]
+    for lay, s in laid[1:]:
+        if lay.dim + s != ref.dim + shift or lay.signature() != ref.signature():
+            return tracer.unknown(node, f"{tracer.describe(node)} combines channels laid out differently")
+        for a, b in zip(ref.segs, lay.segs):
+            tracer.union(a.space, b.space)
+    tracer.layouts[node] = Layout(ref.dim + shift, ref.segs)
+
+
+def _matmul(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
+    _batch_dims(tracer, node, list(node.args[:2]))
+
+
+def _attention_call(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
+    _batch_dims(tracer, node, [_arg(node, i, n) for i, n in enumerate(("query", "key", "value"))])
+
+
+def _softmax(tracer: _Builder, node: fx.Node, module: nn.Module | None, name: str | None) -> None:
+    x = node.args[0]
+    layout = tracer.layouts.get(x)
+    if layout is None:
+        return
+    dim = module.dim if module is not None else _arg(node, 1, "dim")
+    if dim is None or dim % len(tracer.shape(x)) == layout.dim:
+        return tracer.unknown(node, f"{tracer.describe(node)} normalises over the channel dim")
+    tracer.layouts[node] = layout
+
+
 def _conv_transpose(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) -> None:
     if module.groups != 1:
         return tracer.unknown(node, f"transposed conv {name!r} has groups={module.groups}; only groups=1 is pruned")
@@ -180,6 +218,9 @@ SEQUENCE_RULES: tuple[tuple[Any, Any], ...] = (
     (nn.ConvTranspose1d, _conv_transpose), (nn.ConvTranspose2d, _conv_transpose),
     (nn.ConvTranspose3d, _conv_transpose), (nn.GroupNorm, _group_norm),
     (operator.getitem, _getitem), (F.pad, _pad),
+    (operator.matmul, _matmul), (torch.matmul, _matmul), ("matmul", _matmul),
+    (F.scaled_dot_product_attention, _attention_call),
+    (nn.Softmax, _softmax), (F.softmax, _softmax), (torch.softmax, _softmax), ("softmax", _softmax),
     ("permute", _permute), (torch.permute, _permute), ("transpose", _permute), (torch.transpose, _permute),
     ("swapaxes", _permute), (torch.swapaxes, _permute),
 )
