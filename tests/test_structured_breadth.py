@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import torchslim
 from torchslim.metrics.profile import count_macs
 from torchslim.models.zoo import GroupedCatNet, ResNet18, RNNClassifier
 from torchslim.pruning import StructuredPruning, masked_like, structured_prune
@@ -178,8 +179,15 @@ class Decoder2d(nn.Module):
         return self.out(F.relu(self.bn_up(self.up(F.relu(self.bn(self.c(x)))))))
 
 
+def _reloads(model: nn.Module, x: torch.Tensor, tmp_path) -> None:
+    """A checkpoint of the pruned model rebuilds its new shapes and reproduces its outputs exactly."""
+    loaded = torchslim.load(torchslim.save(model, tmp_path / "m.slim"), trusted=type(model).__module__)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("make,shape", [(Volumes, (2, 2, 4, 4, 4)), (Decoder2d, (2, 3, 6, 6))])
-def test_conv_nd_and_transposed(make, shape):
+def test_conv_nd_and_transposed(make, shape, tmp_path):
     torch.manual_seed(0)
     x = torch.randn(*shape)
     model = _randomise_norms(make())
@@ -189,6 +197,7 @@ def test_conv_nd_and_transposed(make, shape):
     assert all(c.weight.shape[0] == (c.in_channels if c.transposed else c.out_channels) for c in convs)
     assert len(summary["removed_channels"]) == len(convs) - 1  # all but the output layer
     assert _masked_diff(model, pruned, summary, x) < 1e-5
+    _reloads(pruned, x, tmp_path)
 
 
 class GroupNormNet(nn.Module):
@@ -203,7 +212,7 @@ class GroupNormNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.c2(y)), 1).flatten(1))
 
 
-def test_group_norm_keeps_groups_equal():
+def test_group_norm_keeps_groups_equal(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     model = _randomise_norms(GroupNormNet())
@@ -214,6 +223,7 @@ def test_group_norm_keeps_groups_equal():
     expected = model.gn.weight.detach().view(4, 4)[:, kept].flatten()
     assert torch.equal(pruned.gn.weight.detach(), expected)
     assert pruned(x).shape == (2, 3)
+    _reloads(pruned, x, tmp_path)
 
 
 def test_channels_last_layout_is_kept():
@@ -269,3 +279,34 @@ def test_constant_head_count_is_named():
     assert any("'q'" in m and "constant number of heads" in m and "-1" in m for m in messages)
     assert pruned.q.out_features == 16 and pruned.fc1.out_features == 16
     assert _masked_diff(model, pruned, summary, x) < 1e-5
+
+
+class LinearSE(nn.Module):
+    """Squeeze-excitation with Linear layers, the gate viewed back to (b, c, 1, 1)."""
+
+    def __init__(self, constant_view: bool = False):
+        super().__init__()
+        self.constant_view = constant_view
+        self.c = nn.Conv2d(3, 16, 3, padding=1)
+        self.f1, self.f2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.o, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        b, c = y.shape[:2]
+        g = torch.sigmoid(self.f2(F.relu(self.f1(y.mean((2, 3))))))
+        g = g.view(-1, 16, 1, 1) if self.constant_view else g.view(b, c, 1, 1)
+        return self.fc(F.relu(self.o(y * g)).mean((2, 3)))
+
+
+def test_linear_squeeze_excitation():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = LinearSE().eval()
+    pruned, summary, messages = _prune(model, x)
+    assert summary["removed_channels"] == {"c": [16, 8], "f1": [4, 2], "o": [8, 4]} and not messages
+    assert pruned.f2.out_features == 8 and pruned.o.in_channels == 8
+    assert _masked_diff(model, pruned, summary, x) < 1e-5
+    # The same gate viewed to a constant 16 channels: pruning them would break the view, so they stay.
+    pruned, summary, messages = _prune(LinearSE(constant_view=True).eval(), x)
+    assert "c" not in summary["removed_channels"] and any("constant size 16" in m for m in messages)

@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..nn.modules import match
 from .layout import Layout as _Layout, Seg as _Seg
-from .spaces import Spaces, constant_size, merged_dims
+from .spaces import Spaces, constant_size, merged_dims, unit_dims_moved
 from .oprules import call_rule, handles_tuples, module_rule, node_arg
 from .trace import EXCLUDED, INPUT, OUTPUT, UNSUPPORTED, Group, Member, trace_model
 
@@ -299,9 +299,10 @@ class _Builder(Spaces):
         if layout is not None and src[:layout.dim] == dst[:layout.dim] and dst[layout.dim + 2:] == \
                 src[layout.dim + 1:] and dst[layout.dim] * dst[layout.dim + 1] == src[layout.dim]:
             return self.split(node, layout, dst[layout.dim + 1], fixed and constant_size(sizes[layout.dim]))
-        if src == dst:
+        moved = unit_dims_moved(src, dst, layout.dim) if layout is not None else None
+        if src == dst or moved is not None:
             if layout is not None:
-                self.layouts[node] = layout
+                self.layouts[node] = _Layout(layout.dim if moved is None else moved, layout.segs)
         else:
             merge = merged_dims(src, dst, layout.dim if layout is not None else None)
             if merge is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .layout import UNSUPPORTED, Layout, Member
 
-__all__ = ["Spaces", "merged_dims", "constant_size"]
+__all__ = ["Spaces", "merged_dims", "unit_dims_moved", "constant_size"]
 
 
 class Spaces:
@@ -100,6 +100,15 @@ def merged_dims(src: tuple, dst: tuple, channel: int | None) -> tuple[int, int] 
             if merged == dst and (channel is None or not start < channel <= end):
                 return start, end
     return None
+
+
+def unit_dims_moved(src: tuple, dst: tuple, channel: int) -> int | None:
+    """Where the channel dim lands when ``dst`` only adds or drops dims of size 1 (``(b, c)`` ->
+    ``(b, c, 1, 1)``), or None."""
+    if src[channel] == 1 or [d for d in src if d != 1] != [d for d in dst if d != 1]:
+        return None
+    rank = sum(d != 1 for d in src[:channel])
+    return [i for i, d in enumerate(dst) if d != 1][rank]
 
 
 def constant_size(size: Any) -> bool:
