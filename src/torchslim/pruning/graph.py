@@ -10,8 +10,12 @@ segments, each pointing into a *channel space* (a union-find node) with ``n`` sl
 consecutive indices. A producer (Conv, Linear) opens a new space; elementwise ops unite the spaces of
 their operands; ``cat`` concatenates segments; ``flatten`` multiplies ``rep``. Anything the tracer does
 not understand blocks the spaces it touches (with the reason), so a group is either pruned consistently
-or left alone, never corrupted. Which op does what is decided by the op rules of ``oprules.py``, through
-the primitives of ``_Builder``.
+or left alone, never corrupted. Which op does what is decided by the op rules of ``oprules.py`` and
+``seqrules.py``, through the primitives of ``_Builder``.
+
+Some ops see a space as blocks (``spaces.py``, ties): a grouped conv reads and writes the same positions in
+every group, so a space it touches is pruned block by block alike (its group's slots are positions within a
+group); splitting channels into attention heads makes ``head_dim`` consecutive channels one slot.
 
 Pruning through LayerNorm is supported but, unlike BatchNorm, changes the statistics of the remaining
 channels, so the pruned model is then not exactly the original with those channels zeroed.
