@@ -310,3 +310,18 @@ def test_linear_squeeze_excitation():
     # The same gate viewed to a constant 16 channels: pruning them would break the view, so they stay.
     pruned, summary, messages = _prune(LinearSE(constant_view=True).eval(), x)
     assert "c" not in summary["removed_channels"] and any("constant size 16" in m for m in messages)
+
+
+def test_search_space_and_per_layer_ratios_reach_new_groups():
+    from torchslim.pruning.technique import STRUCTURED
+
+    torch.manual_seed(0)
+    field = STRUCTURED.search.fields[0]
+    for model, x, leader in [(RNNClassifier(hidden=16).eval(), torch.randn(2, 5, 8), "rnn"),
+                             (GroupedCatNet(width=8).eval(), torch.randn(2, 3, 16, 16), "mix.0.0"),
+                             (HandAttention().eval(), torch.randn(2, 5, 16), "q")]:
+        config = StructuredPruning()
+        assert leader in [name for name, _ in field.layers(config, model, (x,))]
+        applied = STRUCTURED.search.apply(config, {"ratio": {leader: 0.5}})
+        pruned, summary, _ = _prune(model, x, applied.ratio)
+        assert list(summary["removed_channels"]) == [leader]
