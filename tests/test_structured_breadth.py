@@ -325,3 +325,31 @@ def test_search_space_and_per_layer_ratios_reach_new_groups():
         applied = STRUCTURED.search.apply(config, {"ratio": {leader: 0.5}})
         pruned, summary, _ = _prune(model, x, applied.ratio)
         assert list(summary["removed_channels"]) == [leader]
+
+
+class MixedGroups(nn.Module):
+    """24 channels read by a conv with groups=4 (6 per group) and one with groups=6 (4 per group), summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 1)
+        self.g4, self.g6 = nn.Conv2d(24, 12, 3, padding=1, groups=4), nn.Conv2d(24, 12, 3, padding=1, groups=6)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        return self.fc(F.relu(self.g4(y) + self.g6(y)).mean((2, 3)))
+
+
+def test_channels_read_by_different_group_sizes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = MixedGroups().eval()
+    pruned, summary, messages = _prune(model, x)
+    assert not messages
+    # Channels must go alike in every group of 6 and of 4: only their common period, 2, is free.
+    assert summary["removed_channels"]["a"] == [2, 1] and pruned.a.out_channels == 12
+    assert (pruned.g4.in_channels, pruned.g6.in_channels, pruned.g4.groups, pruned.g6.groups) == (12, 12, 4, 6)
+    # The sum couples the outputs: 3 per group of g4 and 2 per group of g6, common period 1: kept whole.
+    assert pruned.g4.out_channels == 12
+    assert _masked_diff(model, pruned, summary, x) < 1e-5

@@ -67,24 +67,34 @@ class Spaces:
         """Fold every tied space into its target: a member over ``n`` slots becomes ``n / (m * f)`` members over
         the ``m`` target slots, each index ``f`` times wider. Returns {tied root: target root}, added members."""
         tied: dict[int, tuple[int, int, int]] = {}
-        for space, positions, m, f in self.ties:
+        pending = list(self.ties)
+        while pending:
+            space, positions, m, f = pending.pop(0)
             root = self.find(space)
-            if root in tied:
-                other, m0, f0 = tied[root]
-                if (m0, f0) == (m, f):
-                    self.union(other, positions)
-                else:  # the other op's positions then lead no group: nothing of it is sliced
-                    self.reasons[self.find(other)].append(
-                        (UNSUPPORTED, "channels split into blocks of different sizes (grouped convs with different "
-                                      "group sizes, or attention heads)"))
+            if root not in tied:
+                tied[root] = (positions, m, f)
                 continue
-            tied[root] = (positions, m, f)
+            other, m0, f0 = tied[root]
+            if (m0, f0) == (m, f):
+                self.union(other, positions)
+            elif f == f0 == 1:  # read by grouped convs of different group sizes: the positions common to both
+                common = self.new_space(math.gcd(m, m0))
+                tied[root] = (common, self.sizes[common], 1)
+                pending += [(other, common, self.sizes[common], 1), (positions, common, self.sizes[common], 1)]
+            else:  # the other op's positions then lead no group: nothing of it is sliced
+                self.reasons[self.find(other)].append(
+                    (UNSUPPORTED, "channels split into attention heads and also into groups or other heads"))
         extra: dict[int, list[tuple[int, Member]]] = {}
         where: dict[int, int] = {}
-        for root, (positions, m, f) in tied.items():
+        # Targets are newer spaces than what is tied to them: folding in index order moves members on along chains.
+        for key in sorted(tied):
+            root = self.find(key)
+            if root in where:
+                continue
+            positions, m, f = tied[key]
             target = self.find(positions)
             where[root] = target
-            for order, mem in self.members[root]:
+            for order, mem in self.members[root] + extra.pop(root, []):
                 for b in range(self.sizes[root] // (m * f)):
                     extra.setdefault(target, []).append((order, dataclasses.replace(
                         mem, offset=mem.offset + b * m * f * mem.rep, rep=mem.rep * f)))
