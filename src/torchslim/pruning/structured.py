@@ -258,7 +258,8 @@ def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs
 
     Returns ``{"groups": n, "pruned_groups": n, "removed_channels": {leader: [before, after]},
     "kept": {leader: [kept channel indices]}, "members": {leader: [coupled tensor slices as dicts]},
-    "skipped": [{"group": leader, "reason": why}]}`` (plain data: JSON-serialisable).
+    "skipped": [{"group": leader, "reason": why}]}`` (plain data: JSON-serialisable). A group's channels are
+    its slots: positions within a group for grouped convs, heads for attention split into heads.
     Groups skipped because of an op the tracer does not understand also raise a warning.
     """
     if not isinstance(config, StructuredPruning):
