@@ -32,8 +32,8 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..nn.modules import match
 from .layout import Layout as _Layout, Seg as _Seg
-from .spaces import Spaces, constant_size, merged_dims, unit_dims_moved
 from .oprules import call_rule, handles_tuples, module_rule, node_arg
+from .spaces import Spaces, constant_size, merged_dims, unit_dims_moved
 from .trace import EXCLUDED, INPUT, OUTPUT, UNSUPPORTED, Group, Member, trace_model
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
@@ -354,7 +354,7 @@ class _Builder(Spaces):
 
     # -- result ----------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
-        where, extra = self._resolve_ties()
+        where, extra = self.resolve_ties()
         out = []
         for root in range(len(self.parent)):
             if self.find(root) != root or root in where:

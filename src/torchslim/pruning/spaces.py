@@ -62,8 +62,7 @@ class Spaces:
         = its size: ``f`` consecutive slots make one (an attention head of ``f`` channels)."""
         self.ties.append((space, positions, m, f))
 
-
-    def _resolve_ties(self) -> tuple[dict[int, int], dict[int, list[tuple[int, Member]]]]:
+    def resolve_ties(self) -> tuple[dict[int, int], dict[int, list[tuple[int, Member]]]]:
         """Fold every tied space into its target: a member over ``n`` slots becomes ``n / (m * f)`` members over
         the ``m`` target slots, each index ``f`` times wider. Returns {tied root: target root}, added members."""
         tied: dict[int, tuple[int, int, int]] = {}
