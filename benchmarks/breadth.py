@@ -3,7 +3,9 @@
 Targets (issue 14):
 - structured 50% on each zoo CNN: MACs >= 2.5x fewer, including the grouped/concat model;
 - CPU latency at batch 64 >= 75% of the MAC ratio on ResNet-50-like and MobileNetV2 (side by side);
-- LSTM, 50% of the hidden units: outputs equal the masked original before fine-tuning, latency >= 1.8x lower.
+- LSTM, 50% of the hidden units: outputs equal the masked original before fine-tuning, latency >= 1.8x lower;
+- one-shot 50% unstructured without fine-tuning: OBS loses at most half of what magnitude loses; GPTQ 4-bit
+  weight-only at most half of round-to-nearest's loss at the same group size (LeNet-300-100 on MNIST).
 
 Each section is a function ``section(args) -> {"rows": [...], "columns": [...], "targets": {...}}`` listed
 in SECTIONS; adding a section is one entry there.
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _oneshot  # noqa: E402
 from _common import environment, parse_args, print_table, write_json  # noqa: E402
 
 import torchslim  # noqa: E402
@@ -131,9 +134,20 @@ def lstm_section(args) -> dict:
                         "latency_ratio"]}
 
 
+def oneshot_section(args) -> dict:
+    """One-shot second-order pruning and quantization on LeNet-300-100 / MNIST (all 10,000 test images): OBS and
+    OBD against magnitude at 50-90% and 2:4, GPTQ against round-to-nearest, no fine-tuning."""
+    result = _oneshot.run(args)
+    result["rows"] = _oneshot.rows(result)
+    result["targets"] = {t["name"]: {"value": t["value"], "met": t["met"]} for t in result["targets"]}
+    result["columns"] = ["setting", "method", "accuracy", "loss_points", "logit_mse"]
+    return result
+
+
 SECTIONS: dict[str, Callable[..., dict]] = {
     "structured": structured_section,
     "lstm": lstm_section,
+    "oneshot": oneshot_section,
 }
 
 
