@@ -5,7 +5,8 @@ its weights under a mixture of ``components`` Gaussians plus one fixed at zero w
 with Gamma hyper-priors on the components' precisions and (when it is learned) a Beta hyper-prior on the zero
 component's proportion. Means, variances and proportions are learned with the weights, which gather around
 the means. At the end, components closer than ``merge`` standard deviations are merged, each weight takes the
-mean of its most responsible component (exactly 0 for the zero component), and the layers become the k-means
+mean of its most responsible component (exactly 0 for the zero component; a short settling run with those
+zeros masked lets the other weights adapt first), and the layers become the k-means
 weight-sharing layers of :mod:`torchslim.quantization.sharing` (codes into a per-layer codebook), whose codes
 the checkpoint's entropy coders store.
 """
@@ -17,6 +18,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from ..core.config import Config
 from ..core.checks import check_fraction, check_nonnegative, check_positive, check_range
@@ -47,8 +49,10 @@ class SoftWeightSharing(Config):
     (both per training example; ``dataset_size`` examples, None: read from the loader). ``gamma_zero`` and
     ``gamma``: (shape, rate) of the Gamma priors on the zero and the other components' precisions.
     ``merge``: components whose means are closer than this many standard deviations merge.
-    ``train``: the retraining run (needs ``data``); ``finetune``: optional fine-tuning of the shared values
-    after the hard assignment. ``exclude``: fnmatch patterns of Linear/Conv layers to leave as they are.
+    ``train``: the retraining run (needs ``data``); ``settle``: a further run, still under the prior, with the
+    weights the zero component claims masked to zero (the many near-zero weights add up, and zeroing them at
+    once costs accuracy that a short run with the rest free recovers; None: assign at once); ``finetune``:
+    optional fine-tuning of the shared values after the hard assignment. ``exclude``: fnmatch patterns of Linear/Conv layers to leave as they are.
     """
 
     components: int = 16
@@ -59,6 +63,7 @@ class SoftWeightSharing(Config):
     gamma: tuple[float, float] = (250.0, 0.1)
     merge: float = 1.0
     train: TrainConfig = TrainConfig(epochs=10, lr=5e-4, optimizer="adam")
+    settle: TrainConfig | None = TrainConfig(epochs=2, lr=5e-4, optimizer="adam")
     finetune: TrainConfig | None = None
     dataset_size: int | None = None
     exclude: tuple[str, ...] = ()
@@ -83,7 +88,7 @@ class SoftWeightSharing(Config):
 
 class _NearNLL(torch.autograd.Function):
     """``-sum_i log sum_j pi_j N(w_i | mu_j, var_j)`` over the zero component and the two components whose means
-    bracket ``w_i``, with hand-written gradients. The other components' terms are negligible once they are a few
+    bracket ``w_i`` (the two outermost beyond either end; exact with up to two non-zero components), with hand-written gradients. The other components' terms are negligible once they are a few
     standard deviations apart, and leaving them out makes a training step's prior term ~4x cheaper than the full
     ``n x components`` graph (which dominated LeNet-300-100's steps). Component gradients are summed with
     ``bincount``, serially, so runs repeat exactly."""
@@ -96,17 +101,14 @@ class _NearNLL(torch.autograd.Function):
             cols = torch.tensor([0, 1], device=w.device).expand(w.numel(), 2)
         else:
             order = torch.argsort(means[1:]) + 1
-            right = torch.searchsorted(means[order].contiguous(), w.detach())
-            left = (right - 1).clamp_(min=0)
-            right = right.clamp_(max=j - 2)
-            cols = torch.stack([torch.zeros_like(left), order[left], order[right]], 1)
+            # The two neighbours in mean order; beyond either end, the two outermost components.
+            right = torch.searchsorted(means[order].contiguous(), w.detach()).clamp_(1, j - 2)
+            cols = torch.stack([torch.zeros_like(right), order[right - 1], order[right]], 1)
         d = w.reshape(-1, 1) - means[cols]
         prec = torch.exp(-log_var)
         p = prec[cols]
         lj = d * d * p
         lj.mul_(-0.5).add_((log_mix - 0.5 * (_LOG_2PI + log_var))[cols])
-        if j > 2:
-            lj[:, 2].masked_fill_(left == right, float("-inf"))  # at either end there is one neighbour only
         lse = torch.logsumexp(lj, 1, keepdim=True)
         r = lj.sub_(lse).exp_()  # responsibilities
         rd = r * d * p
@@ -264,6 +266,16 @@ def apply_soft_sharing(model: nn.Module, config: SoftWeightSharing, *, data=None
 
     train(model, data, config.train, val_loader=val_data, loss_fn=loss_fn, metric=metric, penalty=penalty,
           extra_params=[p for p in mixture.parameters() if p.requires_grad])
+    if config.settle is not None:
+        for module in layers.values():
+            _, codes = _assign(mixture, effective(module), getattr(module, "weight_mask", None))
+            keep = (codes != 0).to(effective(module).device)
+            if hasattr(module, "weight_mask"):
+                module.weight_mask.mul_(keep.to(module.weight_mask.dtype))
+            else:
+                torch_prune.custom_from_mask(module, "weight", keep)
+        train(model, data, config.settle, val_loader=val_data, loss_fn=loss_fn, metric=metric, penalty=penalty,
+              extra_params=[p for p in mixture.parameters() if p.requires_grad])
     bits = max(1, math.ceil(math.log2(config.components + 1)))
     for name, module in layers.items():
         codebook, codes = _assign(mixture, effective(module), getattr(module, "weight_mask", None))
