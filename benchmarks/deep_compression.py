@@ -126,10 +126,10 @@ def plans() -> dict[str, dict[str, Plan]]:
                 WeightSharing(bits={"fc1": 3, "fc2": 4, "fc3": 4}, finetune=_sgd(1, 1e-3, 0.0)),
                 recover=kd),
             # Sparse variational dropout learns the per-layer rates; the KL weight trades sparsity for accuracy.
-            "vd": Plan(_vd(0.4, 10), WeightSharing(bits={"fc1": 3, "fc2": 4, "fc3": 4}, finetune=_sgd(1, 1e-3, 0.0)),
+            "vd": Plan(_vd(0.5, 10), WeightSharing(bits={"fc1": 3, "fc2": 4, "fc3": 4}, finetune=_sgd(1, 1e-3, 0.0)),
                        recover=kd),
-            "vd_soft": Plan(_vd(0.4, 10), _soft(8, 0.9, 3), recover=kd),
-            "soft_sharing": Plan(None, _soft(16, 0.99, 10)),
+            "vd_soft": Plan(_vd(0.5, 10), _soft(8, 0.9, 3), recover=kd),
+            "soft_sharing": Plan(None, _soft(16, 0.9, 10)),
         },
         "lenet5": {
             "paper": Plan(

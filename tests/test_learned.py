@@ -206,7 +206,8 @@ def test_soft_sharing_errors(trained):
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("deep_compression_learned", ROOT / "benchmarks" / "deep_compression.py")
+    spec = importlib.util.spec_from_file_location("deep_compression_learned",
+                                                  ROOT / "benchmarks" / "deep_compression.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

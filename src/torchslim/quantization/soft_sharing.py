@@ -52,7 +52,8 @@ class SoftWeightSharing(Config):
     ``train``: the retraining run (needs ``data``); ``settle``: a further run, still under the prior, with the
     weights the zero component claims masked to zero (the many near-zero weights add up, and zeroing them at
     once costs accuracy that a short run with the rest free recovers; None: assign at once); ``finetune``:
-    optional fine-tuning of the shared values after the hard assignment. ``exclude``: fnmatch patterns of Linear/Conv layers to leave as they are.
+    optional fine-tuning of the shared values after the hard assignment. ``exclude``: fnmatch patterns of
+    Linear/Conv layers to leave as they are.
     """
 
     components: int = 16
@@ -88,8 +89,9 @@ class SoftWeightSharing(Config):
 
 class _NearNLL(torch.autograd.Function):
     """``-sum_i log sum_j pi_j N(w_i | mu_j, var_j)`` over the zero component and the two components whose means
-    bracket ``w_i`` (the two outermost beyond either end; exact with up to two non-zero components), with hand-written gradients. The other components' terms are negligible once they are a few
-    standard deviations apart, and leaving them out makes a training step's prior term ~4x cheaper than the full
+    bracket ``w_i`` (the two outermost beyond either end; exact with up to two non-zero components), with
+    hand-written gradients. The other components' terms are negligible once they are a few standard deviations
+    apart, and leaving them out makes a training step's prior term ~4x cheaper than the full
     ``n x components`` graph (which dominated LeNet-300-100's steps). Component gradients are summed with
     ``bincount``, serially, so runs repeat exactly."""
 
@@ -149,12 +151,6 @@ class GaussianMixture(nn.Module):
         log_mix = torch.cat([nn.functional.logsigmoid(zero).reshape(1),
                              nn.functional.logsigmoid(-zero) + torch.log_softmax(self._logits * _MIX_RATE, 0)])
         return means, self._log_var * _VAR_RATE, log_mix
-
-    def log_joint(self, w: torch.Tensor) -> torch.Tensor:
-        """Per weight and component: log pi_j + log N(w | mu_j, sigma_j^2), shape (n, components + 1)."""
-        means, log_var, log_mix = self.params()
-        d = w.reshape(-1, 1) - means
-        return log_mix - 0.5 * (math.log(2 * math.pi) + log_var + d * d * torch.exp(-log_var))
 
     def complexity(self, w: torch.Tensor) -> torch.Tensor:
         """-log p(w, mu, sigma, pi): the weights' negative log-likelihood minus the hyper-priors' log densities."""
