@@ -226,7 +226,7 @@ def test_reduced_learned_variants(tmp_path, data_dir):
         assert e["loaded_equals_in_memory"] and e["bytes"]["estimate_matches"]
         assert any(layer["density"] < 1 for layer in e["layers"])
         assert f"ratio>={bench.TARGET_RATIO[('lenet300', e['variant'])]:g}" in e["targets"]
-    assert {"prune", "recover", "share"} <= set(entries[0]["seconds"])
+    assert {"prune", "recover", "share", "polish"} <= set(entries[0]["seconds"])
     best = bench.best_variants(entries)["lenet300"]
     within = [e for e in entries if e["final_error"] <= e["baseline_error"] + bench.ERROR_SLACK_POINTS + 1e-9]
     assert best["variant"] == (max(within, key=lambda e: e["ratio"]) if within
