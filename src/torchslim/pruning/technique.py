@@ -15,6 +15,7 @@ from . import nm
 from .config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
 from .graph import build_groups
 from .unstructured import prunable_layers
+from .variational import VariationalDropout
 
 SPARSITY_GRID = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 RATIO_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -87,4 +88,17 @@ SEMI_STRUCTURED = Technique(
         fields=(FieldSpace("n", low=1, high=4, mild=4, grid=(3, 2, 1), encode=int_choice, choices=(4, 3, 2, 1)),),
         apply=_apply_nm, oneshot=_no_schedule, soften=_soften_nm))
 
-TECHNIQUES = (UNSTRUCTURED, STRUCTURED, SEMI_STRUCTURED)
+
+# The KL weight sets how much accuracy sparse variational dropout trades for sparsity (0: none pruned). A
+# one-shot scan trains one step, which prunes next to nothing: the scan sees the mild end.
+KL_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+VARIATIONAL = Technique(
+    config=VariationalDropout, apply=prune, family="unstructured",
+    cannot_follow={"quantize": _QUANTIZED},
+    search=SearchSpace(
+        fields=(FieldSpace("kl_weight", low=0.0, high=4.0, mild=0.0, grid=KL_GRID),),
+        apply=lambda config, values: config.replace(**values),
+        oneshot=lambda config: config.replace(train=config.train.replace(max_steps=1)),
+        soften=soften_field("kl_weight")))
+
+TECHNIQUES = (UNSTRUCTURED, STRUCTURED, SEMI_STRUCTURED, VARIATIONAL)
