@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -23,14 +22,12 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointExistsError,
-    canonical,
     check_target,
-    digest,
     field,
     jsonable,
+    pack,
     read_verified,
-    sign,
-    tensor_bytes,
+    stored_parts,
 )
 from .rebuild import build_for_load, check_rebuild, instantiate, load_state, resolve_arch
 from .trust import Trusted, normalise, resolve_factory
@@ -127,8 +124,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
         "history": history,
         "metrics": metrics,
     }
-    manifest["sha256"] = digest(manifest, {k: tensor_bytes(v) for k, v in stored.items()})
-    blob = sign(stored, canonical(manifest), sign_key)
+    blob = pack(manifest, stored, sign_key)
     if example_inputs is not None:
         _check_outputs(model, blob, path, factory_path, example_inputs)
     atomic_write(path, blob, overwrite=overwrite, exists_error=CheckpointExistsError)
@@ -169,11 +165,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 def _rebuild(manifest: dict[str, Any], data: bytes, path: Path, trusted: tuple[str, ...],
              max_bytes: int, masks: bool = True) -> nn.Module:
-    try:
-        stored = safetensors.torch.load(data)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: safetensors cannot read the tensor data ({exc}); the file is corrupted, "
-                              "restore a good copy") from None
+    stored = stored_parts(manifest, data, path)
     shapes = check_entries(manifest, stored, path, max_bytes)
     model = build_for_load(manifest, shapes, path, trusted, max_bytes)
     state = decode_all(manifest, stored, path)
