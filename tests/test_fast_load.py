@@ -118,3 +118,58 @@ def test_report_latency_is_measured_in_inference_form(monkeypatch):
     for model in seen.values():
         _assert_plain(model)
 
+
+
+def test_choose_skips_points_over_the_latency_ceiling():
+    from torchslim.search.pareto import choose
+
+    points = [{"trial": 0, "metric": 0.9, "objective": 100.0, "latency_ratio": 1.3},
+              {"trial": 1, "metric": 0.9, "objective": 200.0, "latency_ratio": 0.98},
+              {"trial": 2, "metric": 0.5, "objective": 50.0, "latency_ratio": 0.9}]
+    assert choose(points, 0.8)[0]["trial"] == 0
+    assert choose(points, 0.8, 1.0) == (points[1], True)
+    assert choose(points, 0.8, 0.5)[1] is False
+
+
+TINY = """\
+name: tiny
+model: {builtin: lenet300, kwargs: {in_features: 64}, train: {epochs: 6, lr: 3.0e-3, progress: false}}
+data: {builtin: digits, kwargs: {image_size: 8, val_fraction: 0.25}}
+budget: {max_accuracy_drop: 0.03}
+search: {max_latency_ratio: 1.0}
+stages:
+  - {name: prune, type: UnstructuredPruning, sparsity: 0.9, check: false}
+  - {name: finetune, type: Finetune, train: {epochs: 1, lr: 1.0e-3, progress: false}}
+"""
+
+
+def test_latency_ceiling_marks_slow_candidates_infeasible(tmp_path, monkeypatch):
+    """A fake latency (no timing): candidates keeping under 15% of the weights are 'twice as slow'."""
+    import json
+
+    from torchslim.pipeline.recipe import load_recipe
+    from torchslim.search import problem
+    from torchslim.search.api import search
+    from torchslim.search.options import SearchOptions
+
+    def density(model):
+        weights = [m.weight for m in for_inference(model).modules() if isinstance(m, nn.Linear)]
+        return sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
+
+    calls = []
+
+    def fake_ratio(baseline, model, example_inputs):
+        calls.append(density(model))
+        return 2.0 if calls[-1] < 0.15 else 1.0
+
+    monkeypatch.setattr(problem, "latency_ratio", fake_ratio)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    assert load_recipe(tmp_path / "tiny.yaml").search.max_latency_ratio == 1.0
+    r = search(tmp_path / "tiny.yaml", tmp_path / "out", SearchOptions(progress=False), log=lambda s: None)
+    slow = [p for p in r.points if p["latency_ratio"] == 2.0]
+    assert slow and len(calls) >= len(r.points)  # every evaluation was measured
+    assert r.feasible and r.chosen["latency_ratio"] == 1.0
+    # Without the ceiling the smallest file would have been one of the slow ones.
+    assert min(p["objective"] for p in slow) < r.chosen["objective"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["search"]["max_latency_ratio"] == 1.0
