@@ -107,3 +107,18 @@ def test_malformed_payloads_are_checkpoint_errors(tmp_path, payload, message):
     path.write_bytes(_payload_file(payload))
     with pytest.raises(CheckpointError, match=message):
         torchslim.load(path)
+
+
+def test_file_layout_accounts_for_every_byte_in_both_formats(tmp_path):
+    from torchslim.export.size import file_layout
+
+    path = torchslim.save(_lenet(), tmp_path / "m.slim")
+    manifest, stored = split(path.read_bytes())
+    (tmp_path / "old.slim").write_bytes(_format1(manifest, stored))
+    new, old = file_layout(path), file_layout(tmp_path / "old.slim")
+    assert new["parts"] == old["parts"] and set(new["parts"]) == set(stored)
+    assert new["parts"]["fc1.codes"] == stored["fc1.codes"].numel()
+    for layout in (new, old):
+        assert layout["header"] + sum(layout["parts"].values()) == layout["file"]
+        assert layout["manifest"] < layout["header"]
+    assert new["header"] < old["header"] / 3
