@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from _common import ROOT, environment, print_table, write_json  # noqa: E402
 from torchslim.data import mnist  # noqa: E402
 from torchslim.distillation import Distillation, distill  # noqa: E402
 from torchslim.export import checkpoint as ckpt  # noqa: E402
-from torchslim.export import coding  # noqa: E402
+from torchslim.export import coding, file_layout  # noqa: E402
 from torchslim.metrics import evaluate  # noqa: E402
 from torchslim.models import build_model  # noqa: E402
 from torchslim.training.train import TrainConfig, default_device, train  # noqa: E402
@@ -186,13 +185,8 @@ def save_checkpoint(model: torch.nn.Module, path: Path, encodings: tuple[str, ..
 
 
 def file_accounting(path: Path) -> dict[str, Any]:
-    """Bytes of the file split as the safetensors layout has them: header (manifest included) and parts."""
-    raw = Path(path).read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    parts = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-    return {"file": len(raw), "header": 8 + n, "manifest": len(header["__metadata__"]["torchslim"].encode()),
-            "parts": parts}
+    """Bytes of the file: total, header (container header and manifest), manifest (as stored) and each part."""
+    return file_layout(path)
 
 
 def estimate_payload(model: torch.nn.Module, encodings: tuple[str, ...] | None) -> dict[str, int]:

@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, parse_args, print_table, write_json  # noqa: E402
 
-import safetensors.torch  # noqa: E402
 from torchslim import (  # noqa: E402
     QAT,
     DynamicQuantization,
@@ -47,7 +46,8 @@ from torchslim import (  # noqa: E402
 )
 from torchslim.core.errors import CheckpointError  # noqa: E402
 from torchslim.export.checkpoint import load, save  # noqa: E402
-from torchslim.export.checkpoint.format import MANIFEST_KEY, canonical, digest, tensor_bytes  # noqa: E402
+from torchslim.export.checkpoint.compact import manifest_text  # noqa: E402
+from torchslim.export.checkpoint.format import pack, pack_text, split  # noqa: E402
 from torchslim.models import LeNet5  # noqa: E402
 
 TIME_LIMIT = 5.0
@@ -122,16 +122,12 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _split(data: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    return json.loads(header["__metadata__"][MANIFEST_KEY]), safetensors.torch.load(data)
+    return split(data)
 
 
 def _join(manifest: dict[str, Any], stored: dict[str, torch.Tensor]) -> bytes:
     """A well-formed file with the sha256 recomputed, as an attacker would write it."""
-    manifest = dict(manifest)
-    manifest["sha256"] = digest(manifest, {k: tensor_bytes(v.contiguous()) for k, v in stored.items()})
-    return safetensors.torch.save(stored, metadata={MANIFEST_KEY: canonical(manifest)})
+    return pack(manifest, stored)
 
 
 _FOREIGN = [("os:system", "command"), ("subprocess:getoutput", "cmd"), ("posix:system", "command"),
@@ -256,17 +252,14 @@ def mutate(data: bytes, rng: random.Random, marker: str) -> tuple[str, bytes]:
     if isinstance(deep, str) and deep.startswith("__DEEP__"):
         # Deeply nested JSON no encoder writes, spliced into the manifest text (no sha256 can cover it).
         manifest["history"] = []
-        return edit.__name__, _splice_deep(_join(manifest, stored), int(deep[8:]))
+        return edit.__name__, _splice_deep(manifest, stored, int(deep[8:]))
     return edit.__name__, _join(manifest, stored)
 
 
-def _splice_deep(blob: bytes, n: int) -> bytes:
-    n_header = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n_header])
-    text = header["__metadata__"][MANIFEST_KEY].replace('"history":[]', '"history":' + "[" * n + "]" * n)
-    header["__metadata__"][MANIFEST_KEY] = text
-    new = json.dumps(header, separators=(",", ":")).encode()
-    return len(new).to_bytes(8, "little") + new + blob[8 + n_header:]
+def _splice_deep(manifest: dict[str, Any], stored: dict[str, torch.Tensor], n: int) -> bytes:
+    body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "sha256")}
+    text = manifest_text(body, stored).replace('"h":[]', '"h":' + "[" * n + "]" * n)
+    return pack_text(text, stored)
 
 
 # ----------------------------------------------------------------------------------------------

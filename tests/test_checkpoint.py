@@ -85,7 +85,7 @@ def test_builtin_models_round_trip(tmp_path, build):
     _assert_same_state(model, loaded)
     assert torch.equal(model(_img()), loaded(_img()))
     manifest = ckpt.read_manifest(path)
-    assert manifest["format"] == "torchslim" and manifest["format_version"] == 1
+    assert manifest["format"] == "torchslim" and manifest["format_version"] == ckpt.FORMAT_VERSION == 2
     assert manifest["arch"]["factory"] == f"torchslim.models:{type(model).__name__}"
     assert manifest["arch"]["kwargs"] == model.init_kwargs
     assert manifest["modules"] == {} and manifest["masked"] == []
@@ -383,9 +383,10 @@ def test_flipped_byte_in_data(saved):
 
 
 def test_edited_manifest(saved):
-    raw = saved.read_bytes()
-    assert raw.count(b"abcdef") == 1
-    saved.write_bytes(raw.replace(b"abcdef", b"abcdeg"))
+    raw = bytearray(saved.read_bytes())
+    assert ckpt.read_manifest(saved)["metrics"] == {"note": "abcdef"}
+    raw[_data_start(raw) + 12] ^= 0x01  # inside the compressed manifest, which follows a 4-byte length
+    saved.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="tampered"):
         ckpt.read_manifest(saved)
 
@@ -411,17 +412,18 @@ def test_missing_file_and_directory(tmp_path):
 
 def _rewrite(path, edit):
     """Re-emit a checkpoint with an edited manifest and a valid sha256 (a well-formed but odd file)."""
-    raw = path.read_bytes()
-    manifest = json.loads(json.loads(raw[8:_data_start(raw)])["__metadata__"]["torchslim"])
-    tensors = safetensors.torch.load(raw)
+    manifest, tensors = fmt.split(path.read_bytes())
     edit(manifest)
-    manifest["sha256"] = fmt.digest(manifest, {k: fmt.tensor_bytes(v) for k, v in tensors.items()})
-    path.write_bytes(safetensors.torch.save(tensors, metadata={"torchslim": json.dumps(manifest)}))
+    path.write_bytes(fmt.pack(manifest, tensors))
 
 
 def test_newer_format_version(saved):
-    _rewrite(saved, lambda m: m.update(format_version=99))
-    with pytest.raises(CheckpointError, match=r"format_version 99, newer.*upgrade torchslim"):
+    raw = saved.read_bytes()
+    header = raw[8:_data_start(raw)]
+    newer = header.replace(b'\\"format_version\\":2', b'\\"format_version\\":9')
+    assert newer != header
+    saved.write_bytes(raw[:8] + newer + raw[len(header) + 8:])
+    with pytest.raises(CheckpointError, match=r"format_version 9, newer.*upgrade torchslim"):
         ckpt.load(saved)
 
 

@@ -1,18 +1,17 @@
 """What a checkpoint may make load do: trusted code only, bounded memory, optional signatures."""
 
-import json
 import re
 import zlib
 
 import pytest
-import safetensors.torch
 import torch
 from torch import nn
 
 import torchslim  # noqa: F401  (registers the techniques' encodings, intpack among them)
 from torchslim.core.errors import CheckpointError, TorchslimError
 from torchslim.export.checkpoint import load, read_manifest, register_factory, save
-from torchslim.export.checkpoint.format import MANIFEST_KEY, canonical, digest, tensor_bytes
+from torchslim.export.checkpoint.compact import manifest_text
+from torchslim.export.checkpoint.format import pack, pack_text, split
 from torchslim.models import LeNet300
 
 
@@ -40,15 +39,12 @@ class Holder(nn.Module):
 
 def _rewrite(path, edit_manifest=None, edit_stored=None):
     """Edit the manifest and/or stored tensors and recompute the sha256, as someone forging a file would."""
-    data = path.read_bytes()
-    manifest = read_manifest(path)
-    stored = safetensors.torch.load(data)
+    manifest, stored = split(path.read_bytes())
     if edit_manifest:
         edit_manifest(manifest)
     if edit_stored:
         edit_stored(stored)
-    manifest["sha256"] = digest(manifest, {k: tensor_bytes(v.contiguous()) for k, v in stored.items()})
-    path.write_bytes(safetensors.torch.save(stored, metadata={MANIFEST_KEY: canonical(manifest)}))
+    path.write_bytes(pack(manifest, stored))
     return path
 
 
@@ -117,13 +113,12 @@ def test_max_bytes_bounds_the_model(lenet_file):
 
 
 def test_deep_json_is_a_checkpoint_error(lenet_file):
-    data = lenet_file.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header["__metadata__"][MANIFEST_KEY] = header["__metadata__"][MANIFEST_KEY].replace(
-        '"history":[', '"history":[' + "[" * 100_000 + "]" * 100_000 + ",", 1)
-    new = json.dumps(header, separators=(",", ":")).encode()
-    lenet_file.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + n:])
+    manifest, stored = split(lenet_file.read_bytes())
+    manifest.pop("sha256")
+    text = manifest_text(manifest, stored)
+    deep = text.replace('"h":[', '"h":[' + "[" * 100_000 + "]" * 100_000 + ",", 1)
+    assert deep != text
+    lenet_file.write_bytes(pack_text(deep, stored))
     with pytest.raises(CheckpointError, match=r"nests \d+ levels deep"):
         load(lenet_file)
 

@@ -1,6 +1,5 @@
 """k-means weight sharing: codebooks, codes, centroid gradients, fine-tuning, checkpoints."""
 
-import json
 import os
 import subprocess
 import sys
@@ -172,12 +171,11 @@ def test_config_validation_and_errors():
 
 
 def _file_accounting(path):
-    """(file size, header bytes, {stored tensor name: payload bytes}) straight from the safetensors layout."""
-    raw = open(path, "rb").read()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
-    parts = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
-    return len(raw), 8 + n, parts, header["__metadata__"]["torchslim"]
+    """(file size, header bytes, {stored tensor name: payload bytes}, manifest bytes as stored)."""
+    from torchslim.export import file_layout
+
+    layout = file_layout(path)
+    return layout["file"], layout["header"], layout["parts"], layout["manifest"]
 
 
 def test_checkpoint_round_trip_and_sizes(tmp_path):
@@ -191,11 +189,11 @@ def test_checkpoint_round_trip_and_sizes(tmp_path):
     for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
-    size, header, parts, manifest_text = _file_accounting(path)
+    size, header, parts, manifest_bytes = _file_accounting(path)
     manifest = ckpt.read_manifest(path)
     # bytes on disk are exactly the encoded parts plus the header (manifest + safetensors entries)
     assert size == header + sum(parts.values())
-    assert header - len(manifest_text) < 100 * len(parts) + 200
+    assert header - manifest_bytes < 100 * len(parts) + 200
     for layer in ("fc1", "fc2", "fc3"):
         entry = manifest["tensors"][f"{layer}.codes"]
         assert entry["encoding"] in ("huffman", "ans")

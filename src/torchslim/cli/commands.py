@@ -122,7 +122,7 @@ def _search(args: argparse.Namespace) -> int:
         options = SearchOptions(max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
                                 strategy=args.strategy, trials=args.trials, storage=args.storage,
                                 study_name=args.study_name, workers=args.workers, worker_only=args.worker,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, max_latency_ratio=args.max_latency_ratio)
         result = search(recipe, out, options)
     if args.worker:
         print(f"worker done: {result.n_complete} complete trial(s) in the study")
@@ -166,6 +166,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--max-accuracy-drop", type=float, help="budget on the validation split (e.g. 0.005)")
     q.add_argument("--objective", choices=("size", "latency", "macs"))
     q.add_argument("--strategy", choices=("fast", "optuna"))
+    q.add_argument("--max-latency-ratio", type=float, metavar="R",
+                   help="latency ceiling: candidates slower than R x the baseline (side by side) are infeasible")
     q.add_argument("--trials", type=int, help="trials for the optuna strategy (all workers together)")
     q.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db)")
     q.add_argument("--study-name", help="study name in the storage (default derived from the recipe)")

@@ -12,7 +12,7 @@ from .checkpoint import (
     register_module,
     save,
 )
-from .size import profile, saved_size
+from .size import file_layout, profile, saved_size
 
 __all__ = ["save", "load", "read_manifest", "register_factory", "register_codecs", "register_encoding", "register_module",
-           "ModuleCodec", "Encoding", "CheckpointExistsError", "saved_size", "profile"]
+           "ModuleCodec", "Encoding", "CheckpointExistsError", "saved_size", "profile", "file_layout"]

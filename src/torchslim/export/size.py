@@ -11,6 +11,25 @@ from torch import nn
 from ..metrics import profile as metrics_profile
 from ..metrics.profile import Profile
 from .checkpoint import save
+from .checkpoint.format import parse_header, read_verified, stored_parts
+
+
+def file_layout(path: str | os.PathLike) -> dict:
+    """Where the bytes of the checkpoint at ``path`` go (either format): ``file`` (total), ``parts`` (bytes of
+    each stored tensor part, e.g. ``"fc1.codes"``), ``manifest`` (the manifest as stored: compressed in format 2,
+    JSON text in format 1) and ``header`` (everything that is not a part: container header and manifest)."""
+    path = Path(path)
+    manifest, data = read_verified(path)
+    header, start = parse_header(data, path)
+    if manifest["format_version"] == 1:
+        parts = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+        stored_manifest = len(header["__metadata__"]["torchslim"].encode())
+    else:
+        # The payload starts with the compressed manifest's uint32 length.
+        stored_manifest = int.from_bytes(data[start:start + 4], "little")
+        parts = {k: v.numel() * v.element_size() for k, v in stored_parts(manifest, data, path).items()}
+    return {"file": len(data), "header": len(data) - sum(parts.values()), "manifest": stored_manifest,
+            "parts": parts}
 
 
 def saved_size(model: nn.Module, **save_kwargs) -> int:

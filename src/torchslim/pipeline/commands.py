@@ -19,6 +19,7 @@ from ..core.technique import Techniques
 from ..export import saved_size
 from ..export.checkpoint import save
 from ..metrics import compare_latency, profile
+from ..nn.inference import for_inference
 from ..techniques import BUILTIN
 from ..training import distributed
 from ..training.train import default_device
@@ -51,8 +52,10 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
 
 def side_by_side_latency(baseline_block: dict, baseline: nn.Module, compressed_block: dict, compressed: nn.Module,
                          example_inputs: tuple) -> None:
-    """Fill ``latency_ms`` of both blocks from one interleaved measurement."""
-    lat = compare_latency({"baseline": baseline, "compressed": compressed}, example_inputs)
+    """Fill ``latency_ms`` of both blocks from one interleaved measurement, each model in the form it is deployed
+    in (``torchslim.load(..., for_inference=True)``: masks folded, shared weights decoded)."""
+    lat = compare_latency({"baseline": for_inference(baseline), "compressed": for_inference(compressed)},
+                          example_inputs)
     baseline_block["latency_ms"], compressed_block["latency_ms"] = lat["baseline"], lat["compressed"]
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ..core.errors import TorchslimError
+from ..nn.inference import float_layer
 from ..nn.masks import effective, masked_names
 from ..nn.modules import decoded_once
 from .fake import FakeQuantize, Quantizer
@@ -157,6 +158,15 @@ class _QWeight(nn.Module):
             return (q.to(s.dtype) - z) * s
 
         return decoded_once(self, decode, q, z, s)
+
+    inference_packed = True  # int8 and lower codes take a quarter of the float weight's memory or less
+
+    def inference_module(self) -> nn.Module | None:
+        """The float layer computing exactly what this one does, or None when the input is quantized too
+        (:func:`torchslim.nn.inference.for_inference`)."""
+        if self.input_range is not None:
+            return None
+        return float_layer(self, self.dequantized_weight().detach(), self.bias)
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_range is None:

@@ -29,6 +29,7 @@ from ..export.checkpoint import ModuleCodec
 from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
 from ..training.train import TrainConfig, train
+from ..nn.inference import float_layer
 from ..nn.masks import effective
 from ..nn.modules import check_patterns, copy_model, decoded_once, match
 
@@ -137,6 +138,10 @@ class SharedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, centroids={self.codebook.numel()}"
+
+    def inference_module(self) -> nn.Module:
+        """The plain float layer computing exactly what this one does (:func:`torchslim.nn.inference.for_inference`)."""
+        return float_layer(self, F.pad(self.codebook.detach(), (1, 0))[self.codes.long()], self.bias)
 
 
 class SharedLinear(SharedWeight):

@@ -134,7 +134,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
         save(baseline, baseline_path, overwrite=True, **save_kw)  # what spawned workers load
 
     problem = Problem(recipe, baseline, data, objective=o.objective, metric_fn=metric_fn, save_kw=save_kw,
-                      loss_fn=loss_fn, stage_metric=metric)
+                      loss_fn=loss_fn, stage_metric=metric, max_latency_ratio=o.max_latency_ratio)
     if not problem.knobs:
         raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
                           f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")
@@ -172,7 +172,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     points = [point(t) for t in complete(study)]
     if not points:
         raise TorchslimError(f"no trial finished in study {o.study_name!r}; nothing to report")
-    chosen, feasible = choose(points, floor)
+    chosen, feasible = choose(points, floor, o.max_latency_ratio)
     if not feasible:
         log(f"NO SETTING MEETS THE BUDGET: the best found scores {chosen['metric']:.4f} on val, floor {floor:.4f}")
     ev = _rerun(problem, study, chosen, data, metric_fn, log)
@@ -265,7 +265,8 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
         budget["met"] = False
     storage = redact(o.storage)
     summary = {
-        "strategy": o.strategy, "objective": o.objective, "study_name": o.study_name, "storage": storage,
+        "strategy": o.strategy, "objective": o.objective, "max_latency_ratio": o.max_latency_ratio,
+        "study_name": o.study_name, "storage": storage,
         "split": "val", "baseline_val": baseline_val, "floor": floor, "baseline_objective": baseline_obj,
         "n_trials_complete": len(points), "n_trials_failed": count_failed(study),
         "chosen": {**chosen, "rerun_val": ev.metric, "rerun_note": rerun_note, "test": compressed["accuracy"]},
@@ -316,6 +317,9 @@ def _search_markdown(summary: dict[str, Any], knobs: Sequence[Knob], objective: 
              "the chosen model.", "",
              f"Chosen: trial {c['trial']}, {c['metric']:.4f} on val (floor {summary['floor']:.4f}), "
              f"{c['test']:.4f} on test, {label} {c['objective']:,.0f}.", ""]
+    if summary.get("max_latency_ratio") is not None:
+        lines += [f"Latency ceiling: {summary['max_latency_ratio']}x the baseline's (inference form, measured side "
+                  f"by side); the chosen setting measured {c.get('latency_ratio', float('nan')):.3f}x.", ""]
     if c.get("rerun_note"):
         lines += [f"> Note: {c['rerun_note']}", ""]
     for e in summary["worker_errors"]:

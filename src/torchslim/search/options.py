@@ -25,7 +25,9 @@ class SearchOptions:
     ``workers``: processes on this machine (``optuna`` strategy); ``worker_only``: only run trials of another
     process's study through a shared ``storage``; ``overwrite``: replace outputs already in the output folder;
     ``progress``: show progress bars; ``stop_after``: stop the fast strategy, as an interruption would
-    (KeyboardInterrupt), after this many new evaluations (the study keeps them; run again to resume)."""
+    (KeyboardInterrupt), after this many new evaluations (the study keeps them; run again to resume);
+    ``max_latency_ratio``: a latency ceiling, as a multiple of the baseline's latency (both in their inference
+    form, measured side by side on the recipe's example batch): slower candidates are infeasible."""
 
     max_accuracy_drop: float | None = None
     objective: str | None = None
@@ -38,6 +40,7 @@ class SearchOptions:
     overwrite: bool = False
     progress: bool = True
     stop_after: int | None = None
+    max_latency_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None:
@@ -46,6 +49,8 @@ class SearchOptions:
             check_choice("objective", self.objective, OBJECTIVES)
         if self.strategy is not None:
             check_choice("strategy", self.strategy, STRATEGIES)
+        if self.max_latency_ratio is not None:
+            check_positive("max_latency_ratio", self.max_latency_ratio)
         for name in ("trials", "workers", "stop_after"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name), integer=True)
@@ -65,7 +70,7 @@ class SearchOptions:
         storage defaulting to ``sqlite:///OUT/search.db`` and the study name to one derived from the recipe."""
         spec = recipe.search
         filled = {f: getattr(spec, f) if getattr(self, f) is None else getattr(self, f)
-                  for f in ("objective", "strategy", "trials", "workers")}
+                  for f in ("objective", "strategy", "trials", "workers", "max_latency_ratio")}
         drop = recipe.budget.max_accuracy_drop if self.max_accuracy_drop is None else self.max_accuracy_drop
         if drop is None:
             raise ConfigError("search needs a budget: pass --max-accuracy-drop (SearchOptions(max_accuracy_drop=...)) "

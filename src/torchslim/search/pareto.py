@@ -30,12 +30,15 @@ def pareto_front(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return unique
 
 
-def choose(points: Sequence[dict[str, Any]], floor: float) -> tuple[dict[str, Any] | None, bool]:
-    """The point with the smallest objective among those with ``metric >= floor`` (ties: higher metric), and
-    True; when none meets the floor, the best found (highest metric, ties: smaller objective) and False."""
+def choose(points: Sequence[dict[str, Any]], floor: float, max_latency_ratio: float | None = None
+           ) -> tuple[dict[str, Any] | None, bool]:
+    """The point with the smallest objective among those with ``metric >= floor`` (and, with
+    ``max_latency_ratio``, a ``latency_ratio`` at most that; ties: higher metric), and True; when none is
+    feasible, the best found (highest metric, ties: smaller objective) and False."""
     if not points:
         return None, False
-    feasible = [p for p in points if p["metric"] >= floor]
+    feasible = [p for p in points if p["metric"] >= floor and (
+        max_latency_ratio is None or p.get("latency_ratio", float("inf")) <= max_latency_ratio)]
     if feasible:
         return min(feasible, key=lambda p: (p["objective"], -p["metric"])), True
     return max(points, key=lambda p: (p["metric"], -p["objective"])), False

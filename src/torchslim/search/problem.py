@@ -10,12 +10,21 @@ from torch import nn
 from ..core.config import Config
 from ..core.errors import ConfigError
 from ..export import saved_size
-from ..metrics.profile import count_macs, measure_latency
+from ..metrics.profile import compare_latency, count_macs, measure_latency
+from ..nn.inference import for_inference
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, reseed
 from ..pipeline.runner import StageInputs, run_stages
 from .knobs import Knob, build_knobs, stage_configs
 
-__all__ = ["Problem", "Evaluation"]
+__all__ = ["Problem", "Evaluation", "latency_ratio"]
+
+LatencyFn = Callable[[nn.Module, nn.Module, tuple], float]
+
+
+def latency_ratio(baseline: nn.Module, model: nn.Module, example_inputs: tuple) -> float:
+    """``model``'s latency over ``baseline``'s, both in their inference form, measured side by side."""
+    lat = compare_latency({"baseline": for_inference(baseline), "model": for_inference(model)}, example_inputs)
+    return lat["model"] / lat["baseline"]
 
 
 @dataclasses.dataclass
@@ -27,17 +36,21 @@ class Evaluation:
     objective: float
     stages: list[dict[str, Any]]
     model: nn.Module | None = None
+    latency_ratio: float | None = None
 
 
 class Problem:
     """Everything a trial needs: the baseline (never modified; the teacher of distillation stages), the data, the
     stages, the knobs, the metric (``metric_fn(model, loader)``), what training stages minimise and validate with
     (``loss_fn`` and ``stage_metric``; None: cross-entropy and top-1 accuracy) and the objective. ``evaluate`` is deterministic for given values: the RNG and
-    the training loader's shuffling are reset before each run."""
+    the training loader's shuffling are reset before each run. With ``max_latency_ratio``, each evaluation also
+    measures ``latency_fn(baseline, model, example_inputs)`` (default :func:`latency_ratio`) and
+    :meth:`feasible` requires it to be at most that ratio."""
 
     def __init__(self, recipe: Recipe, baseline: nn.Module, data, *, objective: str, metric_fn: Callable,
                  save_kw: dict | None = None, latency_repeats: int = 30, loss_fn=None,
-                 stage_metric: Callable | None = None):
+                 stage_metric: Callable | None = None, max_latency_ratio: float | None = None,
+                 latency_fn: LatencyFn | None = None):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         self.recipe = recipe
@@ -47,6 +60,8 @@ class Problem:
         self.metric_fn = metric_fn
         self.save_kw = dict(save_kw or {})
         self.latency_repeats = latency_repeats
+        self.max_latency_ratio = max_latency_ratio
+        self.latency_fn = latency_fn or latency_ratio
         self.example_inputs = data.example_inputs(recipe.example_batch)
         self.inputs = StageInputs(data=data, example_inputs=self.example_inputs, teacher=self.baseline,
                                   loss_fn=loss_fn, metric=stage_metric)
@@ -82,5 +97,11 @@ class Problem:
         model, records = run_stages(self.baseline, stages, self.inputs, measure=measure)
         model = model.cpu()
         objective = float(records[-1]["size_bytes"]) if self.objective == "size" else self.objective_value(model)
+        ratio = (float(self.latency_fn(self.baseline, model, self.example_inputs))
+                 if self.max_latency_ratio is not None else None)
         return Evaluation(values=dict(values), metric=records[-1]["val_accuracy"], objective=objective,
-                          stages=records, model=model if keep_model else None)
+                          stages=records, model=model if keep_model else None, latency_ratio=ratio)
+
+    def too_slow(self, ratio: float | None) -> bool:
+        """Whether a measured latency ratio breaks the ceiling (never without one)."""
+        return self.max_latency_ratio is not None and ratio is not None and ratio > self.max_latency_ratio

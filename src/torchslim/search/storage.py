@@ -182,6 +182,10 @@ def count_failed(study) -> int:
 
 
 def point(trial) -> dict[str, Any]:
-    """A finished trial as a point of the Pareto plot: ``{"trial", "metric", "objective", "params"}``."""
-    return {"trial": trial.number, "metric": trial.values[0], "objective": trial.values[1],
-            "params": dict(trial.params)}
+    """A finished trial as a point of the Pareto plot: ``{"trial", "metric", "objective", "params"}``, plus
+    ``latency_ratio`` when the search measured it."""
+    out = {"trial": trial.number, "metric": trial.values[0], "objective": trial.values[1],
+           "params": dict(trial.params)}
+    if trial.user_attrs.get("latency_ratio") is not None:
+        out["latency_ratio"] = trial.user_attrs["latency_ratio"]
+    return out

@@ -50,7 +50,10 @@ def _distributions(knobs: Sequence[Knob]) -> dict[str, Any]:
 
 def _attrs(ev: Evaluation, worker: int) -> dict[str, Any]:
     # The thread count is stored so that the chosen trial's re-run uses the same (results depend on it).
-    return {"stages": ev.stages, "worker": worker, "threads": torch.get_num_threads()}
+    out = {"stages": ev.stages, "worker": worker, "threads": torch.get_num_threads()}
+    if ev.latency_ratio is not None:
+        out["latency_ratio"] = ev.latency_ratio
+    return out
 
 
 def fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Callable[[str], None],
@@ -75,7 +78,8 @@ def fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Calla
             t = done[key]
             log(f"  setting {i}/{len(path) - 1}: trial {t.number} (stored) val {t.values[0]:.4f}, "
                 f"{label} {t.values[1]:,.0f}")
-            return t.values[0]
+            # Too slow counts as missing the budget: the bisection moves to milder settings.
+            return float("-inf") if problem.too_slow(t.user_attrs.get("latency_ratio")) else t.values[0]
         if stop_after is not None and state["new"] >= stop_after:
             raise KeyboardInterrupt("stopped (stop_after)")
         ev = problem.evaluate(values)
@@ -84,9 +88,12 @@ def fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Calla
         state["new"] += 1
         bar.update(1)
         done[key] = next(t for t in reversed(complete(study)) if params_key(t.params) == key)
+        slow = problem.too_slow(ev.latency_ratio)
         log(f"  setting {i}/{len(path) - 1}: val {ev.metric:.4f} ({'meets' if ev.metric >= floor else 'misses'} "
-            f"{floor:.4f}), {label} {ev.objective:,.0f}")
-        return ev.metric
+            f"{floor:.4f}), {label} {ev.objective:,.0f}"
+            + (f", latency {ev.latency_ratio:.3f}x the baseline's" if ev.latency_ratio is not None else "")
+            + (f" (over the {problem.max_latency_ratio}x ceiling)" if slow else ""))
+        return float("-inf") if slow else ev.metric
 
     try:
         bisect_path(len(path), metric_at, floor)

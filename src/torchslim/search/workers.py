@@ -65,7 +65,8 @@ def run_workers(problem: Problem, study, recipe: Recipe, options: SearchOptions,
             payload = {"recipe": recipe, "baseline": str(baseline_path), "objective": options.objective,
                        "save_kw": save_kw, "storage": options.storage, "study_name": options.study_name,
                        "trials": options.trials, "worker": w, "seed": recipe.seed + w, "floor": floor,
-                       "threads": threads, "trusted": _saved_by(problem.baseline, save_kw)}
+                       "threads": threads, "trusted": _saved_by(problem.baseline, save_kw),
+                       "max_latency_ratio": options.max_latency_ratio}
             p = ctx.Process(target=worker_main, args=(payload,), daemon=False)
             p.start()
             procs.append(p)
@@ -98,7 +99,7 @@ def worker_main(payload: dict[str, Any]) -> None:
     data = build_data(recipe)
     baseline = load_checkpoint(recipe, payload["baseline"], trusted=payload["trusted"])
     problem = Problem(recipe, baseline, data, objective=payload["objective"], metric_fn=metric_function(recipe),
-                      save_kw=payload["save_kw"])
+                      save_kw=payload["save_kw"], max_latency_ratio=payload.get("max_latency_ratio"))
     storage = open_storage(payload["storage"])
     study = open_study(storage, payload["study_name"], tpe_sampler(payload["seed"]), create=False)
     optimize(problem, study, payload["trials"], payload["worker"], payload["floor"], progress=False)

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import safetensors.torch
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -15,6 +14,7 @@ from ..._version import __version__
 from ...core.errors import CheckpointError, TorchslimError
 from ...core.files import atomic_write
 from ...core.history import history as model_history
+from ...nn.inference import for_inference as inference_form
 from ...nn.masks import effective_state
 from .codecs import diff_modules
 from .encodings import ENCODINGS, check_entries, decode_all, encode_tensor, stored_name
@@ -22,14 +22,12 @@ from .format import (
     FORMAT,
     FORMAT_VERSION,
     CheckpointExistsError,
-    canonical,
     check_target,
-    digest,
     field,
     jsonable,
+    pack,
     read_verified,
-    sign,
-    tensor_bytes,
+    stored_parts,
 )
 from .rebuild import build_for_load, check_rebuild, instantiate, load_state, resolve_arch
 from .trust import Trusted, normalise, resolve_factory
@@ -126,8 +124,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
         "history": history,
         "metrics": metrics,
     }
-    manifest["sha256"] = digest(manifest, {k: tensor_bytes(v) for k, v in stored.items()})
-    blob = sign(stored, canonical(manifest), sign_key)
+    blob = pack(manifest, stored, sign_key)
     if example_inputs is not None:
         _check_outputs(model, blob, path, factory_path, example_inputs)
     atomic_write(path, blob, overwrite=overwrite, exists_error=CheckpointExistsError)
@@ -135,7 +132,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, factory: str | Callable[.
 
 
 def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", trusted: Trusted | str | None = None,
-         verify_key: bytes | str | None = None, max_bytes: int | None = None) -> nn.Module:
+         verify_key: bytes | str | None = None, max_bytes: int | None = None, for_inference: bool = False,
+         keep_packed: bool = False) -> nn.Module:
     """Rebuild the model saved at ``path`` (verifying its sha256) and move it to ``map_location``.
 
     Only trusted code is called to rebuild it: torchslim's and torch.nn's modules, registered module codecs
@@ -143,14 +141,21 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", t
     :func:`register_factory`). With ``verify_key`` the file must carry a valid HMAC-SHA256 signature made
     with that key. ``max_bytes`` bounds the memory the model's tensors may take (by default 1024 times the
     file's size, at least 256 MiB). Pruning masks recorded at save time are re-applied with
-    ``prune.custom_from_mask`` so the zeros stay zero during further training. Raises CheckpointError for
+    ``prune.custom_from_mask`` so the zeros stay zero during further training (the default: the model loads
+    as it was saved, ready to train on). With ``for_inference=True`` the model comes back in eval mode in its
+    fastest form instead (:func:`torchslim.nn.inference.for_inference`): masks folded away, shared and
+    integer-coded weights decoded to plain float layers (``keep_packed=True`` keeps low-bit integer layers
+    packed), exactly the same outputs, as fast as the uncompressed model. Raises CheckpointError for
     missing, truncated, corrupted, tampered or untrusted files and for architectures this process cannot
     rebuild.
     """
     path = Path(path)
     manifest, data = read_verified(path, verify_key)
     limit = max_bytes if max_bytes is not None else max(DEFAULT_MIN_BYTES, EXPANSION * len(data))
-    return _rebuild(manifest, data, path, normalise(trusted), limit).to(map_location)
+    model = _rebuild(manifest, data, path, normalise(trusted), limit, masks=not for_inference)
+    if for_inference:
+        model = inference_form(model, keep_packed=keep_packed, inplace=True)
+    return model.to(map_location)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -159,12 +164,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _rebuild(manifest: dict[str, Any], data: bytes, path: Path, trusted: tuple[str, ...],
-             max_bytes: int) -> nn.Module:
-    try:
-        stored = safetensors.torch.load(data)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: safetensors cannot read the tensor data ({exc}); the file is corrupted, "
-                              "restore a good copy") from None
+             max_bytes: int, masks: bool = True) -> nn.Module:
+    stored = stored_parts(manifest, data, path)
     shapes = check_entries(manifest, stored, path, max_bytes)
     model = build_for_load(manifest, shapes, path, trusted, max_bytes)
     state = decode_all(manifest, stored, path)
@@ -173,6 +174,8 @@ def _rebuild(manifest: dict[str, Any], data: bytes, path: Path, trusted: tuple[s
     for full in field(manifest, "masked", list, path):
         if not isinstance(full, str):
             raise CheckpointError(f"{path}: malformed 'masked' entry {full!r}; the file is corrupted")
+        if not masks:  # for inference: the stored zeros are the pruned weights, no mask needed
+            continue
         module_path, _, tensor_name = full.rpartition(".")
         try:
             module = model.get_submodule(module_path)

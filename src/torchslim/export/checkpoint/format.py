@@ -1,4 +1,8 @@
-"""The ``.slim`` file layout: a safetensors file whose header metadata holds the JSON manifest.
+"""The ``.slim`` file layout: a safetensors file whose header metadata names the format and the sha256.
+
+Format 2 (written now) stores one uint8 tensor, the payload of :mod:`.compact` (the compressed manifest and
+every tensor part); format 1 (still read) kept the JSON manifest in the header metadata and every part as a
+safetensors tensor of its own.
 
 Reading checks everything a damaged or foreign file can get wrong (size limits, truncation, the format
 name and version, the sha256 over manifest and tensor bytes) before any tensor is decoded.
@@ -20,9 +24,10 @@ import torch
 
 from ..._version import __version__
 from ...core.errors import CheckpointError, TorchslimError
+from .compact import PAYLOAD, decode_payload, encode_payload, manifest_text
 
 FORMAT = "torchslim"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_KEY = "torchslim"
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 MAX_DEPTH = 64  # JSON nesting; save writes at most a few levels per module nesting level
@@ -80,6 +85,49 @@ def sign(stored: dict[str, torch.Tensor], manifest_text: str, key: bytes | str |
     placeholder = f'"{SIGNATURE_KEY}":"{_UNSIGNED}"'.encode()
     assert blob.count(placeholder) == 1, "safetensors wrote the metadata in an unexpected form"
     return blob.replace(placeholder, f'"{SIGNATURE_KEY}":"{mac}"'.encode())
+
+
+def pack(manifest: dict[str, Any], stored: dict[str, torch.Tensor], key: bytes | str | None = None) -> bytes:
+    """The bytes of a format-2 file holding ``manifest`` (format 1's dict; ``format``, ``format_version`` and
+    ``sha256`` are set here) and the ``stored`` parts, signed under ``key`` if given."""
+    body = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "sha256")}
+    return pack_text(manifest_text(body, stored), stored, key)
+
+
+def pack_text(text: str, stored: dict[str, torch.Tensor], key: bytes | str | None = None) -> bytes:
+    """:func:`pack` from the compact manifest's text (:func:`.compact.manifest_text`)."""
+    payload = encode_payload(text, stored)
+    sha = hashlib.sha256(tensor_bytes(payload)).hexdigest()
+    return sign({PAYLOAD: payload}, canonical({"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": sha}),
+                key)
+
+
+def split(data: bytes, path: Path = Path("<bytes>")) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The verified manifest and the stored parts of a file's bytes (either format): :func:`pack`'s inverse."""
+    manifest, data = read_verified(path, data=data)
+    return manifest, stored_parts(manifest, data, path)
+
+
+def stored_parts(manifest: dict[str, Any], data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """The stored tensor parts of a file read (and verified) by :func:`read_verified`."""
+    try:
+        if manifest["format_version"] == 1:
+            return safetensors.torch.load(data)
+        return decode_payload(_payload(*parse_header(data, path), data, path), load_json)[1]
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the tensor data ({exc}); the file is corrupted, restore a good "
+                              "copy") from None
+
+
+def _payload(header: dict[str, Any], start: int, data: bytes, path: Path) -> memoryview:
+    info = header.get(PAYLOAD)
+    if set(header) - {"__metadata__"} != {PAYLOAD} or not isinstance(info, dict) or info.get("dtype") != "U8":
+        raise CheckpointError(f"{path}: a format-2 checkpoint holds exactly one uint8 tensor {PAYLOAD!r}; the file "
+                              "is corrupted or was edited")
+    a, b = info["data_offsets"]
+    return memoryview(data)[start + a:start + b]
 
 
 def _key(key: bytes | str) -> bytes:
@@ -186,6 +234,17 @@ def read_verified(path: Path, verify_key: bytes | str | None = None, *, data: by
         raise CheckpointError(
             f"{path} uses checkpoint format_version {version}, newer than this torchslim ({__version__}) supports "
             f"(up to {FORMAT_VERSION}; written by torchslim {manifest.get('torchslim_version')}); upgrade torchslim")
+    if version >= 2:
+        payload = _payload(header, start, data, path)
+        if hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
+            raise CheckpointError(f"{path} failed its sha256 check: the file was tampered with or corrupted after it "
+                                  "was written; restore a good copy or re-create it from the original model")
+        try:
+            body, _ = decode_payload(payload, load_json, parts=False)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: the torchslim payload is malformed ({exc}); the file is corrupted"
+                                  ) from None
+        return {"format": FORMAT, "format_version": version, **body, "sha256": manifest["sha256"]}, data
     view = memoryview(data)
     raw = {name: view[start + info["data_offsets"][0]: start + info["data_offsets"][1]]
            for name, info in header.items() if name != "__metadata__"}

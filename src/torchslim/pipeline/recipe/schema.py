@@ -128,7 +128,9 @@ class SearchSpec:
     ``objective``: ``size`` (bytes of the saved checkpoint), ``latency`` (measured) or ``macs`` (counted);
     ``strategy``: ``fast`` (sensitivity-guided allocation + bisection) or ``optuna`` (multi-objective, Pareto
     front); ``trials``: evaluations for ``optuna``; ``storage``: an Optuna storage URL (default: SQLite file in
-    the output folder); ``workers``: processes evaluating trials in parallel (``optuna`` strategy).
+    the output folder); ``workers``: processes evaluating trials in parallel (``optuna`` strategy);
+    ``max_latency_ratio``: candidates whose latency (inference form, measured side by side with the baseline's)
+    exceeds this multiple of the baseline's are infeasible (e.g. 1.0: never slower); None: no ceiling.
     """
 
     objective: str = "size"
@@ -137,9 +139,12 @@ class SearchSpec:
     storage: str | None = None
     study_name: str | None = None
     workers: int = 1
+    max_latency_ratio: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
+        if self.max_latency_ratio is not None:
+            check_positive("max_latency_ratio", self.max_latency_ratio)
         check_choice("strategy", self.strategy, ("fast", "optuna"))
         check_positive("trials", self.trials, integer=True)
         check_positive("workers", self.workers, integer=True)
