@@ -103,7 +103,8 @@ class TextCollator:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt")
         enc = dict(enc)
-        special = set(getattr(self.tokenizer, "all_special_ids", ()))
+        # [UNK] is content (a word the vocabulary lacks); [CLS], [SEP], [PAD] alone mean empty text
+        special = set(getattr(self.tokenizer, "all_special_ids", ())) - {getattr(self.tokenizer, "unk_token_id", None)}
         ids, mask = enc["input_ids"], enc["attention_mask"]
         content = (mask.bool() & ~torch.isin(ids, torch.tensor(sorted(special), dtype=ids.dtype))).any(1)
         if not content.all():
