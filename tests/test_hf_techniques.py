@@ -205,3 +205,27 @@ def test_bad_inputs_fail_before_work(tmp_path, tok):
         list(text_loader(tok, csv, ["text"], model=model, max_length=32))
     with pytest.raises(ConfigError, match="no column 'sentence'"):
         text_loader(tok, csv, ["sentence"])
+
+
+def test_recipe_with_a_model_folder_and_sts_data(tmp_path, tok, sts_dir, batches):
+    model = _bert(len(tok))
+    folder = tmp_path / "tiny_bert"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: tiny-bert-int8
+model: {{factory: "torchslim.hf.recipe:pretrained", kwargs: {{path: "{folder}"}}}}
+data: {{factory: "torchslim.hf.recipe:stsb_splits", kwargs: {{data_dir: "{sts_dir}", tokenizer: "{folder}"}}}}
+metric: "torchslim.hf.metrics:spearman_unit"
+budget: {{max_accuracy_drop: 0.05}}
+stages:
+  - {{name: int8, type: DynamicQuantization}}
+""")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ts.compress(recipe, tmp_path / "out", log=lambda s: None)
+        loaded = ts.load(tmp_path / "out" / "model.slim", trusted=["torchslim.hf.recipe:pretrained"])
+    assert report["compressed"]["size_bytes"] < report["baseline"]["size_bytes"]
+    assert abs(report["accuracy_drop"]) <= 0.05
+    assert _cos_to(model, loaded, batches) > 0.99
+    assert not any(type(m) is torch.nn.Linear for m in loaded.modules())

@@ -12,7 +12,7 @@ from ..core.errors import DataError
 from ..data.batches import call_model, output_tensor, to_device
 from ..metrics.evaluate import model_device
 
-__all__ = ["mean_pool", "embed", "spearman", "spearman_metric", "rank"]
+__all__ = ["mean_pool", "embed", "spearman", "spearman_metric", "spearman_unit", "rank"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -79,3 +79,9 @@ def spearman_metric(model: nn.Module, loader: Any) -> float:
     if not sims:
         raise DataError("spearman_metric got an empty loader")
     return 100.0 * spearman(torch.cat(sims), torch.cat(gold))
+
+
+def spearman_unit(model: nn.Module, loader: Any) -> float:
+    """:func:`spearman_metric` / 100, on the 0-1 scale of recipe budgets (``max_accuracy_drop: 0.003`` is 0.3
+    Spearman points)."""
+    return spearman_metric(model, loader) / 100.0
