@@ -12,7 +12,6 @@ import dataclasses
 import io
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -71,8 +70,8 @@ def ort_fused_int8(ctx) -> Built:
     from torchslim.hf.serve import OrtModel, file_bytes, fuse, quantize_int8
 
     fused, path = ctx.work / "fused.onnx", ctx.work / "fused_int8.onnx"
-    fuse(ctx.fp32_onnx, fused, ctx.model)
-    quantize_int8(fused, path)
+    fuse(ctx.fp32_onnx, fused, ctx.model, overwrite=True)
+    quantize_int8(fused, path, overwrite=True)
     return Built(OrtModel(path, threads=ctx.threads), file_bytes(path), str(path), "onnxruntime")
 
 
@@ -115,6 +114,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _relative(path: str | None) -> str | None:
+    try:
+        return None if path is None else str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def _time(model, inputs, rounds_out: list[float]) -> None:
     with torch.inference_mode():
         start = time.perf_counter()
@@ -142,10 +148,11 @@ def main(argv=None) -> dict:
     text = " ".join(words * 20)
     batches = {f"b{n}": dict(tokenizer([text] * n, truncation=True, max_length=SEQ, padding="max_length",
                                        return_tensors="pt")) for n in (1, 32)}
-    work = Path(tempfile.mkdtemp(prefix="minilm-"))
+    work = Path(args.out) / "minilm_models"  # the ONNX files the rows' "checkpoint" names (git-ignored)
+    work.mkdir(parents=True, exist_ok=True)
     ctx = type("Ctx", (), {})()
     ctx.model, ctx.example, ctx.work, ctx.threads = model, batches["b1"], work, 1
-    ctx.fp32_onnx = export_transformer(model, batches["b1"], work / "fp32.onnx")
+    ctx.fp32_onnx = export_transformer(model, batches["b1"], work / "fp32.onnx", overwrite=True)
 
     rows, built = [], {}
     for name, build in [("fp32", fp32), *VARIANTS]:
@@ -156,7 +163,7 @@ def main(argv=None) -> dict:
         spearman = spearman_metric(b.model, dev)
         built[name] = b
         rows.append({"name": name, "spearman": round(spearman, 3), "size_bytes": int(b.size_bytes),
-                     "checkpoint": b.checkpoint, "serving": b.serving, "compress_s": round(seconds, 1)})
+                     "checkpoint": _relative(b.checkpoint), "serving": b.serving, "compress_s": round(seconds, 1)})
         print(f"{name}: spearman {spearman:.2f}, {b.size_bytes} bytes, built in {seconds:.1f} s", flush=True)
 
     # Latency: every row on `threads` threads, interleaved rounds so load changes hit all rows alike.

@@ -176,7 +176,7 @@ def test_distill_embeddings_without_labels_and_hidden_states(tok, batches):
 
 def test_onnx_export_two_shapes_and_int8(tmp_path, tok, batches):
     pytest.importorskip("onnxruntime")
-    from torchslim.hf.serve import OrtModel, export_transformer, fuse, quantize_int8
+    from torchslim.hf.serve import OrtModel, compile_cpu, export_transformer, fuse, quantize_int8
 
     model = _bert(len(tok))
     path = export_transformer(model, batches[0], tmp_path / "m.onnx")
@@ -190,6 +190,12 @@ def test_onnx_export_two_shapes_and_int8(tmp_path, tok, batches):
     int8 = OrtModel(tmp_path / "int8.onnx")
     assert _cos_to(model, int8, batches) > 0.98
     assert (tmp_path / "int8.onnx").stat().st_size < path.stat().st_size / 2
+    with pytest.raises(ConfigError, match="overwrite"):
+        quantize_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx")
+    best, report = compile_cpu(model, batches[0], tmp_path / "serve", repeats=1)
+    assert set(report["latency_s"]) == {"ort_fused_int8", "ort_int8", "torch_int8"}
+    assert report["latency_s"][report["chosen"]] == min(report["latency_s"].values())
+    assert _cos_to(model, best, batches) > 0.98
 
 
 def test_bad_inputs_fail_before_work(tmp_path, tok):

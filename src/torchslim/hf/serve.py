@@ -83,9 +83,15 @@ def export_transformer(model: nn.Module, example_inputs: dict, path: str | os.Pa
     return path
 
 
-def fuse(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module) -> bool:
+def _check_target(dst: str | os.PathLike, overwrite: bool) -> None:
+    if Path(dst).exists() and not overwrite:
+        raise ConfigError(f"{dst} exists; pass overwrite=True to replace it")
+
+
+def fuse(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module, *, overwrite: bool = False) -> bool:
     """ONNX Runtime's transformer optimizer on ``src`` -> ``dst`` (fp32, fused attention where the model type
     has it); False (``dst`` not written) when the model type has no fusions."""
+    _check_target(dst, overwrite)
     config = getattr(model, "config", None)
     kind = OPTIMIZER_TYPES.get(getattr(config, "model_type", None))
     if kind is None:
@@ -103,13 +109,14 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module) -> bo
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False,
-                  reduce_range: bool | None = None, embeddings: bool = True) -> None:
+                  reduce_range: bool | None = None, embeddings: bool = True, overwrite: bool = False) -> None:
     """Dynamic int8 of an ONNX graph (QOperator: MatMulInteger, QAttention; ``embeddings`` also stores the
     Gather / EmbedLayerNormalization tables in int8). ``reduce_range`` None: 7-bit weights where the CPU's u8s8
     kernels saturate (x86 without VNNI)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    _check_target(dst, overwrite)
     if reduce_range is None:
         reduce_range = cpu_int8().saturates
     ops = ["MatMul", "Attention", "MultiHeadAttention"] + (["Gather", "EmbedLayerNormalization"] if embeddings else [])
@@ -178,11 +185,11 @@ def compile_cpu(model: nn.Module, example_inputs: dict, out_dir: str | os.PathLi
     fp32 = export_transformer(model, example_inputs, out / "model_fp32.onnx", overwrite=overwrite)
     paths: dict[str, Path] = {}
     fused = out / "model_fused.onnx"
-    if fuse(fp32, fused, model):
+    if fuse(fp32, fused, model, overwrite=overwrite):
         paths["ort_fused_int8"] = out / "model_fused_int8.onnx"
-        quantize_int8(fused, paths["ort_fused_int8"])
+        quantize_int8(fused, paths["ort_fused_int8"], overwrite=overwrite)
     paths["ort_int8"] = out / "model_int8.onnx"
-    quantize_int8(fp32, paths["ort_int8"])
+    quantize_int8(fp32, paths["ort_int8"], overwrite=overwrite)
     candidates: dict[str, nn.Module] = {name: OrtModel(p, threads=threads) for name, p in paths.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embeddings and LayerNorm stay float on this path, by design
