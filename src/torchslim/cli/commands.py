@@ -66,6 +66,11 @@ def _validate(path: Path) -> int:
     return 0
 
 
+def _x(ratio: float | None, spec: str) -> str:
+    # a ratio is None where the compressed side counts zero (e.g. MACs of int8 kernels the counter cannot see)
+    return "n/a" if ratio is None else f"{ratio:{spec}}x"
+
+
 def finish(report: dict[str, Any], out: str | Path) -> int:
     """Print the few lines a command ends with (metric, size, MACs and latency against the baseline) and return
     its exit code: ``EXIT_BUDGET_MISSED`` when the result misses the budget, else 0."""
@@ -75,8 +80,8 @@ def finish(report: dict[str, Any], out: str | Path) -> int:
     print(f"\n{report.get('metric', 'accuracy')} {report['baseline']['accuracy']:.4f} -> "
           f"{report['compressed']['accuracy']:.4f} on test (drop {100 * report['accuracy_drop']:.2f} points)")
     print(f"bytes on disk {report['baseline']['size_bytes']:,} -> {report['compressed']['size_bytes']:,} "
-          f"({r['size']:.2f}x smaller); non-zero params {r['nonzero_params']:.1f}x fewer; MACs {r['macs']:.2f}x "
-          f"fewer; {speed} (measured side by side at batch {report.get('recipe', {}).get('example_batch', 1)})")
+          f"({_x(r['size'], '.2f')} smaller); non-zero params {_x(r['nonzero_params'], '.1f')} fewer; MACs "
+          f"{_x(r['macs'], '.2f')} fewer; {speed} (measured side by side at batch {report.get('recipe', {}).get('example_batch', 1)})")
     print(f"report: {Path(out) / 'report.md'}")
     if report["budget"].get("met") is False:
         _stderr(f"torchslim: BUDGET MISSED; the report shows what was found: {Path(out) / 'report.md'}")

@@ -20,7 +20,9 @@ class Distillation(Config):
     ``output_loss`` is ``mse`` or ``cosine`` (1 - cosine similarity along dim 1).
     ``feature_layers`` maps student layer names to teacher layer names whose outputs are matched with MSE
     (weighted by ``feature_weight``); a learned 1x1 conv / linear projection maps student widths to teacher
-    widths when they differ. ``cache_teacher`` memoises teacher outputs per input sample, which pays off
+    widths when they differ; a layer returning a tuple (``transformers`` blocks) is matched on its first element.
+    ``pooling="mean"`` averages (N, L, C) outputs over the batch's ``attention_mask`` before matching (sentence
+    embeddings: ``mode="outputs", output_loss="cosine", pooling="mean"``). ``cache_teacher`` memoises teacher outputs per input sample, which pays off
     when the same fixed (unaugmented) data set is seen for several epochs.
     """
 
@@ -31,6 +33,7 @@ class Distillation(Config):
     feature_layers: dict[str, str] | None = None
     feature_weight: float = 1.0
     cache_teacher: bool = False
+    pooling: str | None = None
     train: TrainConfig = TrainConfig()
 
     def validate(self) -> None:
@@ -38,6 +41,8 @@ class Distillation(Config):
         check_fraction("alpha", self.alpha, allow_one=True)
         check_choice("mode", self.mode, ("logits", "outputs"))
         check_choice("output_loss", self.output_loss, ("mse", "cosine"))
+        if self.pooling is not None:
+            check_choice("pooling", self.pooling, ("mean",))
         check_nonnegative("feature_weight", self.feature_weight)
         if self.feature_layers is not None:
             if not isinstance(self.feature_layers, dict) or not self.feature_layers:

@@ -18,7 +18,7 @@ from ..nn.modules import copy_model
 from ..training.losses import Loss, LossFn, resolve_loss
 from ..training.train import default_device, train
 from .config import Distillation
-from .losses import feature_loss, make_projection, output_matching_loss, soft_target_loss
+from .losses import feature_loss, make_projection, masked_mean, output_matching_loss, soft_target_loss
 
 
 def _module(model: nn.Module, name: str, role: str) -> nn.Module:
@@ -31,6 +31,8 @@ def _module(model: nn.Module, name: str, role: str) -> nn.Module:
 
 
 def _tensor_output(out, role: str, where: str = "output") -> torch.Tensor:
+    if isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        out = out[0]  # transformers blocks return (hidden_states, attentions?, ...)
     if not torch.is_tensor(out):
         raise UnsupportedModelError(f"the {role}'s {where} is a {type(out).__name__}, not a tensor; distillation "
                                     "matches tensors: wrap the model so that it returns one tensor")
@@ -203,7 +205,11 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
 
         def distillation_loss(outputs: Any, batch: Any) -> torch.Tensor:
             s_out = _model_output(outputs, "student")
-            t_out, t_feats = runner(split_batch(batch)[0])
+            inputs = split_batch(batch)[0]
+            t_out, t_feats = runner(inputs)
+            if config.pooling == "mean":
+                mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                s_out, t_out = masked_mean(s_out, mask), masked_mean(t_out, mask)
             if config.mode == "logits":
                 # kd_loss's sum, with the hard-label term from loss_fn (cross-entropy by default).
                 loss = s_out.new_zeros(())

@@ -43,6 +43,17 @@ def output_matching_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, k
     raise ValueError(f"unknown output loss {kind!r}; use 'mse' or 'cosine'")
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (N, L, C) token states over the positions where ``mask`` (N, L) is non-zero (all without one);
+    other shapes come back unchanged."""
+    if hidden.dim() != 3:
+        return hidden
+    if mask is None:
+        return hidden.mean(1)
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
 def make_projection(student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module | None:
     """A learned map from student features to the teacher's width (None when widths already agree).
 
@@ -72,4 +83,4 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     return F.mse_loss(student_feat, teacher_feat)
 
 
-__all__ = ["soft_target_loss", "kd_loss", "output_matching_loss", "make_projection", "feature_loss"]
+__all__ = ["soft_target_loss", "kd_loss", "output_matching_loss", "masked_mean", "make_projection", "feature_loss"]
