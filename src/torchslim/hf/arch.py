@@ -21,7 +21,8 @@ from torch import nn
 from ..core.errors import CheckpointError, UnsupportedModelError
 
 __all__ = ["Arch", "ARCHS", "LayerShape", "arch_of", "is_transformers_model", "layer_list", "layer_shapes",
-           "build_model", "model_class", "apply_shapes", "shrink_layer", "config_layers", "STRUCTURE_FIELD", "supported"]
+           "build_model", "model_class", "apply_shapes", "shrink_layer", "config_layers", "STRUCTURE_FIELD",
+           "supported"]
 
 STRUCTURE_FIELD = "torchslim_layers"
 """The config attribute holding per-layer sizes when the config's own fields cannot express them."""

@@ -48,6 +48,9 @@ def _ratios(name: str, value: float | dict[str, float], names: list[str], exclud
     if isinstance(value, dict):
         for key, v in value.items():
             check_fraction(f"{name}[{key!r}]", v)
+            if key not in names and all(match(n, (key,)) is None for n in names):
+                raise ConfigError(f"{name}[{key!r}] names no layer; the {name} rates are keyed by {names[:2]} ... "
+                                  "(names or fnmatch patterns)")
         out = []
         for n in names:
             pattern = n if n in value else match(n, tuple(value))
@@ -133,17 +136,15 @@ def _top(score: torch.Tensor, keep: int) -> list[int]:
     return sorted(torch.argsort(score, descending=True, stable=True)[:keep].tolist())
 
 
-def _keep_heads(score: torch.Tensor, heads: int, kv: int, ratio: float, where: str) -> list[int] | None:
-    """Query heads to keep; with GQA the same number in every key/value group (the groups must stay even)."""
+def _keep_heads(score: torch.Tensor, heads: int, kv: int, ratio: float) -> list[int] | None:
+    """Query heads to keep (a ratio below 1 keeps at least one); with GQA the same number in every key/value
+    group (the groups must stay even)."""
     if kv == heads:  # multi-head attention: one group of all heads
         kv = 1
     group = heads // kv
     remove = math.floor(ratio * group)
     if remove == 0:
         return None
-    if remove >= group:
-        raise ConfigError(f"{where}: removing {ratio:.0%} of the heads leaves no attention head in this layer; use a "
-                          "smaller ratio for it, or drop the whole layer with torchslim.hf.drop_layers")
     return sorted(g * group + i for g in range(kv) for i in _top(score[g * group:(g + 1) * group], group - remove))
 
 
@@ -192,11 +193,6 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
     ffn_r = _ratios("ffn", ffn, ffn_names, tuple(exclude))
     _, layers = layer_list(model)
     before = [layer_shape(layer, arch) for layer in layers]
-    for name, (h, kv, _), r in zip(head_names, before, head_r):  # every layer checked before any work starts
-        group = h if kv == h else h // kv
-        if math.floor(r * group) >= group:
-            raise ConfigError(f"{name}: removing {r:.0%} of its {h} heads leaves no attention head in this layer; use "
-                              "a smaller ratio for it, or drop the whole layer with torchslim.hf.drop_layers")
     if example_inputs is not None:
         example_inputs = as_example_inputs(example_inputs)
         shapes = _output_shapes(model, example_inputs)
@@ -208,14 +204,14 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
             p.grad = None
         try:
             _taylor_grads(model, data, loss_fn, batches)
-            plans = _plan(layers, arch, head_names, head_r, ffn_r, importance, round_to)
+            plans = _plan(layers, arch, head_r, ffn_r, importance, round_to)
         finally:
             for p, (req, grad) in zip(params, saved):
                 p.requires_grad_(req)
                 p.grad = grad
     else:
         with torch.no_grad():
-            plans = _plan(layers, arch, head_names, head_r, ffn_r, importance, round_to)
+            plans = _plan(layers, arch, head_r, ffn_r, importance, round_to)
     for layer, (keep_q, keep_kv, keep_ffn) in zip(layers, plans):
         shrink_layer(layer, arch, keep_q, keep_kv, keep_ffn)
     sync_config(model)
@@ -232,12 +228,12 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
             "kept_ffn": {i: p[2] for i, p in enumerate(plans) if p[2] is not None}}
 
 
-def _plan(layers: nn.ModuleList, arch: Arch, names: list[str], head_r: list[float], ffn_r: list[float],
+def _plan(layers: nn.ModuleList, arch: Arch, head_r: list[float], ffn_r: list[float],
           importance: str, round_to: int) -> list[tuple[list[int] | None, list[int] | None, list[int] | None]]:
     plans = []
-    for layer, name, hr, fr in zip(layers, names, head_r, ffn_r):
+    for layer, hr, fr in zip(layers, head_r, ffn_r):
         h, kv, _ = layer_shape(layer, arch)
-        keep_q = _keep_heads(_head_scores(layer, arch, importance), h, kv, hr, name) if hr > 0 else None
+        keep_q = _keep_heads(_head_scores(layer, arch, importance), h, kv, hr) if hr > 0 else None
         keep_ffn = _keep_ffn(_ffn_scores(layer, arch, importance), fr, round_to) if fr > 0 else None
         plans.append((keep_q, list(range(kv)), keep_ffn))
     return plans
