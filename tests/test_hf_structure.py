@@ -162,6 +162,37 @@ def test_config_fields_describe_uniform_pruning(name, tmp_path):
     assert per_layer[0][0] < per_layer[1][0]
 
 
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_global_scope_takes_more_from_layers_with_weak_units(name, tmp_path):
+    """Scores are normalised per layer, so a layer whose heads and neurons are mostly weak next to its own
+    strongest ones loses the most (up to max_ratio); with GQA every group keeps the same number of heads."""
+    model = _model(name)
+    arch = hf.arch_of(model)
+    layer = layer_list(model)[1][0]
+    size = int(getattr(layer.get_submodule(arch.attention), arch.head_size_attr))
+    weak_heads = torch.arange(size, 4 * size)  # heads 1, 2, 3 of layer 0
+    weak_ffn = torch.arange(10, 40)
+    with torch.no_grad():
+        for path in (arch.q,) + ((arch.k, arch.v) if name == "bert" else ()):
+            layer.get_submodule(path).weight[weak_heads] *= 0.01
+        layer.get_submodule(arch.out).weight[:, weak_heads] *= 0.01
+        for path in arch.ffn_in:
+            layer.get_submodule(path).weight[weak_ffn] *= 0.01
+        layer.get_submodule(arch.ffn_out).weight[:, weak_ffn] *= 0.01
+    x = _inputs(name)
+    pruned = torchslim.prune(model, torchslim.StructuredPruning(ratio=0.5, scope="global", max_ratio=0.75),
+                             example_inputs=x)
+    after = hf.layer_shapes(pruned)
+    assert sum(a[0] for a in after) == 6 and sum(a[2] for a in after) == 60  # half of 12 heads, of 120 neurons
+    assert after[0][2] == 10 and after[1][2] > 10  # layer 0 loses its 30 weak neurons (the 75% cap)
+    if name == "bert":
+        assert after[0][0] == 1  # its 3 weak heads
+    else:
+        assert after == [(2, 2, after[i][2]) for i in range(3)]  # one query head per group at most (cap)
+    path = torchslim.save(pruned, tmp_path / "g.slim")
+    assert torch.equal(_out(torchslim.load(path).eval(), x), _out(pruned, x))
+
+
 def test_drop_layers_copies_the_teachers_layers_and_renumbers_caches():
     teacher = _model("llama")
     student = hf.drop_layers(teacher, keep=[0, 2])
@@ -237,8 +268,11 @@ def test_bad_input_is_refused_before_work_starts():
         hf.prune_structure(model, heads={"encoder.layer.9.attention.self": 0.5})
     with pytest.raises(ConfigError, match="importance"):
         hf.prune_structure(model, heads=0.5, importance="bn_scale")
-    with pytest.raises(ConfigError, match="scope"):
-        torchslim.prune(model, torchslim.StructuredPruning(ratio=0.5, scope="global"), example_inputs=_inputs("bert"))
+    with pytest.raises(ConfigError, match="scope='global'"):
+        hf.prune_structure(model, heads={"*": 0.5}, scope="global")
+    with pytest.raises(ConfigError, match="schedule"):
+        torchslim.prune(model, torchslim.StructuredPruning(ratio=0.5, schedule=torchslim.Schedule(
+            "iterative", steps=2, finetune=torchslim.TrainConfig(epochs=1))), example_inputs=_inputs("bert"))
     for keep in ([], [0, 0], [3], [2, 0]):
         with pytest.raises(ConfigError, match="keep"):
             hf.drop_layers(model, keep=keep)

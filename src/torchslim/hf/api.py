@@ -30,10 +30,8 @@ def prune_transformer(model: nn.Module, config: StructuredPruning, *, data=None,
                       loss_fn: LossFn | str | None = None, inplace: bool = False) -> nn.Module:
     """``StructuredPruning`` on a ``transformers`` model: ``config.ratio`` of the attention heads and of the FFN
     neurons of every layer removed (a mapping names the leaders of :func:`torchslim.hf.leaders`: attention modules
-    for heads, first FFN projections for neurons), scored by ``l1``/``l2``/``taylor``."""
-    if config.scope != "layer":
-        raise ConfigError("StructuredPruning on a Hugging Face model ranks heads and neurons per layer: use "
-                          "scope='layer' (per-layer rates via a ratio mapping)")
+    for heads, first FFN projections for neurons), or of the whole model with ``scope="global"``, scored by
+    ``l1``/``l2``/``taylor``."""
     if config.schedule != Schedule():
         raise ConfigError("StructuredPruning on a Hugging Face model prunes once: use the default schedule and "
                           "fine-tune or distill afterwards (torchslim.finetune / torchslim.distill)")
@@ -43,7 +41,8 @@ def prune_transformer(model: nn.Module, config: StructuredPruning, *, data=None,
         model = copy_model(model)
     prune_structure(model, heads=config.ratio, ffn=config.ratio, importance=config.importance, data=data,
                     loss_fn=loss_fn, batches=config.importance_batches, round_to=config.round_to,
-                    exclude=tuple(config.exclude), example_inputs=example_inputs)
+                    exclude=tuple(config.exclude), scope=config.scope, max_ratio=config.max_ratio,
+                    example_inputs=example_inputs)
     return record(model, config)
 
 

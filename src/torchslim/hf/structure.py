@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..core.checks import check_fraction
+from ..core.checks import check_choice, check_fraction
 from ..core.errors import ConfigError, DataError, TorchslimError, UnsupportedModelError
 from ..data.batches import LABEL_KEYS, as_example_inputs, call_model, split_batch
 from ..nn.modules import match
@@ -136,24 +136,43 @@ def _top(score: torch.Tensor, keep: int) -> list[int]:
     return sorted(torch.argsort(score, descending=True, stable=True)[:keep].tolist())
 
 
-def _keep_heads(score: torch.Tensor, heads: int, kv: int, ratio: float) -> list[int] | None:
-    """Query heads to keep (a ratio below 1 keeps at least one); with GQA the same number in every key/value
-    group (the groups must stay even)."""
-    if kv == heads:  # multi-head attention: one group of all heads
-        kv = 1
-    group = heads // kv
-    remove = math.floor(ratio * group)
-    if remove == 0:
+def _groups(heads: int, kv: int) -> tuple[int, int]:
+    """(key/value groups, query heads per group); multi-head attention is one group of all heads."""
+    return (1, heads) if kv == heads else (kv, heads // kv)
+
+
+def _keep_heads(score: torch.Tensor, heads: int, kv: int, remove: int) -> list[int] | None:
+    """Query heads to keep when ``remove`` leave each key/value group (with GQA the groups must stay even)."""
+    groups, size = _groups(heads, kv)
+    if remove <= 0:
         return None
-    return sorted(g * group + i for g in range(kv) for i in _top(score[g * group:(g + 1) * group], group - remove))
+    return sorted(g * size + i for g in range(groups) for i in _top(score[g * size:(g + 1) * size], size - remove))
 
 
-def _keep_ffn(score: torch.Tensor, ratio: float, round_to: int) -> list[int] | None:
+def _keep_ffn(score: torch.Tensor, remove: int, round_to: int) -> list[int] | None:
     n = score.numel()
-    keep = max(1, n - math.floor(ratio * n))
+    keep = max(1, n - remove)
     if round_to > 1:
         keep = min(n, math.ceil(keep / round_to) * round_to)
     return None if keep == n else _top(score, keep)
+
+
+def _global_counts(scores: list[torch.Tensor], ratio: float, caps: list[int]) -> list[int]:
+    """How many units leave each layer when the ``ratio`` share of all of them is removed by score (each layer's
+    scores divided by their mean, so layers of different scale compete fairly), at most ``caps[i]`` per layer."""
+    flat = torch.cat([s / s.mean().clamp(min=1e-12) for s in scores])
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    target = math.floor(ratio * flat.numel())
+    removed = [0] * len(scores)
+    done = 0
+    for idx in torch.argsort(flat, stable=True).tolist():
+        if done >= target:
+            break
+        i = int(owner[idx])
+        if removed[i] < caps[i]:
+            removed[i] += 1
+            done += 1
+    return removed
 
 
 def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:
@@ -170,8 +189,8 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...
 
 def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, ffn: float | dict[str, float] = 0.0,
                     importance: str = "l1", data: Iterable | None = None, loss_fn: LossFn | str | None = None,
-                    batches: int = 4, round_to: int = 1, exclude: tuple[str, ...] = (),
-                    example_inputs: Any = None) -> dict[str, Any]:
+                    batches: int = 4, round_to: int = 1, exclude: tuple[str, ...] = (), scope: str = "layer",
+                    max_ratio: float = 0.9, example_inputs: Any = None) -> dict[str, Any]:
     """Remove the ``heads`` share of attention heads and the ``ffn`` share of FFN neurons of every layer of the
     ``transformers`` ``model``, IN PLACE, and return a summary.
 
@@ -179,7 +198,9 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
     layers are kept). ``importance``: ``l1``/``l2`` weight magnitude or ``taylor`` (|weight x gradient| summed
     over ``batches`` batches of ``data`` with ``loss_fn(outputs, batch)``). ``round_to`` keeps FFN widths
     multiples of it. ``exclude`` names leaders left alone. With GQA the same number of query heads is removed
-    from each key/value group. With ``example_inputs`` the output shapes are checked before and after.
+    from each key/value group. ``scope="global"`` removes each rate's share of all heads (and of all neurons) of
+    the model where the scores, normalised per layer, are lowest, at most ``max_ratio`` of any layer (rates are
+    then single fractions; the layers end up with different sizes). With ``example_inputs`` the output shapes are checked before and after.
     The summary: ``{"layers": [[heads, kv heads, neurons] before], "after": [...], "kept_heads": {i: [...]},
     "kept_ffn": {i: [...]}}``.
     """
@@ -187,6 +208,11 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
         raise ConfigError(f"importance for Hugging Face models must be one of {list(IMPORTANCES)}, got {importance!r}")
     if not (isinstance(batches, int) and batches > 0) or not (isinstance(round_to, int) and round_to > 0):
         raise ConfigError(f"batches and round_to must be positive integers, got {batches!r} and {round_to!r}")
+    check_choice("scope", scope, ("layer", "global"))
+    check_fraction("max_ratio", max_ratio)
+    if scope == "global" and (isinstance(heads, dict) or isinstance(ffn, dict)):
+        raise ConfigError("scope='global' ranks heads and neurons across layers with one rate each; use "
+                          "scope='layer' for per-layer rate mappings")
     arch = arch_of(model)
     head_names, ffn_names = leaders(model)
     head_r = _ratios("heads", heads, head_names, tuple(exclude))
@@ -204,14 +230,14 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
             p.grad = None
         try:
             _taylor_grads(model, data, loss_fn, batches)
-            plans = _plan(layers, arch, head_r, ffn_r, importance, round_to)
+            plans = _plan(layers, arch, head_r, ffn_r, importance, round_to, scope, max_ratio)
         finally:
             for p, (req, grad) in zip(params, saved):
                 p.requires_grad_(req)
                 p.grad = grad
     else:
         with torch.no_grad():
-            plans = _plan(layers, arch, head_r, ffn_r, importance, round_to)
+            plans = _plan(layers, arch, head_r, ffn_r, importance, round_to, scope, max_ratio)
     for layer, (keep_q, keep_kv, keep_ffn) in zip(layers, plans):
         shrink_layer(layer, arch, keep_q, keep_kv, keep_ffn)
     sync_config(model)
@@ -228,15 +254,24 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
             "kept_ffn": {i: p[2] for i, p in enumerate(plans) if p[2] is not None}}
 
 
-def _plan(layers: nn.ModuleList, arch: Arch, head_r: list[float], ffn_r: list[float],
-          importance: str, round_to: int) -> list[tuple[list[int] | None, list[int] | None, list[int] | None]]:
-    plans = []
-    for layer, hr, fr in zip(layers, head_r, ffn_r):
-        h, kv, _ = layer_shape(layer, arch)
-        keep_q = _keep_heads(_head_scores(layer, arch, importance), h, kv, hr) if hr > 0 else None
-        keep_ffn = _keep_ffn(_ffn_scores(layer, arch, importance), fr, round_to) if fr > 0 else None
-        plans.append((keep_q, list(range(kv)), keep_ffn))
-    return plans
+def _plan(layers: nn.ModuleList, arch: Arch, head_r: list[float], ffn_r: list[float], importance: str,
+          round_to: int, scope: str, max_ratio: float
+          ) -> list[tuple[list[int] | None, list[int] | None, list[int] | None]]:
+    shapes = [layer_shape(layer, arch) for layer in layers]
+    head_s = [_head_scores(layer, arch, importance) for layer in layers]
+    ffn_s = [_ffn_scores(layer, arch, importance) for layer in layers]
+    if scope == "layer":
+        head_n = [math.floor(r * _groups(h, kv)[1]) for (h, kv, _), r in zip(shapes, head_r)]
+        ffn_n = [math.floor(r * n) for (_, _, n), r in zip(shapes, ffn_r)]
+    else:  # one rate over the whole model; with GQA a unit is the k-th weakest query head of every group
+        units = [s.reshape(_groups(h, kv)).sort(dim=1).values.sum(0) if kv < h else s
+                 for s, (h, kv, _) in zip(head_s, shapes)]
+        head_n = _global_counts(units, head_r[0], [min(math.floor(max_ratio * u.numel()), u.numel() - 1)
+                                                   for u in units]) if head_r[0] > 0 else [0] * len(layers)
+        ffn_n = _global_counts(ffn_s, ffn_r[0], [min(math.floor(max_ratio * s.numel()), s.numel() - 1)
+                                                 for s in ffn_s]) if ffn_r[0] > 0 else [0] * len(layers)
+    return [(_keep_heads(hs, h, kv, hn), list(range(kv)), _keep_ffn(fs, fn, round_to))
+            for (h, kv, _), hs, fs, hn, fn in zip(shapes, head_s, ffn_s, head_n, ffn_n)]
 
 
 def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> nn.Module:
