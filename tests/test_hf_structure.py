@@ -191,6 +191,9 @@ def test_global_scope_takes_more_from_layers_with_weak_units(name, tmp_path):
         assert after == [(2, 2, after[i][2]) for i in range(3)]  # one query head per group at most (cap)
     path = torchslim.save(pruned, tmp_path / "g.slim")
     assert torch.equal(_out(torchslim.load(path).eval(), x), _out(pruned, x))
+    kept = torchslim.prune(model, torchslim.StructuredPruning(ratio=0.5, scope="global", exclude=("*.0.*",)))
+    shapes = hf.layer_shapes(kept)
+    assert shapes[0] == hf.layer_shapes(model)[0] and sum(s[2] for s in shapes[1:]) == 40  # half of the others
 
 
 def test_drop_layers_copies_the_teachers_layers_and_renumbers_caches():

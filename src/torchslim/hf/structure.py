@@ -157,12 +157,15 @@ def _keep_ffn(score: torch.Tensor, remove: int, round_to: int) -> list[int] | No
     return None if keep == n else _top(score, keep)
 
 
-def _global_counts(scores: list[torch.Tensor], ratio: float, caps: list[int]) -> list[int]:
-    """How many units leave each layer when the ``ratio`` share of all of them is removed by score (each layer's
-    scores divided by their mean, so layers of different scale compete fairly), at most ``caps[i]`` per layer."""
+def _global_counts(scores: list[torch.Tensor], rates: list[float], max_ratio: float) -> list[int]:
+    """How many units leave each layer when the rate's share of all units of the layers with a non-zero rate (the
+    others are excluded) is removed by score (each layer's scores divided by their mean, so layers of different
+    scale compete fairly), at most ``max_ratio`` of a layer and never all of it."""
+    rate = max(rates, default=0.0)
+    caps = [min(math.floor(max_ratio * s.numel()), s.numel() - 1) if r > 0 else 0 for s, r in zip(scores, rates)]
     flat = torch.cat([s / s.mean().clamp(min=1e-12) for s in scores])
     owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
-    target = math.floor(ratio * flat.numel())
+    target = math.floor(rate * sum(s.numel() for s, r in zip(scores, rates) if r > 0))
     removed = [0] * len(scores)
     done = 0
     for idx in torch.argsort(flat, stable=True).tolist():
@@ -200,7 +203,8 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
     multiples of it. ``exclude`` names leaders left alone. With GQA the same number of query heads is removed
     from each key/value group. ``scope="global"`` removes each rate's share of all heads (and of all neurons) of
     the model where the scores, normalised per layer, are lowest, at most ``max_ratio`` of any layer (rates are
-    then single fractions; the layers end up with different sizes). With ``example_inputs`` the output shapes are checked before and after.
+    then single fractions; the layers end up with different sizes). With ``example_inputs`` the output shapes are
+    checked before and after.
     The summary: ``{"layers": [[heads, kv heads, neurons] before], "after": [...], "kept_heads": {i: [...]},
     "kept_ffn": {i: [...]}}``.
     """
@@ -266,10 +270,8 @@ def _plan(layers: nn.ModuleList, arch: Arch, head_r: list[float], ffn_r: list[fl
     else:  # one rate over the whole model; with GQA a unit is the k-th weakest query head of every group
         units = [s.reshape(_groups(h, kv)).sort(dim=1).values.sum(0) if kv < h else s
                  for s, (h, kv, _) in zip(head_s, shapes)]
-        head_n = _global_counts(units, head_r[0], [min(math.floor(max_ratio * u.numel()), u.numel() - 1)
-                                                   for u in units]) if head_r[0] > 0 else [0] * len(layers)
-        ffn_n = _global_counts(ffn_s, ffn_r[0], [min(math.floor(max_ratio * s.numel()), s.numel() - 1)
-                                                 for s in ffn_s]) if ffn_r[0] > 0 else [0] * len(layers)
+        head_n = _global_counts(units, head_r, max_ratio)
+        ffn_n = _global_counts(ffn_s, ffn_r, max_ratio)
     return [(_keep_heads(hs, h, kv, hn), list(range(kv)), _keep_ffn(fs, fn, round_to))
             for (h, kv, _), hs, fs, hn, fn in zip(shapes, head_s, ffn_s, head_n, ffn_n)]
 
