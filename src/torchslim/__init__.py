@@ -13,7 +13,7 @@ from .pipeline.recipe import Recipe, load_recipe
 from .training.finetune import Finetune, finetune
 from .training.train import TrainConfig, train
 from .hf.api import prune, save  # route transformers models to torchslim.hf's adapters
-from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
+from .pruning.config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
 from .quantization import (
                            QAT,
                            BinaryWeights,
@@ -34,7 +34,7 @@ __all__ = [
     "__version__", "Config", "config_from_dict",
     "TorchslimError", "ConfigError", "DataError", "CheckpointError", "UnsupportedModelError",
     "save", "load", "read_manifest", "evaluate", "profile", "train", "TrainConfig", "finetune",
-    "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "Finetune",
+    "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "SemiStructuredPruning", "Finetune",
     "quantize", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
     "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",
     "distill", "Distillation", "decompose", "SVD", "Tucker", "CP", "export_onnx",

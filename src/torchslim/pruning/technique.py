@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
 
 from ..core.config import Config
-from ..core.rates import soften_field
+from ..core.rates import int_choice, soften_field
 from ..core.technique import FieldSpace, SearchSpace, Technique
 from . import prune
-from .config import Schedule, StructuredPruning, UnstructuredPruning
+from . import nm
+from .config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
 from .graph import build_groups
 from .unstructured import prunable_layers
 
@@ -51,7 +53,7 @@ def _apply_structured(config: Config, values: dict[str, Any]) -> Config:
 
 
 UNSTRUCTURED = Technique(
-    config=UnstructuredPruning, apply=prune, family="unstructured",
+    config=UnstructuredPruning, apply=prune, family="unstructured", codecs=nm.CODECS,
     cannot_follow={"quantize": _QUANTIZED},
     search=SearchSpace(
         fields=(FieldSpace("sparsity", low=0.0, high=0.99, mild=0.0, grid=SPARSITY_GRID, layers=_prunable),),
@@ -67,4 +69,22 @@ STRUCTURED = Technique(
                            valid=_all_leaders, reduces=frozenset({"size", "macs", "latency"})),),
         apply=_apply_structured, oneshot=_no_schedule, soften=soften_field("ratio")))
 
-TECHNIQUES = (UNSTRUCTURED, STRUCTURED)
+def _apply_nm(config: Config, values: dict[str, Any]) -> Config | None:
+    n = int(values.get("n", config.n))
+    return None if n >= config.m else config.replace(n=n)  # n = m keeps every weight: nothing to do
+
+
+def _soften_nm(config: Config, factor: float) -> Config | None:
+    n = min(config.m, math.ceil(config.n / factor))
+    return None if n >= config.m or n == config.n else config.replace(n=n)
+
+
+SEMI_STRUCTURED = Technique(
+    config=SemiStructuredPruning, apply=prune, family="unstructured", codecs=nm.CODECS,
+    cannot_follow={"quantize": _QUANTIZED},
+    search=SearchSpace(
+        # Weights kept per group of m (4 by default): 4 is dense, 2 is 2:4.
+        fields=(FieldSpace("n", low=1, high=4, mild=4, grid=(3, 2, 1), encode=int_choice, choices=(4, 3, 2, 1)),),
+        apply=_apply_nm, oneshot=_no_schedule, soften=_soften_nm))
+
+TECHNIQUES = (UNSTRUCTURED, STRUCTURED, SEMI_STRUCTURED)
