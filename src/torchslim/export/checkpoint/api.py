@@ -14,6 +14,7 @@ from ..._version import __version__
 from ...core.errors import CheckpointError, TorchslimError
 from ...core.files import atomic_write
 from ...core.history import history as model_history
+from ...data.batches import as_example_inputs, call_model
 from ...nn.inference import for_inference as inference_form
 from ...nn.masks import effective_state
 from .codecs import diff_modules
@@ -191,13 +192,13 @@ def _check_outputs(model: nn.Module, blob: bytes, path: Path, factory_path: str,
     manifest, data = read_verified(path, None, data=blob)
     rebuilt = _rebuild(manifest, data, path, (factory_path,), max(DEFAULT_MIN_BYTES, EXPANSION * len(data)))
     device = next(iter([*model.parameters(), *model.buffers()]), torch.empty(0)).device
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = as_example_inputs(example_inputs)  # a tensor, a tuple of positional inputs or a dict of keywords
     was_training = model.training
     try:
         model.eval()
         rebuilt.to(device).eval()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            expected, got = model(*args), rebuilt(*args)
+            expected, got = call_model(model, inputs), call_model(rebuilt, inputs)
     finally:
         model.train(was_training)
     flat_a, flat_b = _flatten(expected), _flatten(got)
@@ -208,11 +209,14 @@ def _check_outputs(model: nn.Module, blob: bytes, path: Path, factory_path: str,
             "with torchslim.export.checkpoint.register_module) or its forward depends on state not in state_dict")
 
 
-def _flatten(out: Any) -> list[Any]:
+def _flatten(out: Any, depth: int = 0) -> list[Any]:
     if isinstance(out, (list, tuple)):
-        return [x for o in out for x in _flatten(o)]
+        return [x for o in out for x in _flatten(o, depth)]
     if isinstance(out, dict):
-        return [x for k in sorted(out) for x in _flatten(out[k])]
+        return [x for k in sorted(out) for x in _flatten(out[k], depth)]
+    if hasattr(out, "__dict__") and not torch.is_tensor(out) and depth < 4:
+        # Output objects such as a transformers key/value cache: compare the tensors they hold.
+        return [type(out), *_flatten(vars(out), depth + 1)]
     return [out]
 
 
