@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,16 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Trained baselines are cached per test session (its xdist workers and subprocesses share it), never in the
+# user's cache folder.
+_OWN_CACHE = None
+if "TORCHSLIM_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["TORCHSLIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchslim-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
