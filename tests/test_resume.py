@@ -215,3 +215,14 @@ def test_knob_scan_of_the_search_resumes_from_stored_points(tmp_path, monkeypatc
     monkeypatch.setattr(scan, "apply_stage", lambda *a: applied.append(1) or real(*a))
     resumed = scan_once(resume=snapshots[1])  # what the study held when the scan was killed after 2 points
     assert resumed == json.loads(json.dumps(full)) and len(applied) == n_points - 2
+
+
+def test_an_unwritable_cache_folder_costs_the_reuse_not_the_run(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TORCHSLIM_CACHE_DIR", str(blocker / "cache"))
+    lines: list[str] = []
+    model, reused = baseline_model(load_recipe(tiny(tmp_path)), digits(image_size=8, val_fraction=0.25),
+                                   log=lines.append)
+    assert reused is None and any(s.startswith("not caching the baseline: cannot write") for s in lines)
+    assert any(s.startswith("training the") for s in lines)

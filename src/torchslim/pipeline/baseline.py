@@ -23,7 +23,8 @@ from typing import Any, Callable
 from torch import nn
 
 from .._version import __version__
-from ..core.files import atomic_write
+from ..core.errors import WriteError
+from ..core.files import atomic_write, writable_folder
 from ..core.technique import Techniques
 from ..export.checkpoint import save
 from ..techniques import BUILTIN
@@ -106,12 +107,21 @@ def baseline_model(recipe: Recipe, data, log: Callable[[str], None] = print, *, 
         check_against_model(recipe, model, example, techniques)
         log(f"reused cached baseline from {path}")
         return model, path
+    try:
+        writable_folder(folder)
+    except WriteError as exc:  # a cache that cannot be written costs the reuse, not the run
+        log(f"not caching the baseline: {exc}")
+        return build_model(recipe, data, log, check=True, techniques=techniques), None
     if state.is_file():
         log(f"resuming the baseline training from {state}")
     model = build_model(recipe, data, log, check=True, techniques=techniques, state_path=state)
-    save(model, path, overwrite=True, **save_kwargs(recipe, model))
-    # key.json last: an entry without it (a run killed in between) is never reused.
-    atomic_write(meta, (json.dumps(material, indent=2, sort_keys=True) + "\n").encode())
+    try:
+        save(model, path, overwrite=True, **save_kwargs(recipe, model))
+        # key.json last: an entry without it (a run killed in between) is never reused.
+        atomic_write(meta, (json.dumps(material, indent=2, sort_keys=True) + "\n").encode())
+    except WriteError as exc:
+        log(f"not caching the baseline: {exc}")
+        return model, None
     with contextlib.suppress(OSError):
         os.unlink(state)
     log(f"cached the trained baseline in {path}")
