@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import torch
-import yaml
 
 from torchslim.quantization.sharing import SharedLinear, kmeans_codebook
 

@@ -29,8 +29,8 @@ from .recipe import (Recipe, build_data, check_against_model, load_recipe, metri
 from .report import build_report, plot_accuracy_vs_size, render_markdown
 from .runner import StageInputs
 
-__all__ = ["run_recipe", "reused_markdown", "measure_block", "side_by_side_latency", "budget_summary", "publish", "model_name",
-           "warn_if_missed", "BudgetMissedWarning"]
+__all__ = ["run_recipe", "reused_markdown", "measure_block", "side_by_side_latency", "budget_summary", "publish",
+           "model_name", "warn_if_missed", "BudgetMissedWarning"]
 
 OUTPUT_NAMES = ("report.json", "report.md", "model.slim")
 
