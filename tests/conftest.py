@@ -8,8 +8,8 @@ import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("TQDM_DISABLE", "1")
-# Trained baselines are cached per test session (its xdist workers and subprocesses share it), never in the
-# user's cache folder.
+# Trained baselines are never cached in the user's cache folder: session fixtures use this folder, each test
+# its own (_own_baseline_cache below).
 _OWN_CACHE = None
 if "TORCHSLIM_CACHE_DIR" not in os.environ:
     _OWN_CACHE = os.environ["TORCHSLIM_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchslim-cache-")
@@ -47,3 +47,9 @@ def trained_lenet5(digits_data):
     model = LeNet5()
     train(model, digits_data.train, TrainConfig(epochs=4, lr=2e-3, progress=False))
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _own_baseline_cache(tmp_path_factory, monkeypatch):
+    """Each test its own baseline cache (its subprocesses included): no test reuses another's trained model."""
+    monkeypatch.setenv("TORCHSLIM_CACHE_DIR", str(tmp_path_factory.mktemp("baseline-cache")))

@@ -83,7 +83,8 @@ def test_a_recipe_run_twice_with_two_threads_gives_identical_bytes_and_metrics(t
         from torchslim.pipeline.commands import run_recipe
         run_recipe(sys.argv[1], sys.argv[2], log=lambda s: None)
     """)
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="2", TQDM_DISABLE="1")
+    # The baseline cache off: both runs train their baseline.
+    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="2", TQDM_DISABLE="1", TORCHSLIM_CACHE_DIR="off")
     runs = []
     for i in range(2):
         out = tmp_path / str(i)
