@@ -47,11 +47,13 @@ class Named(nn.Module):
 
 
 class Recurrent(nn.Module):
+    """An LSTM with projections (proj_size), whose hidden units structured pruning keeps."""
+
     def __init__(self, hidden: bool):
         super().__init__()
-        self.lstm = nn.LSTM(6, 8, batch_first=True)
-        self.fc = nn.Linear(8, 16) if hidden else None
-        self.out = nn.Linear(16 if hidden else 8, 3)
+        self.lstm = nn.LSTM(6, 8, batch_first=True, proj_size=4)
+        self.fc = nn.Linear(4, 16) if hidden else None
+        self.out = nn.Linear(16 if hidden else 4, 3)
 
     def forward(self, x):
         y = self.lstm(x)[0][:, -1]

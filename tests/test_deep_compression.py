@@ -30,8 +30,8 @@ def test_reduced_pipeline_mechanics(tmp_path, data_dir):
     bench = _benchmark()
     baseline_cfgs, plans = bench.quick_plans(steps=6)
     data = mnist(data_dir, subset=1200, seed=0)
-    entries = bench.run_model("lenet300", data, plans["lenet300"], baseline_cfgs["lenet300"], tmp_path,
-                              log=lambda s: None)
+    chosen = {v: plans["lenet300"][v] for v in ("paper", "torchslim")}  # the learned ones: test_learned.py
+    entries = bench.run_model("lenet300", data, chosen, baseline_cfgs["lenet300"], tmp_path, log=lambda s: None)
     assert [e["variant"] for e in entries] == ["paper", "torchslim"]
     for e in entries:
         path = Path(e["checkpoint"])

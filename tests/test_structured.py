@@ -28,7 +28,7 @@ class CatNet(nn.Module):
         self.bn_dw = nn.BatchNorm2d(28)
         self.c = nn.Conv2d(28, 12, 1, bias=False)
         self.bn_c = nn.BatchNorm2d(12)
-        self.g = nn.Conv2d(12, 12, 3, padding=1, groups=3)  # grouped: its input and output channels stay
+        self.g = nn.Conv2d(12, 12, 3, padding=1, groups=3)  # grouped: the same positions go in every group
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.fc1 = nn.Linear(12 * 4, 20)
         self.fc2 = nn.Linear(20, 5)
@@ -41,7 +41,8 @@ class CatNet(nn.Module):
 
 
 class ViewNet(nn.Module):
-    """A conv whose output goes through a view that is not a flatten (or a permute)."""
+    """A conv whose output goes through a view that is not a flatten (or a permute to channels-last, whose
+    flatten interleaves the channels with the pixels)."""
 
     def __init__(self, permute: bool = False):
         super().__init__()
@@ -113,18 +114,19 @@ def test_prune_matches_masked_original(name, make, shape):
     assert type(pruned) is type(model)
 
 
-def test_catnet_couplings_and_grouped_conv_skip():
+def test_catnet_couplings_and_grouped_conv():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     model = _prepare(CatNet(), x)
-    with pytest.warns(UserWarning, match="grouped conv 'g'"):
-        summary = structured_prune(model, StructuredPruning(ratio=0.5), (x,))
-    assert summary["removed_channels"] == {"a": [8, 4], "b": [6, 3], "fc1": [20, 10]}
+    summary = structured_prune(model, StructuredPruning(ratio=0.5), (x,))
+    # Grouped conv groups count positions within a group: 4 of c's 12 channels, 3 groups.
+    assert summary["removed_channels"] == {"a": [8, 4], "b": [6, 3], "c": [4, 2], "g": [4, 2], "fc1": [20, 10]}
     assert (model.dw.in_channels, model.dw.out_channels, model.dw.groups) == (7, 14, 7)
-    assert model.bn_dw.num_features == 14 and model.c.in_channels == 14
-    assert model.g.in_channels == 12 and model.fc1.in_features == 48 and model.fc2.out_features == 5
+    assert model.bn_dw.num_features == 14 and model.c.in_channels == 14 and model.c.out_channels == 6
+    assert (model.g.in_channels, model.g.out_channels, model.g.groups) == (6, 6, 3)
+    assert model.fc1.in_features == 24 and model.fc2.out_features == 5
     skipped = {s["group"]: s["reason"] for s in summary["skipped"]}
-    assert "grouped conv" in skipped["c"] and "model output" in skipped["fc2"]
+    assert list(skipped) == ["fc2"] and "model output" in skipped["fc2"]
 
 
 @pytest.mark.parametrize("permute", [False, True])
@@ -134,7 +136,7 @@ def test_unknown_op_leaves_group_whole(permute):
     model = _prepare(ViewNet(permute), x)
     pruned = copy.deepcopy(model)
     # Nothing else is prunable, so the refusal names the op that blocks the only group.
-    with pytest.raises(UnsupportedModelError, match="'conv'.*(not understood|not a flatten)"):
+    with pytest.raises(UnsupportedModelError, match="'conv'.*(flattens the channel dim into a preceding|not a flatten)"):
         structured_prune(pruned, StructuredPruning(ratio=0.5), (x,))
     assert pruned.conv.out_channels == 8
     with torch.no_grad():

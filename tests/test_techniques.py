@@ -21,17 +21,20 @@ from torchslim.techniques import BUILTIN
 
 # One non-default example per technique: a new technique must add one here.
 EXAMPLES = {
-    "UnstructuredPruning": torchslim.UnstructuredPruning(sparsity={"fc1": 0.9, "conv2": 0.5}),
-    "StructuredPruning": torchslim.StructuredPruning(ratio=0.3, importance="l2"),
+    "UnstructuredPruning": torchslim.UnstructuredPruning(sparsity={"fc1": 0.9, "conv2": 0.5}, method="obs"),
+    "StructuredPruning": torchslim.StructuredPruning(ratio=0.3, importance="hessian"),
+    "SemiStructuredPruning": torchslim.SemiStructuredPruning(n=1, m=4, method="obs"),
+    "VariationalDropout": torchslim.VariationalDropout(kl_weight=0.5, exclude=("fc3",)),
     "QAT": torchslim.QAT(bits=4, learned_step=True),
     "BinaryWeights": torchslim.BinaryWeights(),
     "TernaryWeights": torchslim.TernaryWeights(),
     "MixedPrecision": torchslim.MixedPrecision(),
     "StaticQuantization": torchslim.StaticQuantization(observer="entropy"),
     "DynamicQuantization": torchslim.DynamicQuantization(),
-    "WeightOnly": torchslim.WeightOnly(bits=4),
+    "WeightOnly": torchslim.WeightOnly(bits=4, method="gptq", group_size=0),
     "Float8": torchslim.Float8(),
     "WeightSharing": torchslim.WeightSharing(bits={"fc1": 3}),
+    "SoftWeightSharing": torchslim.SoftWeightSharing(components=8, tau=0.01),
     "SVD": torchslim.SVD(rank=8),
     "Tucker": torchslim.Tucker(ranks=(4, 4)),
     "CP": torchslim.CP(rank=6),
@@ -91,7 +94,8 @@ def test_search_space_turns_knobs_into_valid_configs(name):
     # Start from a config whose searched field is a single value, so the search fills in per-layer values.
     space = BUILTIN.of(config).search
     field = space.fields[0].field
-    defaults = {"sparsity": 0.5, "ratio": 0.3, "bits": 4, "rank": 4, "ranks": (4, 4)}
+    defaults = {"sparsity": 0.5, "ratio": 0.3, "bits": 4, "rank": 4, "ranks": (4, 4), "n": 2, "kl_weight": 1.0,
+                "components": 16}
     config = config.replace(**{field: defaults[field]})
     stage = torchslim.pipeline.recipe.StageSpec(name="s", config=config)
     model = LeNet5()

@@ -13,7 +13,8 @@ from .pipeline.recipe import Recipe, load_recipe
 from .training.finetune import Finetune, finetune
 from .training.train import TrainConfig, train
 from .pruning import prune
-from .pruning.config import Schedule, StructuredPruning, UnstructuredPruning
+from .pruning.config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
+from .pruning.variational import VariationalDropout
 from .quantization import (
                            QAT,
                            BinaryWeights,
@@ -23,6 +24,7 @@ from .quantization import (
                            StaticQuantization,
                            TernaryWeights,
                            WeightOnly,
+                           SoftWeightSharing,
                            WeightSharing,
                            quantize,
 )
@@ -34,9 +36,10 @@ __all__ = [
     "__version__", "Config", "config_from_dict",
     "TorchslimError", "ConfigError", "DataError", "CheckpointError", "UnsupportedModelError",
     "save", "load", "read_manifest", "evaluate", "profile", "train", "TrainConfig", "finetune",
-    "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "Finetune",
+    "prune", "Schedule", "UnstructuredPruning", "StructuredPruning", "SemiStructuredPruning", "VariationalDropout",
+    "Finetune",
     "quantize", "QAT", "BinaryWeights", "TernaryWeights", "MixedPrecision", "StaticQuantization",
-    "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing",
+    "DynamicQuantization", "WeightOnly", "Float8", "WeightSharing", "SoftWeightSharing",
     "distill", "Distillation", "decompose", "SVD", "Tucker", "CP", "export_onnx",
     "Recipe", "load_recipe", "compress", "search", "SearchOptions", "sensitivity",
 ]

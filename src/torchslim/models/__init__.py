@@ -9,15 +9,9 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ._base import _Recorded
 
 __all__ = ["LeNet300", "LeNet5", "SmallResNet", "SmallMobileNet", "build_model", "MODELS"]
-
-
-class _Recorded(nn.Module):
-    init_kwargs: dict[str, Any]
-
-    def _record(self, **kwargs: Any) -> None:
-        self.init_kwargs = dict(kwargs)
 
 
 class LeNet300(_Recorded):

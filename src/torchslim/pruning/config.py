@@ -43,25 +43,78 @@ def _check_rates(name: str, value, allow_dict: bool = True) -> None:
         check_fraction(name, value)
 
 
+UNSTRUCTURED_METHODS = ("magnitude", "hessian", "obs")
+
+
+def _check_second_order(config) -> None:
+    check_choice("method", config.method, UNSTRUCTURED_METHODS)
+    check_positive("calibration_batches", config.calibration_batches, integer=True)
+    check_fraction("damp", config.damp, allow_zero=False, allow_one=True)
+    if config.method != "magnitude" and config.schedule.kind == "gradual":
+        raise ConfigError(f"method={config.method!r} prunes from data at each step; the gradual schedule updates "
+                          "masks inside the training loop by magnitude. Use schedule kind 'oneshot' or 'iterative'")
+
+
 @dataclasses.dataclass(frozen=True)
 class UnstructuredPruning(Config):
-    """Zero individual weights of smallest magnitude.
+    """Zero individual weights.
 
     ``sparsity`` is the fraction of weights to zero: one number (for the whole model when
     ``scope="global"``, for every layer when ``scope="layer"``) or a mapping {layer name: sparsity}.
     Linear and Conv layers are pruned; ``exclude`` names layers (fnmatch patterns) to leave dense.
+    ``method``: ``magnitude`` (smallest |w|), ``hessian`` (Optimal Brain Damage: smallest ``w^2 * H_jj / 2``,
+    ``H_jj`` the Fisher diagonal from ``calibration_batches`` batches of ``data``) or ``obs`` (SparseGPT:
+    layer-wise Optimal Brain Surgeon that also updates the remaining weights to reconstruct each layer's
+    outputs on ``calibration_batches`` batches, one-shot; with ``scope="global"`` the global magnitude ranking
+    sets each layer's share). ``damp`` is the dampening added to the layer Hessians (share of their mean
+    diagonal).
     """
 
     sparsity: float | dict[str, float] = 0.5
     scope: str = "global"
     exclude: tuple[str, ...] = ()
     schedule: Schedule = Schedule()
+    method: str = "magnitude"
+    calibration_batches: int = 8
+    damp: float = 0.01
 
     def validate(self) -> None:
         _check_rates("sparsity", self.sparsity)
         check_choice("scope", self.scope, ("global", "layer"))
         if isinstance(self.sparsity, dict) and self.scope == "global":
             object.__setattr__(self, "scope", "layer")
+        _check_second_order(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SemiStructuredPruning(Config):
+    """N:M semi-structured sparsity: in every run of ``m`` consecutive inputs of a weight row, keep ``n``
+    (2:4 by default, the pattern sparse tensor cores run at up to 2x). Conv kernels are grouped along their
+    flattened (in_channels, kh, kw) rows; layers whose row length is not a multiple of ``m`` stay dense with a
+    warning naming them. ``method`` picks the weights as in :class:`UnstructuredPruning` (``obs`` also
+    reconstructs). The masks stay fixed while the schedule's ``finetune`` trains (kind ``oneshot`` only).
+    """
+
+    n: int = 2
+    m: int = 4
+    method: str = "magnitude"
+    exclude: tuple[str, ...] = ()
+    calibration_batches: int = 8
+    damp: float = 0.01
+    schedule: Schedule = Schedule()
+
+    def validate(self) -> None:
+        check_positive("n", self.n, integer=True)
+        check_positive("m", self.m, integer=True)
+        if self.n >= self.m:
+            raise ConfigError(f"N:M sparsity keeps n of every m weights: n must be < m, got n={self.n}, m={self.m} "
+                              "(2:4 is n=2, m=4)")
+        if self.m > 8:
+            raise ConfigError(f"m={self.m}: groups of at most 8 are supported (2:4 and 4:8 are the hardware ones)")
+        if self.schedule.kind != "oneshot":
+            raise ConfigError(f"SemiStructuredPruning reaches its pattern in one step; schedule.kind must be "
+                              f"'oneshot' (with finetune= for fixed-mask training), got {self.schedule.kind!r}")
+        _check_second_order(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,12 @@ segments, each pointing into a *channel space* (a union-find node) with ``n`` sl
 consecutive indices. A producer (Conv, Linear) opens a new space; elementwise ops unite the spaces of
 their operands; ``cat`` concatenates segments; ``flatten`` multiplies ``rep``. Anything the tracer does
 not understand blocks the spaces it touches (with the reason), so a group is either pruned consistently
-or left alone, never corrupted. Which op does what is decided by the op rules of ``oprules.py``, through
-the primitives of ``_Builder``.
+or left alone, never corrupted. Which op does what is decided by the op rules of ``oprules.py`` and
+``seqrules.py``, through the primitives of ``_Builder``.
+
+Some ops see a space as blocks (``spaces.py``, ties): a grouped conv reads and writes the same positions in
+every group, so a space it touches is pruned block by block alike (its group's slots are positions within a
+group); splitting channels into attention heads makes ``head_dim`` consecutive channels one slot.
 
 Pruning through LayerNorm is supported but, unlike BatchNorm, changes the statistics of the remaining
 channels, so the pruned model is then not exactly the original with those channels zeroed.
@@ -19,93 +23,32 @@ channels, so the pruned model is then not exactly the original with those channe
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..nn.modules import match
-from .oprules import call_rule, module_rule, node_arg
+from .layout import Layout as _Layout, Seg as _Seg
+from .oprules import call_rule, handles_tuples, module_rule, node_arg
+from .spaces import Spaces, constant_size, merged_dims, unit_dims_moved
 from .trace import EXCLUDED, INPUT, OUTPUT, UNSUPPORTED, Group, Member, trace_model
 
 __all__ = ["Member", "Group", "build_groups", "trace_model"]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Seg:
-    space: int
-    n: int
-    rep: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    dim: int
-    segs: tuple[_Seg, ...]
-
-    @property
-    def width(self) -> int:
-        return sum(s.n * s.rep for s in self.segs)
-
-    def with_offsets(self) -> Iterator[tuple[int, _Seg]]:
-        off = 0
-        for s in self.segs:
-            yield off, s
-            off += s.n * s.rep
-
-    def signature(self) -> tuple:
-        return tuple((s.n, s.rep) for s in self.segs)
-
-
-class _Builder:
+class _Builder(Spaces):
     """Walks the traced graph once, building channel spaces, their members and blocking reasons."""
 
     def __init__(self, gm: fx.GraphModule, exclude: tuple[str, ...] = ()):
         self.gm = gm
         self.exclude = exclude
-        self.parent: list[int] = []
-        self.sizes: list[int] = []
-        self.members: list[list[tuple[int, Member]]] = []
-        self.reasons: list[list[tuple[str, str]]] = []
+        super().__init__()
         self.layouts: dict[fx.Node, _Layout] = {}
-        self.order = 0
+        self.tuple_layouts: dict[fx.Node, tuple] = {}  # nodes returning tuples: a layout (or None) per item
         self.shared = self._shared_modules()
-
-    # -- union-find over channel spaces --------------------------------------------------------
-    def new_space(self, n: int, reason: tuple[str, str] | None = None) -> int:
-        self.parent.append(len(self.parent))
-        self.sizes.append(n)
-        self.members.append([])
-        self.reasons.append([reason] if reason else [])
-        return len(self.parent) - 1
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> None:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return
-        if b < a:  # keep the oldest space as root so the group's leader is its first producer
-            a, b = b, a
-        self.parent[b] = a
-        self.members[a] += self.members[b]
-        self.reasons[a] += self.reasons[b]
-        self.members[b], self.reasons[b] = [], []
-
-    def block(self, layout: _Layout | None, kind: str, why: str) -> None:
-        if layout is not None:
-            for s in layout.segs:
-                self.reasons[self.find(s.space)].append((kind, why))
-
-    def add(self, space: int, member: Member) -> None:
-        self.members[self.find(space)].append((self.order, member))
 
     def fixed(self, n: int, dim: int, kind: str, why: str) -> _Layout:
         return _Layout(dim, (_Seg(self.new_space(n, (kind, why)), n, 1),))
@@ -170,8 +113,9 @@ class _Builder:
                 continue
             if "tensor_meta" not in node.meta:
                 continue  # sizes, dims, shapes: no tensor, no channels
-            if any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node)) \
-                    or self.shape(node) is None:
+            if not handles_tuples(node, self.gm) and (
+                    any(self.shape(n) is None and "tensor_meta" in n.meta for n in self.inputs(node))
+                    or self.shape(node) is None):
                 excluded = node.op == "call_module" and match(node.target, self.exclude)
                 self.unknown(node, f"{self.describe(node)} takes or returns a tuple of tensors"
                              + (" (excluded)" if excluded else ""), EXCLUDED if excluded else UNSUPPORTED)
@@ -226,11 +170,30 @@ class _Builder:
                 segs.append(_Seg(s.space, s.n, s.rep * k))
             self.layouts[node] = _Layout(1, tuple(segs))
         else:
-            why = (f"grouped conv {name!r} (groups={mod.groups}) couples channels group-wise; only groups=1 "
-                   "and depthwise convs are pruned")
-            self.block(layout, UNSUPPORTED, why)
-            self.layouts[node] = self.fixed(mod.out_channels, 1, UNSUPPORTED, why)
-            self.add(self.layouts[node].segs[0].space, Member(name, "weight", 0, 0, 1, "out"))
+            self.grouped_conv(node, mod, layout, params, name)
+
+    def grouped_conv(self, node: fx.Node, mod: nn.Module, layout: _Layout, params: list[str], name: str) -> None:
+        """A conv with 1 < groups < in_channels: weight dim 1 indexes the position within a group, so the same
+        positions are removed from every input group (and, independently, from every output group)."""
+        g = mod.groups
+        cg_in, cg_out = mod.in_channels // g, mod.out_channels // g
+        reps = {s.rep for s in layout.segs}
+        rep = reps.pop() if len(reps) == 1 else 0
+        aligned = rep and cg_in % rep == 0 and all(off % cg_in == 0 and (s.n * s.rep) % cg_in == 0
+                                                  for off, s in layout.with_offsets())
+        if aligned:
+            positions = self.new_space(cg_in // rep)
+            self.add(positions, Member(name, "weight", 1, 0, rep, "in"))
+            for _, s in layout.with_offsets():
+                self.tie(s.space, positions, cg_in // rep)
+        else:
+            self.block(layout, UNSUPPORTED, f"grouped conv {name!r} (groups={g}) reads channels whose concatenated "
+                                            "parts do not line up with its groups")
+        space = self.new_space(mod.out_channels)
+        for p in params:
+            self.add(space, Member(name, p, 0, 0, 1, "out"))
+        self.tie(space, self.new_space(cg_out), cg_out)
+        self.layouts[node] = _Layout(1, (_Seg(space, mod.out_channels, 1),))
 
     def linear(self, node: fx.Node, mod: nn.Linear, x: fx.Node, name: str | None = None) -> None:
         name = name or node.target
@@ -331,20 +294,49 @@ class _Builder:
         else:
             self.unknown(node, f"{self.describe(node)} flattens the channel dim into a preceding dim")
 
-    def reshape(self, node: fx.Node, x: fx.Node) -> None:
+    def reshape(self, node: fx.Node, x: fx.Node, sizes: list | None = None) -> None:
+        """``sizes``: the requested shape as written in the forward (ints and nodes), to tell a width fixed by
+        a constant, which pruning would break, from one computed at run time (``-1``, ``x.size(...)``)."""
         src, dst = self.shape(x), self.shape(node)
-        if src == dst:
-            if x in self.layouts:
-                self.layouts[node] = self.layouts[x]
+        layout = self.layouts.get(x)
+        fixed = sizes is not None and len(sizes) == len(dst)
+        if layout is not None and src[:layout.dim] == dst[:layout.dim] and dst[layout.dim + 2:] == \
+                src[layout.dim + 1:] and dst[layout.dim] * dst[layout.dim + 1] == src[layout.dim]:
+            return self.split(node, layout, dst[layout.dim + 1], fixed and constant_size(sizes[layout.dim]))
+        moved = unit_dims_moved(src, dst, layout.dim) if layout is not None else None
+        if src == dst or moved is not None:
+            if layout is not None:
+                self.layouts[node] = _Layout(layout.dim if moved is None else moved, layout.segs)
+        else:
+            merge = merged_dims(src, dst, layout.dim if layout is not None else None)
+            if merge is None:
+                return self.unknown(node, f"{self.describe(node)} reshapes {list(src)} -> {list(dst)}, which is not "
+                                          "a flatten; the channel tracer cannot follow it")
+            self.flatten(node, x, *merge)
+        out = self.layouts.get(node)
+        if out is not None and fixed and constant_size(sizes[out.dim]):
+            del self.layouts[node]
+            self.unknown(node, f"{self.describe(node)} gives the channel dim the constant size {sizes[out.dim]}; "
+                               "write -1 there (or compute it from the input's size) to let them be pruned")
+
+    def split(self, node: fx.Node, layout: _Layout, width: int, constant: bool) -> None:
+        """The channel dim split into (heads, ``width``): a head (``width`` consecutive channels) is one slot."""
+        if constant:
+            return self.unknown(node, f"{self.describe(node)} splits the channels into a constant number of heads; "
+                                      "write -1 for the head count to let heads be pruned")
+        if width == 1:  # (..., C) -> (..., C, 1): the channels stay where they are
+            self.layouts[node] = layout
             return
-        for start in range(len(src)):
-            for end in range(start + 1, len(src)):
-                merged = src[:start] + (math.prod(src[start:end + 1]),) + src[end + 1:]
-                layout = self.layouts.get(x)
-                if merged == dst and (layout is None or not start < layout.dim <= end):
-                    return self.flatten(node, x, start, end)
-        self.unknown(node, f"{self.describe(node)} reshapes {list(src)} -> {list(dst)}, which is not a "
-                           "flatten; the channel tracer cannot follow it")
+        segs = []
+        for off, s in layout.with_offsets():
+            if width % s.rep or off % width or (s.n * s.rep) % width:
+                return self.unknown(node, f"{self.describe(node)} splits the channels into heads that do not line "
+                                          "up with the parts of a concatenation")
+            f = width // s.rep
+            heads = self.new_space(s.n // f)
+            self.tie(s.space, heads, s.n // f, f)
+            segs.append(_Seg(heads, s.n // f, 1))
+        self.layouts[node] = _Layout(layout.dim, tuple(segs))
 
     def reduce(self, node: fx.Node, x: fx.Node) -> None:
         layout, nd = self.layouts.get(x), len(self.shape(x))
@@ -362,11 +354,12 @@ class _Builder:
 
     # -- result ----------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
+        where, extra = self.resolve_ties()
         out = []
         for root in range(len(self.parent)):
-            if self.find(root) != root:
+            if self.find(root) != root or root in where:
                 continue
-            members = [m for _, m in sorted(self.members[root], key=lambda om: om[0])]
+            members = [m for _, m in sorted(self.members[root] + extra.get(root, []), key=lambda om: om[0])]
             producers = [m for m in members if m.role == "out"]
             if not producers:
                 continue  # e.g. the model input's channels: nothing to remove

@@ -15,15 +15,15 @@ from torch import nn
 
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..core.registry import Registry
-from ..data.batches import call_model, split_batch, to_device
+from ..data.batches import batch_size, call_model, select, split_batch, to_device
 from ..metrics.evaluate import model_device
 from ..training.losses import LossFn, resolve_loss
 from .graph import Group, Member
 
 __all__ = ["Importance", "register_importance", "importance_names", "group_importance", "bn_l1_penalty",
-           "METHODS"]
+           "fisher_diagonal", "obd_saliency", "METHODS"]
 
-METHODS = ("l1", "l2", "taylor", "bn_scale")
+METHODS = ("l1", "l2", "taylor", "bn_scale", "hessian")
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -45,7 +45,7 @@ def _magnitude(model: nn.Module, group: Group, power: int) -> torch.Tensor:
     score = torch.zeros(group.size)
     for m in group.members:
         # Weights carry the importance; biases and running stats would mix in unrelated scales.
-        if m.param != "weight":
+        if not m.param.startswith("weight"):  # recurrent layers: weight_ih_l0, weight_hh_l0, ...
             continue
         t = _tensor(model, m)
         if t is not None:
@@ -67,19 +67,17 @@ def _bn_scale(model: nn.Module, group: Group) -> torch.Tensor:
     return score
 
 
-def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: LossFn | str | None,
-            batches: int) -> list[torch.Tensor]:
-    """|sum over each channel's weights of grad * weight| per batch, summed over batches and members
-    (Molchanov et al. 2019), the gradient being that of ``loss_fn`` (default cross-entropy). Runs in eval
-    mode so BN statistics and dropout stay untouched."""
+def _gradient_passes(model: nn.Module, params: dict, data: Iterable, loss_fn: LossFn | str | None, batches: int,
+                     visit: Callable[[dict], None], what: str, splits: int = 1) -> None:
+    """Backward passes of ``loss_fn`` (default cross-entropy) over ``batches`` batches of ``data``, each cut into
+    up to ``splits`` micro-batches, calling ``visit({key: parameter})`` after each pass while the gradients are
+    fresh. Runs in eval mode so BN statistics and dropout stay untouched; gradients and ``requires_grad`` flags
+    are restored afterwards."""
     if data is None:
-        raise ConfigError("importance='taylor' needs data= (a loader of training batches)")
+        raise ConfigError(f"{what} needs data= (a loader of training batches)")
     loss = resolve_loss(loss_fn)
-    params = {(m.module, m.param): _tensor(model, m) for g in groups for m in g.members}
-    params = {k: p for k, p in params.items() if isinstance(p, nn.Parameter)}
     saved = {p: (p.grad, p.requires_grad) for p in model.parameters()}
     modes = {mod: mod.training for mod in model.modules()}
-    scores = [torch.zeros(g.size) for g in groups]
     device = model_device(model)
     seen = 0
     try:
@@ -91,15 +89,15 @@ def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: Loss
                 break
             batch = to_device(batch, device)
             inputs, _ = split_batch(batch, keep_labels=loss.keep_labels)
-            model.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                loss(call_model(model, inputs), batch).backward()
-            for g, score in zip(groups, scores):
-                for m in g.members:
-                    p = params.get((m.module, m.param))
-                    if p is not None and p.grad is not None:
-                        prod = (p.detach() * p.grad).float()
-                        score += _slots(prod, m, g.size).sum(1).abs().cpu()
+            n = batch_size(inputs) if splits > 1 else 1
+            step = -(-n // splits)
+            for start in range(0, n, step):
+                part = batch if splits == 1 else select(batch, slice(start, start + step))
+                inputs, _ = split_batch(part, keep_labels=loss.keep_labels)
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss(call_model(model, inputs), part).backward()
+                visit(params)
             seen += 1
     finally:
         for p, (grad, requires_grad) in saved.items():
@@ -108,7 +106,72 @@ def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: Loss
         for mod, training in modes.items():
             mod.training = training
     if seen == 0:
-        raise DataError("taylor importance: data= yielded no batches")
+        raise DataError(f"{what}: data= yielded no batches")
+
+
+def _group_params(model: nn.Module, groups: list[Group]) -> dict:
+    params = {(m.module, m.param): _tensor(model, m) for g in groups for m in g.members}
+    return {k: p for k, p in params.items() if isinstance(p, nn.Parameter)}
+
+
+def _taylor(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: LossFn | str | None,
+            batches: int) -> list[torch.Tensor]:
+    """|sum over each channel's weights of grad * weight| per batch, summed over batches and members
+    (Molchanov et al. 2019), the gradient being that of ``loss_fn`` (default cross-entropy)."""
+    scores = [torch.zeros(g.size) for g in groups]
+
+    def visit(params: dict) -> None:
+        for g, score in zip(groups, scores):
+            for m in g.members:
+                p = params.get((m.module, m.param))
+                if p is not None and p.grad is not None:
+                    prod = (p.detach() * p.grad).float()
+                    score += _slots(prod, m, g.size).sum(1).abs().cpu()
+
+    _gradient_passes(model, _group_params(model, groups), data, loss_fn, batches, visit, "importance='taylor'")
+    return scores
+
+
+FISHER_SPLITS = 16
+
+
+def fisher_diagonal(model: nn.Module, params: dict, data: Iterable, loss_fn: LossFn | str | None = None,
+                    batches: int = 4, what: str = "importance='hessian'", splits: int = FISHER_SPLITS) -> dict:
+    """The empirical Fisher diagonal ``mean of grad^2`` of each of ``params`` ({key: Parameter}), the
+    Hessian-diagonal estimate of Optimal Brain Damage (LeCun et al. 1990) at a trained minimum, over
+    ``batches`` batches of ``data`` each cut into ``splits`` micro-batches: at a minimum the gradient of a whole
+    batch averages out to almost nothing, while micro-batch gradients keep the per-sample signal."""
+    sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
+    count = [0]
+
+    def visit(ps: dict) -> None:
+        for k, p in ps.items():
+            if p.grad is not None:
+                sums[k] += p.grad.detach().float() ** 2
+        count[0] += 1
+
+    _gradient_passes(model, params, data, loss_fn, batches, visit, what, splits)
+    return {k: v / count[0] for k, v in sums.items()}
+
+
+def obd_saliency(weight: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """OBD saliency ``w^2 * H_jj / 2``: the loss increase of zeroing each weight under a diagonal Hessian."""
+    return weight.detach().float() ** 2 * fisher / 2
+
+
+def _hessian(model: nn.Module, groups: list[Group], data: Iterable, loss_fn: LossFn | str | None,
+             batches: int) -> list[torch.Tensor]:
+    """OBD saliency summed over every coupled parameter slice of each channel."""
+    params = _group_params(model, groups)
+    fisher = fisher_diagonal(model, params, data, loss_fn, batches)
+    scores = []
+    for g in groups:
+        score = torch.zeros(g.size)
+        for m in g.members:
+            p = params.get((m.module, m.param))
+            if p is not None:
+                score += _slots(obd_saliency(p, fisher[(m.module, m.param)]), m, g.size).sum(1).cpu()
+        scores.append(score)
     return scores
 
 
@@ -162,6 +225,17 @@ class Taylor(Importance):
         return _taylor(model, groups, data, loss_fn, batches)
 
 
+class Hessian(Importance):
+    """Optimal Brain Damage: ``w^2 * H_jj / 2`` summed per channel, ``H_jj`` the empirical Fisher diagonal
+    (squared gradients of ``loss_fn`` over ``batches`` batches of ``data``)."""
+
+    needs_data = True
+
+    def __call__(self, model: nn.Module, groups: list[Group], *, data: Iterable | None = None,
+                 loss_fn: LossFn | None = None, batches: int = 4) -> list[torch.Tensor]:
+        return _hessian(model, groups, data, loss_fn, batches)
+
+
 class _PerGroup(Importance):
     """A plain function ``fn(model, group) -> scores`` as a criterion."""
 
@@ -174,6 +248,7 @@ class _PerGroup(Importance):
 
 BUILTIN_IMPORTANCES: tuple[tuple[str, Importance], ...] = (
     ("l1", Magnitude(1)), ("l2", Magnitude(2)), ("taylor", Taylor()), ("bn_scale", BNScale()),
+    ("hessian", Hessian()),
 )
 IMPORTANCES: Registry[str, Importance] = Registry("importance criterion", dict(BUILTIN_IMPORTANCES))
 

@@ -29,12 +29,13 @@ from torch import fx, nn
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from .seqrules import SEQUENCE_RULES, handles_tuples
 
 if TYPE_CHECKING:
     from .graph import _Builder
 
 __all__ = ["OpRule", "register_op_rule", "elementwise", "per_channel", "submodule", "module_rule", "call_rule",
-           "traced_whole", "node_arg"]
+           "traced_whole", "node_arg", "handles_tuples"]
 
 OpRule = Callable[["_Builder", fx.Node, Optional[nn.Module], Optional[str]], None]
 
@@ -136,7 +137,10 @@ def _cat(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
 
 
 def _reshape(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
-    tracer.reshape(node, _input(node))
+    sizes = list(node.args[1:]) if node.op == "call_method" else [node_arg(node, 1, "shape")]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    tracer.reshape(node, _input(node), sizes)
 
 
 def _reduce(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
@@ -170,7 +174,7 @@ _SPATIAL = (  # (module class, function, number of trailing spatial dims)
 _REDUCTIONS = ("mean", "sum", "amax", "amin")
 
 BUILTIN_RULES: tuple[tuple[Any, OpRule], ...] = (
-    (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),
+    (nn.Conv1d, _conv), (nn.Conv2d, _conv), (nn.Conv3d, _conv),  # transposed convs: seqrules
     (nn.Linear, _linear),
     (nn.modules.batchnorm._BatchNorm, _batch_norm), (nn.modules.instancenorm._InstanceNorm, _batch_norm),
     (nn.LayerNorm, _layer_norm),
@@ -188,6 +192,7 @@ BUILTIN_RULES: tuple[tuple[Any, OpRule], ...] = (
     *((m, elementwise) for m in _ELEMENTWISE_METHODS),
     ("view", _reshape), ("reshape", _reshape), ("flatten", _flatten_call),
     *((r, _reduce) for r in _REDUCTIONS),
+    *SEQUENCE_RULES,
 )
 """The tracer's built-in rules, keyed by module class, function or method name."""
 

@@ -9,8 +9,9 @@ from ..core.errors import ConfigError
 from ..metrics.evaluate import Metric
 from ..training.losses import LossFn
 from ..training.train import train
-from .config import Schedule, StructuredPruning, UnstructuredPruning
+from .config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
 from .importance import bn_l1_penalty
+from .nm import semi_structured_prune
 from .structured import structured_prune
 from .unstructured import (
     apply_masks,
@@ -64,9 +65,20 @@ def run_unstructured(model: nn.Module, config: UnstructuredPruning, data=None, v
         return _gradual_unstructured(model, config, data, val_data, loss_fn, metric)
     summary: dict = {}
     for share in step_targets(sched):
-        summary = unstructured_prune(model, config, _scale(config.sparsity, share))
+        summary = unstructured_prune(model, config, _scale(config.sparsity, share), data=data, loss_fn=loss_fn)
         if sched.finetune is not None:
             train(model, data, sched.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
+    return summary
+
+
+def run_semi_structured(model: nn.Module, config: SemiStructuredPruning, data=None, val_data=None, *,
+                        loss_fn: LossFn | str | None = None, metric: Metric | None = None) -> dict:
+    """Apply the N:M masks of ``config`` to ``model`` in place, then fine-tune with the masks fixed when the
+    schedule says so; returns per-layer sparsity."""
+    _require_data(config, data)
+    summary = semi_structured_prune(model, config, data=data, loss_fn=loss_fn)
+    if config.schedule.finetune is not None:
+        train(model, data, config.schedule.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     return summary
 
 

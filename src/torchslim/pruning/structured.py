@@ -146,7 +146,10 @@ def plan_keep(groups: list[Group], scores: list[torch.Tensor], ratios: list[floa
 
 def _member_size(module: nn.Module, param: str, dim: int) -> int:
     if not param:
-        return module.num_features if hasattr(module, "num_features") else module.normalized_shape[dim]
+        for attr in ("num_features", "num_channels"):
+            if hasattr(module, attr):
+                return getattr(module, attr)
+        return module.normalized_shape[dim]
     return getattr(module, param).shape[dim]
 
 
@@ -194,7 +197,13 @@ def apply_keep(model: nn.Module, groups: list[Group], keeps: list[list[int]]) ->
 
 def _update_attributes(module: nn.Module, count: int) -> None:
     """Make the layer's size attributes match its sliced tensors (``count``: its per-channel size)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.RNNBase):
+        module.hidden_size = module.weight_hh_l0.shape[1]
+        module.input_size = module.weight_ih_l0.shape[1]
+        module._init_flat_weights()  # the parameters were replaced behind nn.RNNBase's own bookkeeping
+    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
+        module.in_channels, module.out_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.conv._ConvNd):
         w = module.weight
         if module.groups > 1 and module.groups == module.in_channels:  # depthwise: k outputs per input
             k = module.out_channels // module.in_channels
@@ -208,6 +217,8 @@ def _update_attributes(module: nn.Module, count: int) -> None:
         module.normalized_shape = (count,) + tuple(module.normalized_shape[1:])
     elif isinstance(module, nn.PReLU):
         module.num_parameters = count
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = count
     elif hasattr(module, "num_features"):
         module.num_features = count
 
@@ -247,7 +258,8 @@ def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs
 
     Returns ``{"groups": n, "pruned_groups": n, "removed_channels": {leader: [before, after]},
     "kept": {leader: [kept channel indices]}, "members": {leader: [coupled tensor slices as dicts]},
-    "skipped": [{"group": leader, "reason": why}]}`` (plain data: JSON-serialisable).
+    "skipped": [{"group": leader, "reason": why}]}`` (plain data: JSON-serialisable). A group's channels are
+    its slots: positions within a group for grouped convs, heads for attention split into heads.
     Groups skipped because of an op the tracer does not understand also raise a warning.
     """
     if not isinstance(config, StructuredPruning):
@@ -302,7 +314,8 @@ def structured_prune(model: nn.Module, config: StructuredPruning, example_inputs
 
 def masked_like(original: nn.Module, summary: dict) -> nn.Module:
     """A copy of the unpruned ``original`` with the channels ``summary`` removed zeroed where they are
-    produced (weight rows and bias of each producer, gamma and beta of each BatchNorm in the group).
+    produced (weight rows and bias of each producer, gamma and beta of each BatchNorm in the group, every gate
+    row of a recurrent layer's hidden unit).
 
     In eval mode it computes what the pruned model computes (up to float rounding) as long as removed
     channels stay zero downstream (ReLU-like activations, no LayerNorm over channels): a correctness check.
@@ -312,7 +325,7 @@ def masked_like(original: nn.Module, summary: dict) -> nn.Module:
         members = [Member(**m) for m in summary["members"][leader]]
         removed = sorted(set(range(summary["removed_channels"][leader][0])) - set(keep))
         for m in members:
-            if m.role in ("out", "norm") and m.param in ("weight", "bias") and removed:
+            if m.role in ("out", "norm") and m.param.startswith(("weight", "bias")) and removed:
                 t = getattr(masked.get_submodule(m.module), m.param)
                 idx = torch.tensor([m.offset + k * m.rep + j for k in removed for j in range(m.rep)])
                 with torch.no_grad():

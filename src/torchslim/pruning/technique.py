@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
 
 from ..core.config import Config
-from ..core.rates import soften_field
+from ..core.rates import int_choice, soften_field
 from ..core.technique import FieldSpace, SearchSpace, Technique
 from . import prune
-from .config import Schedule, StructuredPruning, UnstructuredPruning
+from . import nm
+from .config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
 from .graph import build_groups
 from .unstructured import prunable_layers
+from .variational import VariationalDropout
 
 SPARSITY_GRID = (0.3, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 RATIO_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -51,7 +54,7 @@ def _apply_structured(config: Config, values: dict[str, Any]) -> Config:
 
 
 UNSTRUCTURED = Technique(
-    config=UnstructuredPruning, apply=prune, family="unstructured",
+    config=UnstructuredPruning, apply=prune, family="unstructured", codecs=nm.CODECS,
     cannot_follow={"quantize": _QUANTIZED},
     search=SearchSpace(
         fields=(FieldSpace("sparsity", low=0.0, high=0.99, mild=0.0, grid=SPARSITY_GRID, layers=_prunable),),
@@ -67,4 +70,35 @@ STRUCTURED = Technique(
                            valid=_all_leaders, reduces=frozenset({"size", "macs", "latency"})),),
         apply=_apply_structured, oneshot=_no_schedule, soften=soften_field("ratio")))
 
-TECHNIQUES = (UNSTRUCTURED, STRUCTURED)
+def _apply_nm(config: Config, values: dict[str, Any]) -> Config | None:
+    n = int(values.get("n", config.n))
+    return None if n >= config.m else config.replace(n=n)  # n = m keeps every weight: nothing to do
+
+
+def _soften_nm(config: Config, factor: float) -> Config | None:
+    n = min(config.m, math.ceil(config.n / factor))
+    return None if n >= config.m or n == config.n else config.replace(n=n)
+
+
+SEMI_STRUCTURED = Technique(
+    config=SemiStructuredPruning, apply=prune, family="unstructured", codecs=nm.CODECS,
+    cannot_follow={"quantize": _QUANTIZED},
+    search=SearchSpace(
+        # Weights kept per group of m (4 by default): 4 is dense, 2 is 2:4.
+        fields=(FieldSpace("n", low=1, high=4, mild=4, grid=(3, 2, 1), encode=int_choice, choices=(4, 3, 2, 1)),),
+        apply=_apply_nm, oneshot=_no_schedule, soften=_soften_nm))
+
+
+# The KL weight sets how much accuracy sparse variational dropout trades for sparsity (0: none pruned). A
+# one-shot scan trains one step, which prunes next to nothing: the scan sees the mild end.
+KL_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+VARIATIONAL = Technique(
+    config=VariationalDropout, apply=prune, family="unstructured",
+    cannot_follow={"quantize": _QUANTIZED},
+    search=SearchSpace(
+        fields=(FieldSpace("kl_weight", low=0.0, high=4.0, mild=0.0, grid=KL_GRID),),
+        apply=lambda config, values: config.replace(**values),
+        oneshot=lambda config: config.replace(train=config.train.replace(max_steps=1)),
+        soften=soften_field("kl_weight")))
+
+TECHNIQUES = (UNSTRUCTURED, STRUCTURED, SEMI_STRUCTURED, VARIATIONAL)

@@ -13,34 +13,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..core.errors import UnsupportedModelError
 from ..data.batches import as_example_inputs
 from ..nn.modules import match
+from .layout import EXCLUDED, INPUT, OUTPUT, UNSUPPORTED, Member
 from .oprules import traced_whole
 
 __all__ = ["Member", "Group", "trace_model", "OUTPUT", "INPUT", "UNSUPPORTED", "EXCLUDED"]
-
-# Reason kinds; only "unsupported" is worth a warning (the others are by design or asked for).
-OUTPUT, INPUT, UNSUPPORTED, EXCLUDED = "output", "input", "unsupported", "excluded"
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One tensor slice of a group: channel slot ``k`` is indices ``offset + k*rep ... offset + (k+1)*rep - 1``
-    of dim ``dim`` of ``<module>.<param>``. ``param == ""`` marks a layer with no per-channel tensor
-    whose channel count (``num_features``/``normalized_shape``) still changes. ``role`` is ``"out"`` (a
-    layer's output channels), ``"in"`` (a layer's input channels) or ``"norm"`` (a per-channel op)."""
-
-    module: str
-    param: str
-    dim: int
-    offset: int
-    rep: int
-    role: str
-
-    def describe(self) -> str:
-        where = f"{self.module}.{self.param}" if self.param else f"{self.module} (channel count)"
-        extra = f", offset {self.offset}" if self.offset else ""
-        extra += f", {self.rep} indices per channel" if self.rep != 1 else ""
-        return f"{where} dim {self.dim} [{self.role}{extra}]"
-
 
 @dataclasses.dataclass
 class Group:

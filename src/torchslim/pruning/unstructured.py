@@ -1,4 +1,5 @@
-"""Unstructured magnitude pruning through ``torch.nn.utils.prune`` masks (weights stay zero while training)."""
+"""Unstructured pruning (magnitude, OBD saliency or SparseGPT reconstruction) through ``torch.nn.utils.prune``
+masks (weights stay zero while training)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from torch.nn.utils import prune as torch_prune
 from ..core.errors import ConfigError, UnsupportedModelError
 from ..nn.masks import attach_mask, effective, effective_chunks
 from ..nn.modules import check_patterns, match
+from ..training.losses import LossFn
 from .config import UnstructuredPruning
+from .importance import fisher_diagonal, obd_saliency
+from .obs import obs_prune
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -133,17 +137,74 @@ def _keep_masks(layers: dict[str, nn.Module], n_prune: int) -> dict[str, torch.T
 
 
 def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float],
-                    scope: str) -> dict[str, torch.Tensor]:
-    """Boolean masks that zero the smallest-magnitude weights, ``scope="global"`` across all ``layers``."""
+                    scope: str, scores: Callable[[str, nn.Module], torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Boolean masks that zero the smallest-magnitude weights, ``scope="global"`` across all ``layers``;
+    ``scores(name, module)`` ranks by another non-negative saliency instead of |w|."""
+    if scores is not None:
+        return _score_masks(layers, sparsity, scope, scores)
     if isinstance(sparsity, dict):
-        unknown = sorted(set(sparsity) - set(layers))
-        if unknown:
-            raise ConfigError(f"sparsity names unknown or excluded layer(s) {unknown}; prunable layers: "
-                              f"{sorted(layers)}")
+        _check_names(sparsity, layers)
         return {n: _keep_masks({n: layers[n]}, round(s * layers[n].weight.numel()))[n] for n, s in sparsity.items()}
     if scope == "layer":
         return {n: _keep_masks({n: m}, round(sparsity * m.weight.numel()))[n] for n, m in layers.items()}
     return _keep_masks(layers, round(sparsity * sum(m.weight.numel() for m in layers.values())))
+
+
+def _score_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float], scope: str,
+                 scores: Callable[[str, nn.Module], torch.Tensor]) -> dict[str, torch.Tensor]:
+    if isinstance(sparsity, dict) or scope == "layer":
+        rates = sparsity if isinstance(sparsity, dict) else dict.fromkeys(layers, sparsity)
+        return {n: _keep_top(scores(n, layers[n]).contiguous(), round(s * layers[n].weight.numel()))
+                for n, s in rates.items()}
+    flat = torch.cat([scores(n, m).reshape(-1) for n, m in layers.items()])
+    keep = _keep_top(flat, round(sparsity * flat.numel()))
+    masks, offset = {}, 0
+    for n, m in layers.items():
+        masks[n] = keep[offset:offset + m.weight.numel()].view_as(m.weight)
+        offset += m.weight.numel()
+    return masks
+
+
+def _weight_param(module: nn.Module) -> nn.Parameter:
+    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
+
+
+def hessian_scores(model: nn.Module, layers: dict[str, nn.Module], data, loss_fn: LossFn | str | None,
+                   batches: int) -> Callable[[str, nn.Module], torch.Tensor]:
+    """OBD saliency ``w^2 * F_jj / 2`` of every weight of ``layers`` (``F`` the Fisher diagonal on ``data``)."""
+    fisher = fisher_diagonal(model, {n: _weight_param(m) for n, m in layers.items()}, data, loss_fn, batches,
+                             what="UnstructuredPruning(method='hessian')")
+    saliency = {n: obd_saliency(effective(m), fisher[n]) for n, m in layers.items()}
+    return lambda name, module: saliency[name]
+
+
+def _rates(layers: dict[str, nn.Module], sparsity: float | dict[str, float], scope: str) -> dict[str, float]:
+    """Each layer's sparsity: given, uniform (``scope="layer"``) or set by the global magnitude ranking."""
+    if isinstance(sparsity, dict):
+        return dict(sparsity)
+    if scope == "layer":
+        return dict.fromkeys(layers, sparsity)
+    masks = magnitude_masks(layers, sparsity, scope)
+    return {n: 1.0 - float(k.float().mean()) for n, k in masks.items()}
+
+
+def obs_masks(model: nn.Module, layers: dict[str, nn.Module], sparsity: float | dict[str, float], scope: str,
+              data, config) -> dict[str, torch.Tensor]:
+    """SparseGPT masks (the surviving weights reconstructed in place) for ``layers`` at ``sparsity``."""
+    rates = _rates(layers, sparsity, scope)
+
+    def fallback(name: str, m: nn.Module) -> torch.Tensor:
+        return _keep_top(effective(m).detach().abs(), round(rates[name] * m.weight.numel()))
+
+    return obs_prune(model, {n: layers[n] for n in rates}, data, rates=rates, batches=config.calibration_batches,
+                     damp=config.damp, what=f"{type(config).__name__}(method='obs')", fallback=fallback)
+
+
+def _check_names(sparsity: dict[str, float], layers: dict[str, nn.Module]) -> None:
+    unknown = sorted(set(sparsity) - set(layers))
+    if unknown:
+        raise ConfigError(f"sparsity names unknown or excluded layer(s) {unknown}; prunable layers: {sorted(layers)}")
 
 
 def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
@@ -157,15 +218,25 @@ def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) ->
 
 
 def unstructured_prune(model: nn.Module, config: UnstructuredPruning,
-                       sparsity: float | dict[str, float] | None = None) -> dict[str, float]:
-    """Mask ``model`` in place to ``sparsity`` (default ``config.sparsity``); returns per-layer sparsity."""
+                       sparsity: float | dict[str, float] | None = None, *, data=None,
+                       loss_fn: LossFn | str | None = None) -> dict[str, float]:
+    """Mask ``model`` in place to ``sparsity`` (default ``config.sparsity``) by ``config.method``; returns
+    per-layer sparsity. ``data`` (and ``loss_fn``, for ``hessian``) feed the second-order methods."""
     check_patterns(f"{type(config).__name__}.exclude", config.exclude, prunable_layers(model), "Linear/Conv")
     layers = prunable_layers(model, config.exclude)
     if not layers:
         raise UnsupportedModelError(f"{type(model).__name__} has no Linear/Conv layer to prune "
                                     f"(after exclude={list(config.exclude)})")
     _check_finite(layers)
-    masks = magnitude_masks(layers, config.sparsity if sparsity is None else sparsity, config.scope)
+    sparsity = config.sparsity if sparsity is None else sparsity
+    if isinstance(sparsity, dict):
+        _check_names(sparsity, layers)
+    if config.method == "obs":
+        masks = obs_masks(model, layers, sparsity, config.scope, data, config)
+    else:
+        scores = None if config.method == "magnitude" else hessian_scores(model, layers, data, loss_fn,
+                                                                          config.calibration_batches)
+        masks = magnitude_masks(layers, sparsity, config.scope, scores)
     apply_masks(layers, masks)
     del masks
     return layer_sparsity(model, config.exclude)

@@ -6,6 +6,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from ..core.errors import ConfigError, UnsupportedModelError
 from ..data.batches import as_example_inputs, call_model
@@ -14,6 +15,7 @@ from ..nn.modules import check_patterns, copy_model, match
 from .backends.cuda import Fp8Linear, faster_than_bf16, fp8_supported
 from .backends.dynamic import DynamicInt8Linear, DynamicInt8RNN
 from .backends.weight_only import WeightOnlyLinear
+from .gptq import gptq_layers
 from .ptq import DYNAMIC_LAYERS, DynamicQuantization, Float8, WeightOnly, report_float
 
 __all__ = ["apply_dynamic", "apply_weight_only", "apply_fp8"]
@@ -98,17 +100,41 @@ def apply_dynamic(model: nn.Module, config: DynamicQuantization, *, calibration_
 
 def apply_weight_only(model: nn.Module, config: WeightOnly, *, calibration_data=None, example_inputs=None,
                       data=None, val_data=None) -> nn.Module:
-    """Quantize a copy of ``model``'s Linear weights to ``config.bits`` in groups; activations stay float."""
+    """Quantize a copy of ``model``'s Linear weights to ``config.bits`` in groups; activations stay float.
+    ``config.method="gptq"`` reconstructs each layer from calibration activations of ``data``."""
     if not isinstance(config, WeightOnly):
         raise ConfigError(f"apply_weight_only takes a WeightOnly config, got {type(config).__name__}")
     rows = _rows_per_layer(model, example_inputs)
+    prebuilt: dict[str, nn.Module] = {}
 
-    def choose(name: str, module: nn.Module):
+    def fit(name: str, module: nn.Module) -> int | str:
+        """The layer's group size, or why it stays float."""
         if type(module) is not nn.Linear:
             return "weight-only quantization covers Linear layers"
-        if module.in_features % config.group_size:
+        group_size = config.group_size or module.in_features
+        if module.in_features % group_size:
             return f"group_size={config.group_size} does not divide in_features={module.in_features}"
-        q = WeightOnlyLinear.from_float(module, config.bits, config.group_size, config.symmetric)
+        return group_size
+
+    if config.method == "gptq":
+        model = _unmasked_copy(model)
+        check_patterns("WeightOnly.exclude", config.exclude, [n for n, _ in model.named_modules() if n])
+        opaque = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        layers = {name: (m, fit(name, m)) for name, m in model.named_modules()
+                  if type(m) is nn.Linear and match(name, config.exclude) is None and not _inside(name, opaque)}
+        layers = {k: v for k, v in layers.items() if isinstance(v[1], int)}
+        prebuilt = gptq_layers(model, layers, data if data is not None else calibration_data, bits=config.bits,
+                               symmetric=config.symmetric, batches=config.calibration_batches, damp=config.damp,
+                               act_order=config.act_order)
+        for name, (linear, _) in layers.items():  # float layers back: the speed check below may keep them
+            model = _set_module(model, name, linear)
+
+    def choose(name: str, module: nn.Module):
+        group_size = fit(name, module)
+        if isinstance(group_size, str):
+            return group_size
+        q = prebuilt[name] if name in prebuilt else WeightOnlyLinear.from_float(module, config.bits, group_size,
+                                                                                config.symmetric)
         if config.require_speedup and module.weight.is_cuda:
             faster, base, low = faster_than_bf16(module, q, rows.get(name, 64))
             if not faster:
@@ -117,6 +143,15 @@ def apply_weight_only(model: nn.Module, config: WeightOnly, *, calibration_data=
 
     model, _ = _convert(model, choose, config.exclude, "WeightOnly", config.on_unsupported,
                         f"{config.bits}-bit weight-only covers Linear layers")
+    return model
+
+
+def _unmasked_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with pruning masks folded into plain weights (GPTQ rewrites them)."""
+    model = copy_model(model)
+    for module in model.modules():
+        for name in masked_names(module):
+            torch_prune.remove(module, name)
     return model
 
 

@@ -9,7 +9,8 @@ input model is never modified).
   QOperator forms) and PyTorch's onednn/x86 engines side by side and keeps the fastest.
 - :class:`DynamicQuantization` -> :func:`apply_dynamic`: Linear / LSTM / GRU with int8 weights, activations
   quantized per call (PyTorch's fbgemm/oneDNN kernels).
-- :class:`WeightOnly` -> :func:`apply_weight_only`: int8/int4/int2 grouped weights for Linear layers.
+- :class:`WeightOnly` -> :func:`apply_weight_only`: 2- to 8-bit grouped weights for Linear layers (round to
+  nearest or GPTQ).
 - :class:`Float8` -> :func:`apply_fp8`: e4m3 Linear layers through ``torch._scaled_mm``, kept only where
   measured faster than bf16 on the GPU.
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.checks import check_choice, check_finite, check_positive
+from ..core.checks import check_choice, check_finite, check_fraction, check_positive
 from ..core.config import Config
 from ..core.errors import ConfigError, UnsupportedModelError
 from .backends import STATIC_BACKENDS
@@ -129,9 +130,15 @@ class DynamicQuantization(Config):
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnly(Config):
-    """Weight-only quantization of Linear layers to ``bits`` (8, 4 or 2) in groups of ``group_size`` inputs,
-    symmetric (codes around zero) or affine; activations stay float. On CUDA with ``require_speedup`` a
-    layer is kept only where its kernel measures faster than bf16 for its shape."""
+    """Weight-only quantization of Linear layers to ``bits`` (2 to 8; integer kernels for 4 and 8) in groups of
+    ``group_size`` inputs (0: one group per output channel, the whole row), symmetric (codes around zero) or
+    affine; activations stay float. On CUDA with ``require_speedup`` a layer is kept only where its kernel
+    measures faster than bf16 for its shape. ``method``: ``rtn`` rounds each weight to nearest; ``gptq``
+    (Frantar et al. 2023) quantizes column by column, compensating each rounding error on the remaining weights
+    through the inverse Hessian of the layer's inputs over ``calibration_batches`` batches of ``data``
+    (``damp``: dampening, share of the Hessian's mean diagonal; ``act_order``: inputs with the largest Hessian
+    diagonal first, group scales from the weights before any update). Both give the same layers, checkpoint and
+    kernels."""
 
     bits: int = 4
     group_size: int = 32
@@ -139,16 +146,24 @@ class WeightOnly(Config):
     exclude: tuple[str, ...] = ()
     on_unsupported: str = "warn"
     require_speedup: bool = False
+    method: str = "rtn"
+    calibration_batches: int = 8
+    damp: float = 0.01
+    act_order: bool = False
 
     def validate(self) -> None:
-        _check_bits(self.bits, WEIGHT_ONLY_BITS, "Other widths have no packed kernel; QAT covers 1-8 bits")
-        check_positive("group_size", self.group_size, integer=True)
-        per_byte = 8 // self.bits
-        if self.group_size % per_byte:
-            raise ConfigError(f"group_size must be a multiple of {per_byte} for {self.bits}-bit codes (whole bytes), "
-                              f"got {self.group_size}")
+        _check_bits(self.bits, WEIGHT_ONLY_BITS, "For 1-bit weights use BinaryWeights (or QAT)")
+        if self.group_size != 0:
+            check_positive("group_size", self.group_size, integer=True)
         _check_patterns("exclude", self.exclude)
         check_choice("on_unsupported", self.on_unsupported, _POLICIES)
+        check_choice("method", self.method, ("rtn", "gptq"))
+        check_positive("calibration_batches", self.calibration_batches, integer=True)
+        check_fraction("damp", self.damp, allow_zero=False, allow_one=True)
+        if not isinstance(self.act_order, bool):
+            raise ConfigError(f"act_order must be True or False, got {self.act_order!r}")
+        if self.act_order and self.method != "gptq":
+            raise ConfigError("act_order orders GPTQ's columns: it needs method='gptq'")
 
 
 @dataclasses.dataclass(frozen=True)

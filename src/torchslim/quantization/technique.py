@@ -3,6 +3,7 @@ which applies any of them. A new quantization format is a config, an apply funct
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from .ptq import DynamicQuantization, Float8, StaticQuantization, WeightOnly
 from .static import apply_static
 from .qat import QAT, apply_qat
 from .sharing import WeightSharing, apply_weight_sharing, shareable_layers
+from .soft_sharing import SoftWeightSharing, apply_soft_sharing
 
 CODECS = (*codecs.CODECS, *backends.CODECS, *sharing.CODECS)
 
@@ -44,6 +46,11 @@ def _apply_sharing(config: Config, values: dict[str, Any]) -> Config | None:
 
 def _soften_weight_only(config: Config, factor: float) -> Config | None:
     return None if config.bits >= 8 else config.replace(bits=4 if config.bits == 2 else 8)
+
+
+def _soften_components(config: Config, factor: float) -> Config | None:
+    more = min(SOFT_COMPONENTS[0], math.ceil(config.components / factor))
+    return None if more == config.components else config.replace(components=more)
 
 
 def _qat_oneshot(config: Config) -> Config:
@@ -68,6 +75,15 @@ WEIGHT_ONLY_SPACE = SearchSpace(
     fields=(FieldSpace("bits", low=2, high=8, mild=8, grid=(4, 2), encode=int_choice, choices=(8, 4, 2)),),
     apply=_replace, oneshot=lambda c: c, soften=_soften_weight_only)
 
+# Soft weight-sharing: one mixture for the whole model, so one knob (its number of non-zero components).
+SOFT_COMPONENTS = (64, 32, 16, 8, 4)
+SOFT_SHARING_SPACE = SearchSpace(
+    fields=(FieldSpace("components", low=4, high=64, mild=64, grid=SOFT_COMPONENTS[1:], encode=int_choice,
+                       choices=SOFT_COMPONENTS),),
+    apply=_replace, oneshot=lambda c: c.replace(train=c.train.replace(max_steps=1), finetune=None),
+    soften=_soften_components)
+
+
 def _trained(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     def apply(model, config, *, data, val_data, example_inputs, loss_fn, metric, inplace):
         return fn(model, config, data=data, val_data=val_data, calibration_data=data, loss_fn=loss_fn,
@@ -86,11 +102,16 @@ def _sharing(model, config, *, data, val_data, example_inputs, loss_fn, metric, 
                                 inplace=inplace)
 
 
+def _soft_sharing(model, config, *, data, val_data, example_inputs, loss_fn, metric, inplace):
+    return apply_soft_sharing(model, config, data=data, val_data=val_data, loss_fn=loss_fn, metric=metric,
+                              inplace=inplace)
+
+
 _APPLY: dict[type[Config], Callable[..., nn.Module]] = {
     QAT: _trained(apply_qat), BinaryWeights: _trained(apply_binary), TernaryWeights: _trained(apply_ternary),
     MixedPrecision: _trained(apply_mixed_precision), StaticQuantization: _post_training(apply_static),
     DynamicQuantization: _post_training(apply_dynamic), WeightOnly: _post_training(apply_weight_only),
-    Float8: _post_training(apply_fp8), WeightSharing: _sharing,
+    Float8: _post_training(apply_fp8), WeightSharing: _sharing, SoftWeightSharing: _soft_sharing,
 }
 
 
@@ -119,6 +140,7 @@ def quantize(model: nn.Module, config: Config, *, data=None, val_data=None, exam
     return record(carry(model, out), config)
 
 
-_SPACES = {WeightSharing: WEIGHT_SHARING_SPACE, QAT: QAT_SPACE, WeightOnly: WEIGHT_ONLY_SPACE}
+_SPACES = {WeightSharing: WEIGHT_SHARING_SPACE, QAT: QAT_SPACE, WeightOnly: WEIGHT_ONLY_SPACE,
+           SoftWeightSharing: SOFT_SHARING_SPACE}
 TECHNIQUES = tuple(Technique(config=cls, apply=quantize, family="quantize", search=_SPACES.get(cls), codecs=CODECS)
                    for cls in _APPLY)

@@ -221,13 +221,22 @@ def _builtin(cls: type[nn.Module], *attrs: str, bias: bool = False) -> ModuleCod
 
 _CONV = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
 _BN = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+_RNN = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")
 
 BUILTIN_MODULES = (
     _builtin(nn.Linear, "in_features", "out_features", bias=True),
     _builtin(nn.Conv1d, *_CONV, bias=True),
     _builtin(nn.Conv2d, *_CONV, bias=True),
+    _builtin(nn.Conv3d, *_CONV, bias=True),
+    *(_builtin(cls, *_CONV, "output_padding", bias=True)
+      for cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)),
     _builtin(nn.BatchNorm1d, *_BN),
     _builtin(nn.BatchNorm2d, *_BN),
+    _builtin(nn.BatchNorm3d, *_BN),
+    _builtin(nn.GroupNorm, "num_groups", "num_channels", "eps", "affine"),
+    _builtin(nn.LSTM, *_RNN, "proj_size"),  # structured pruning shrinks the hidden units
+    _builtin(nn.GRU, *_RNN),
+    _builtin(nn.RNN, *_RNN, "nonlinearity"),
     _builtin(nn.LayerNorm, "normalized_shape", "eps", "elementwise_affine", bias=True),
     _builtin(nn.Embedding, "num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
              "scale_grad_by_freq", "sparse"),

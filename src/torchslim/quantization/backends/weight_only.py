@@ -1,12 +1,13 @@
-"""Weight-only low-bit Linear: int8/int4/int2 codes in groups along the input dimension, packed into bytes.
+"""Weight-only low-bit Linear: 2- to 8-bit codes in groups along the input dimension, packed into bytes.
 
-Storage is portable (``packed``: uint8, 2 codes per byte for int4, 4 for int2; ``scale`` and, when
-asymmetric, ``zero`` per group). Kernels are chosen per device and call:
+Storage is portable (``packed``: uint8, each row one bit stream of ``bits``-bit codes, e.g. 2 codes per byte
+for int4, 4 for int2, 8 per 3 bytes for int3; ``scale`` and, when asymmetric, ``zero`` per group). Kernels are
+chosen per device and call:
 
 - CPU, 4 bits: PyTorch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations, fp32 accumulation) when
   this build has it, packed lazily from the portable codes;
 - CUDA, 4 bits: ``_weight_int4pack_mm`` (tinygemm layout, bf16); CUDA, 8 bits: ``_weight_int8pack_mm``;
-- otherwise (and for 2 bits): dequantize the weight and use a float matmul.
+- otherwise (and for 2, 3, 5, 6, 7 bits): dequantize the weight and use a float matmul.
 
 A kernel that fails for a shape is disabled for that layer (with a warning) and the dequantize path is used.
 """
@@ -25,7 +26,7 @@ from ...nn.bitpack import pack_bits, unpack_bits
 
 __all__ = ["WeightOnlyLinear", "quantize_groups", "WEIGHT_ONLY_BITS", "CODECS"]
 
-WEIGHT_ONLY_BITS = (2, 4, 8)
+WEIGHT_ONLY_BITS = (2, 3, 4, 5, 6, 7, 8)
 _INT4_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels accept
 _MIN_SCALE = 2.0 ** -24
 
@@ -64,13 +65,12 @@ class WeightOnlyLinear(nn.Module):
         super().__init__()
         if bits not in WEIGHT_ONLY_BITS:
             raise ConfigError(f"weight-only bits must be one of {list(WEIGHT_ONLY_BITS)}, got {bits}")
-        if in_features % group_size or group_size % (8 // bits if bits < 8 else 1):
-            raise ConfigError(f"group_size={group_size} must divide in_features={in_features} and hold whole bytes "
-                              f"of {bits}-bit codes")
+        if in_features % group_size:
+            raise ConfigError(f"group_size={group_size} must divide in_features={in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         groups = in_features // group_size
-        self.register_buffer("packed", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
+        self.register_buffer("packed", torch.zeros(out_features, (in_features * bits + 7) // 8, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups, dtype=torch.float16))
         if not symmetric:
             self.register_buffer("zero", torch.zeros(out_features, groups, dtype=torch.uint8))
@@ -95,7 +95,7 @@ class WeightOnlyLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Unsigned integer codes [out, in]."""
-        return unpack_bits(self.packed, self.bits)
+        return unpack_bits(self.packed, self.bits, self.in_features)
 
     def _zero(self) -> torch.Tensor:
         if self.symmetric:
