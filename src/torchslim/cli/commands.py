@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError, TorchslimError
+from ..core.files import writable_folder
 from ..pipeline.commands import BudgetMissedWarning, run_recipe
+from ..pipeline.baseline import baseline_model
 from ..pipeline.recipe import build_data, build_model, load_recipe, metric_function
 from ..search.api import search
 from ..search.options import SearchOptions
@@ -105,12 +107,15 @@ def _sensitivity(args: argparse.Namespace) -> int:
     if (out / "sensitivity.json").exists() and not args.overwrite:
         raise TorchslimError(f"{out / 'sensitivity.json'} exists; pass --overwrite to replace it")
     data = build_data(recipe)
-    model = build_model(recipe, data, check=True)
+    model, _ = baseline_model(recipe, data)
+    # Each finished point is kept there, so that a killed scan resumes where it stopped.
+    progress = writable_folder(out) / ".sensitivity-progress.jsonl"
     result = sensitivity(model, data.val, sparsities=_floats(args.sparsities),
                          bits=[int(b) for b in _floats(args.bits)], layers=args.layers or None,
                          metric=None if recipe.metric == "accuracy" else metric_function(recipe),
-                         metric_name=recipe.metric)
+                         metric_name=recipe.metric, resume=progress)
     paths = result.write(out)
+    progress.unlink(missing_ok=True)
     print(result.to_markdown())
     print(f"written: {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -6,6 +6,8 @@ attribute ``weight`` is only a cache of their product, refreshed by a forward pa
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -28,6 +30,17 @@ def effective(module: nn.Module, name: str = "weight") -> torch.Tensor:
     return getattr(module, name)
 
 
+def effective_chunks(module: nn.Module, size: int, name: str = "weight") -> Iterator[torch.Tensor]:
+    """:func:`effective` flattened, in pieces of ``size`` elements (detached), without materialising the whole
+    ``orig * mask`` product."""
+    orig, mask = getattr(module, f"{name}_orig", None), getattr(module, f"{name}_mask", None)
+    if orig is None or mask is None:
+        yield from getattr(module, name).detach().reshape(-1).split(size)
+        return
+    for o, m in zip(orig.detach().reshape(-1).split(size), mask.reshape(-1).split(size)):
+        yield o * m
+
+
 def effective_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``model.state_dict()`` with masks folded in (``orig * mask`` under the plain name, no ``_orig`` /
     ``_mask`` entries), and the sorted full names of the masked tensors."""
@@ -46,3 +59,24 @@ def effective_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str
         elif not (key.endswith("_mask") and key[: -len("_mask")] + "_orig" in folded):
             state[key] = value
     return state, sorted(folded.values())
+
+
+def attach_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
+    """Mask ``module.<name>`` as ``prune.custom_from_mask`` does, with the mask kept as the given bool tensor.
+
+    ``custom_from_mask`` multiplies the mask into a float tensor of ones, so a pruned layer would carry a float
+    mask as large as its weight; a bool one is a quarter of that and computes the same ``orig * mask``.
+    """
+    if masked_names(module).count(name) or not isinstance(getattr(module, name, None), nn.Parameter):
+        prune.custom_from_mask(module, name, mask)  # already masked, or not a parameter: torch's own path
+        return
+    method = prune.CustomFromMask(mask)
+    method._tensor_name = name
+    orig = module._parameters.pop(name)
+    module.register_parameter(f"{name}_orig", orig)
+    module.register_buffer(f"{name}_mask", mask.to(device=orig.device, dtype=torch.bool))
+    # The cached product, without autograd: a graph would keep a float copy of the mask alive with it (the
+    # forward pre-hook recomputes it, with gradients when training).
+    with torch.no_grad():
+        setattr(module, name, method.apply_mask(module))
+    module.register_forward_pre_hook(method)

@@ -23,14 +23,15 @@ from ..nn.inference import for_inference
 from ..techniques import BUILTIN
 from ..training import distributed
 from ..training.train import default_device
+from .baseline import baseline_model
 from .guard import run_guarded
-from .recipe import (Recipe, build_data, build_model, check_against_model, load_recipe, metric_function, reseed,
+from .recipe import (Recipe, build_data, check_against_model, load_recipe, metric_function, reseed,
                      save_kwargs)
 from .report import build_report, plot_accuracy_vs_size, render_markdown
 from .runner import StageInputs
 
-__all__ = ["run_recipe", "measure_block", "side_by_side_latency", "budget_summary", "publish", "model_name",
-           "warn_if_missed", "BudgetMissedWarning"]
+__all__ = ["run_recipe", "reused_markdown", "measure_block", "side_by_side_latency", "budget_summary", "publish",
+           "model_name", "warn_if_missed", "BudgetMissedWarning"]
 
 OUTPUT_NAMES = ("report.json", "report.md", "model.slim")
 
@@ -174,8 +175,9 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)
     metric_fn = metric if metric is not None else metric_function(recipe)
+    reused = None
     if model is None:
-        model = build_model(recipe, data, log, check=True, techniques=techniques)
+        model, reused = baseline_model(recipe, data, log, techniques=techniques, example_inputs=example)
     else:
         check_against_model(recipe, model, example, techniques)
     save_kw = save_kwargs(recipe, model)
@@ -202,13 +204,19 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
                           metric=recipe.metric, budget=budget, guard={"policy": recipe.guard.policy,
                                                                       "events": result.events},
                           recipe=recipe.to_dict())
+    report["baseline_reused_from"] = None if reused is None else str(reused)
     if distributed.is_main_process():
         banner, section = budget_markdown(budget)
-        extra = section + _guard_markdown(result.events)
+        extra = section + _guard_markdown(result.events) + reused_markdown(reused)
         publish(out, report=report, model=final, history=[r["config"] for r in result.records], save_kw=save_kw,
                 extra_markdown=extra, banner=banner)
     warn_if_missed(budget, log)
     return report
+
+
+def reused_markdown(reused: Path | None) -> str:
+    """The report's note on a baseline taken from the cache (empty when it was trained in this run)."""
+    return "" if reused is None else f"\nReused cached baseline from `{reused}` (same recipe model/data and seed).\n"
 
 
 def _guard_markdown(events: list[dict[str, Any]]) -> str:

@@ -4,14 +4,14 @@ masks (weights stay zero while training)."""
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ..core.errors import ConfigError, UnsupportedModelError
-from ..nn.masks import effective
+from ..nn.masks import attach_mask, effective, effective_chunks
 from ..nn.modules import check_patterns, match
 from ..training.losses import LossFn
 from .config import UnstructuredPruning
@@ -29,7 +29,8 @@ def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str
 
 def _check_finite(layers: dict[str, nn.Module]) -> None:
     for name, m in layers.items():
-        if not torch.isfinite(effective(m).detach()).all():
+        # In chunks: isfinite over a whole layer allocates a temporary a quarter of its size.
+        if not all(bool(torch.isfinite(c).all()) for c in effective_chunks(m, _CHUNK)):
             raise UnsupportedModelError(f"layer {name!r} has NaN/inf weights; magnitude pruning would be "
                                         "meaningless. Fix or retrain the model first.")
 
@@ -38,7 +39,7 @@ def _keep_top(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     """Boolean mask keeping all but the ``n_prune`` smallest scores (exact count; ties across the threshold are
     settled as ``torch.topk`` settles them)."""
     if 0 < n_prune < scores.numel():
-        threshold = _nth_smallest(scores, n_prune)
+        threshold = _nth_smallest(lambda: scores.reshape(-1).split(_CHUNK), n_prune)
         # When the n smallest are exactly those at or below the n-th, they are the set topk picks; a tie across
         # the threshold leaves the choice to topk (below), so the masks never depend on which path ran.
         if threshold is not None and int(torch.count_nonzero(scores <= threshold)) == n_prune:
@@ -57,63 +58,97 @@ _LOW_BITS = 15  # the search counts the scores by their high bit pattern, then t
 _CHUNK = 1 << 20  # elements per counting step, so the temporaries stay a few MB
 
 
-def _nth_smallest(scores: torch.Tensor, n: int) -> torch.Tensor | None:
-    """The ``n``-th smallest of non-negative float32 ``scores`` (as a 0-dim tensor), or None for other scores.
+def _nth_smallest(chunks: Callable[[], Iterable[torch.Tensor]], n: int) -> torch.Tensor | None:
+    """The ``n``-th smallest of non-negative float32 scores (as a 0-dim tensor), or None for other scores.
 
-    Works on the bit patterns, which order like the values for non-negative floats: two counting passes in
-    chunks (a histogram of the high bits, then of the low bits in the bucket holding the n-th), where sorting
-    or ``kthvalue`` would copy the scores and an int64 index each.
+    ``chunks()`` yields the scores in pieces, afresh on each call (two passes). Works on the bit patterns, which
+    order like the values for non-negative floats: two counting passes (a histogram of the high bits, then of
+    the low bits in the bucket holding the n-th), where sorting or ``kthvalue`` would copy the scores and an
+    int64 index each.
     """
-    if scores.dtype != torch.float32 or scores.device.type != "cpu" or not scores.is_contiguous():
-        return None
-    bits = scores.reshape(-1).view(torch.int32)
-    if int(bits.min()) < 0 or int(bits.max()) > _FLOAT32_INF_BITS:  # -0.0, negatives or NaN
-        return None
-    chunks = bits.split(_CHUNK)
     high = torch.zeros((_FLOAT32_INF_BITS >> _LOW_BITS) + 1, dtype=torch.int64)
-    for chunk in chunks:
-        high += torch.bincount(chunk >> _LOW_BITS, minlength=high.numel())
+    for chunk in chunks():
+        if chunk.dtype != torch.float32 or chunk.device.type != "cpu":
+            return None
+        bits = chunk.contiguous().view(torch.int32)
+        if int(bits.min()) < 0 or int(bits.max()) > _FLOAT32_INF_BITS:  # -0.0, negatives or NaN
+            return None
+        high += torch.bincount(bits >> _LOW_BITS, minlength=high.numel())
     cum = high.cumsum(0)
     bucket = int(torch.searchsorted(cum, n))  # first bucket where the count reaches n
     low = torch.zeros(1 << _LOW_BITS, dtype=torch.int64)
-    for chunk in chunks:
-        low += torch.bincount(chunk[(chunk >> _LOW_BITS) == bucket] & ((1 << _LOW_BITS) - 1), minlength=low.numel())
+    for chunk in chunks():
+        bits = chunk.contiguous().view(torch.int32)
+        low += torch.bincount(bits[(bits >> _LOW_BITS) == bucket] & ((1 << _LOW_BITS) - 1), minlength=low.numel())
     below = int(cum[bucket - 1]) if bucket > 0 else 0
     rest = int(torch.searchsorted(low.cumsum(0) + below, n))
     return torch.tensor((bucket << _LOW_BITS) | rest, dtype=torch.int32).view(torch.float32)
 
 
-def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float],
-                    scope: str, scores: Callable[[str, nn.Module], torch.Tensor] | None = None
-                    ) -> dict[str, torch.Tensor]:
-    """Masks that zero the smallest-magnitude weights, ``scope="global"`` across all ``layers``; ``scores(name,
-    module)`` ranks by another non-negative saliency instead of |w|."""
-    if scores is not None:
-        return _score_masks(layers, sparsity, scope, scores)
-    if isinstance(sparsity, dict):
-        _check_names(sparsity, layers)
-        return {n: _keep_top(effective(layers[n]).detach().abs(), round(s * layers[n].weight.numel()))
-                for n, s in sparsity.items()}
-    if scope == "layer":
-        return {n: _keep_top(effective(m).detach().abs(), round(sparsity * m.weight.numel()))
-                for n, m in layers.items()}
+def _abs_chunks(modules: list[nn.Module]) -> Callable[[], Iterator[torch.Tensor]]:
+    """|weight| of ``modules`` (as they compute) in chunks of ``_CHUNK``, layer after layer."""
+    def chunks() -> Iterator[torch.Tensor]:
+        for m in modules:
+            for c in effective_chunks(m, _CHUNK):
+                yield c.abs()
+    return chunks
+
+
+def _keep_masks(layers: dict[str, nn.Module], n_prune: int) -> dict[str, torch.Tensor]:
+    """Boolean masks over ``layers`` together keeping all but the ``n_prune`` smallest magnitudes.
+
+    For float32 weights on the CPU the threshold is searched on the weights in chunks and each mask is filled
+    chunk by chunk, so no copy of the scores is made. Weights equal to the threshold, when more of them than
+    needed, are pruned first come first (layer order, then element order): ``torch.topk`` over all the scores
+    would settle that tie in an unspecified way at ~7x the memory. Other weights go through :func:`_keep_top`."""
+    modules = list(layers.values())
+    total = sum(m.weight.numel() for m in modules)
+    threshold = _nth_smallest(_abs_chunks(modules), n_prune) if 0 < n_prune < total else None
+    if threshold is not None:
+        ties = n_prune - sum(int(torch.count_nonzero(c < threshold)) for c in _abs_chunks(modules)())
+        masks = {}
+        for name, m in layers.items():
+            mask = torch.empty(m.weight.numel(), dtype=torch.bool, device=m.weight.device)
+            for part, c in zip(mask.split(_CHUNK), _abs_chunks([m])()):
+                torch.gt(c, threshold, out=part)
+                equal = (c == threshold).nonzero().flatten()
+                part[equal[ties:]] = True  # the first ``ties`` equal ones are pruned, the rest kept
+                ties = max(0, ties - equal.numel())
+            masks[name] = mask.view(m.weight.shape)
+        return masks
     # One buffer filled layer by layer: a list of |w| copies plus their torch.cat would hold the scores twice.
-    first = next(iter(layers.values())).weight
-    flat = torch.empty(sum(m.weight.numel() for m in layers.values()), device=first.device,
-                       dtype=functools.reduce(torch.promote_types, (m.weight.dtype for m in layers.values())))
+    flat = torch.empty(total, device=modules[0].weight.device,
+                       dtype=functools.reduce(torch.promote_types, (m.weight.dtype for m in modules)))
     offset = 0
-    for m in layers.values():
+    for m in modules:
         w = effective(m).detach()
         torch.abs(w, out=flat[offset:offset + w.numel()].view_as(w))
         offset += w.numel()
         del w
-    keep = _keep_top(flat, round(sparsity * flat.numel()))
+    keep = _keep_top(flat, n_prune)
+    del flat
     masks, offset = {}, 0
     for n, m in layers.items():
         size = m.weight.numel()
-        masks[n] = keep[offset:offset + size].view_as(m.weight)
+        # A copy each: a mask must not keep the whole buffer alive, nor share memory with another layer's.
+        masks[n] = keep[offset:offset + size].view_as(m.weight).clone()
         offset += size
     return masks
+
+
+def magnitude_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float],
+                    scope: str, scores: Callable[[str, nn.Module], torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Boolean masks that zero the smallest-magnitude weights, ``scope="global"`` across all ``layers``;
+    ``scores(name, module)`` ranks by another non-negative saliency instead of |w|."""
+    if scores is not None:
+        return _score_masks(layers, sparsity, scope, scores)
+    if isinstance(sparsity, dict):
+        _check_names(sparsity, layers)
+        return {n: _keep_masks({n: layers[n]}, round(s * layers[n].weight.numel()))[n] for n, s in sparsity.items()}
+    if scope == "layer":
+        return {n: _keep_masks({n: m}, round(sparsity * m.weight.numel()))[n] for n, m in layers.items()}
+    return _keep_masks(layers, round(sparsity * sum(m.weight.numel() for m in layers.values())))
 
 
 def _score_masks(layers: dict[str, nn.Module], sparsity: float | dict[str, float], scope: str,
@@ -173,13 +208,13 @@ def _check_names(sparsity: dict[str, float], layers: dict[str, nn.Module]) -> No
 
 
 def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
-    """Attach (or tighten) ``torch.nn.utils.prune`` masks; already-zeroed weights stay zero."""
+    """Attach (or tighten) ``torch.nn.utils.prune`` masks, kept as bool; already-zeroed weights stay zero."""
     for name, mask in masks.items():
         module = layers[name]
         if hasattr(module, "weight_mask"):
             module.weight_mask.mul_(mask.to(module.weight_mask.dtype))
         else:
-            torch_prune.custom_from_mask(module, "weight", mask)
+            attach_mask(module, mask.to(torch.bool))
 
 
 def unstructured_prune(model: nn.Module, config: UnstructuredPruning,
@@ -203,12 +238,13 @@ def unstructured_prune(model: nn.Module, config: UnstructuredPruning,
                                                                           config.calibration_batches)
         masks = magnitude_masks(layers, sparsity, config.scope, scores)
     apply_masks(layers, masks)
+    del masks
     return layer_sparsity(model, config.exclude)
 
 
 def layer_sparsity(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, float]:
     """Fraction of zero weights per prunable layer."""
-    return {n: 1.0 - torch.count_nonzero(effective(m).detach()).item() / m.weight.numel()
+    return {n: 1.0 - sum(int(torch.count_nonzero(c)) for c in effective_chunks(m, _CHUNK)) / m.weight.numel()
             for n, m in prunable_layers(model, exclude).items()}
 
 

@@ -17,6 +17,7 @@ from ..core.errors import ConfigError, TorchslimError
 from ..core.files import remove_stale, writable_folder
 from ..export.checkpoint import save
 from ..nn.modules import copy_model
+from ..pipeline.baseline import baseline_model
 from ..pipeline.commands import (
     budget_markdown,
     budget_summary,
@@ -24,13 +25,13 @@ from ..pipeline.commands import (
     measure_block,
     model_name,
     publish,
+    reused_markdown,
     side_by_side_latency,
     warn_if_missed,
 )
 from ..pipeline.recipe import (
     Recipe,
     build_data,
-    build_model,
     check_against_model,
     load_checkpoint,
     load_recipe,
@@ -128,7 +129,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     data = data if data is not None else build_data(recipe)
     example = data.example_inputs(recipe.example_batch)
     metric_fn = metric if metric is not None else metric_function(recipe)
-    baseline, baseline_path = _baseline(recipe, out, o, model, data, example, log)
+    baseline, baseline_path, reused = _baseline(recipe, out, o, model, data, example, log)
     save_kw = save_kwargs(recipe, baseline)
     if not o.worker_only and (model is not None or not baseline_path.is_file()):
         save(baseline, baseline_path, overwrite=True, **save_kw)  # what spawned workers load
@@ -159,8 +160,11 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     sens = study.user_attrs.get("sensitivity")
     if sens is None or set(sens["knobs"]) != set(knob_names):
         log("one-shot sensitivity of every knob (validation split)")
+        # Each finished point is stored, so that a killed scan resumes where it stopped.
         sens = knob_sensitivity(baseline, problem.stages, problem.knobs, data, example, metric_fn=metric_fn,
-                                objective_fn=problem.objective_value, progress=o.progress)
+                                objective_fn=problem.objective_value, progress=o.progress,
+                                resume=study.user_attrs.get("sensitivity_partial"),
+                                on_point=lambda partial: study.set_user_attr("sensitivity_partial", partial))
         study.set_user_attr("sensitivity", sens)
     worker_errors: list[str] = []
     if o.strategy == "fast":
@@ -178,7 +182,7 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     ev = _rerun(problem, study, chosen, data, metric_fn, log)
     return _publish(out, recipe, o, problem, study, ev, points=points, chosen=chosen, feasible=feasible,
                     baseline_val=baseline_val, baseline_obj=sens["baseline"]["objective"],
-                    worker_errors=worker_errors, example=example, log=log)
+                    worker_errors=worker_errors, example=example, reused=reused, log=log)
 
 
 def _options(options: SearchOptions | None, legacy: dict[str, Any]) -> SearchOptions:
@@ -209,20 +213,21 @@ def _caller_level() -> int:
 
 
 def _baseline(recipe: Recipe, out: Path, o: SearchOptions, model: nn.Module | None, data, example,
-              log: Callable[[str], None]) -> tuple[nn.Module, Path]:
-    """The model to compress (the caller's, the one this recipe saved before, or built from the recipe) and the
-    file spawned and remote workers load it from."""
+              log: Callable[[str], None]) -> tuple[nn.Module, Path, Path | None]:
+    """The model to compress (the caller's, the one this recipe saved before, or the recipe's through the
+    baseline cache), the file spawned and remote workers load it from, and the cache entry it was reused from."""
     path = out / f"baseline-{recipe.key()}.slim"
     if o.worker_only and recipe.model is not None and recipe.model.train is not None:
         # The recipe trains its model: the worker needs the coordinator's (a shared --out folder).
         wait_for(path.is_file, f"the coordinator's baseline {path}", log)
     if model is not None:
         check_against_model(recipe, model, example)
-        return copy_model(model).cpu().eval(), path
+        return copy_model(model).cpu().eval(), path, None
     if path.is_file():
         log(f"reusing the baseline model of this recipe: {path}")
-        return load_checkpoint(recipe, path).eval(), path
-    return build_model(recipe, data, log, check=True), path
+        return load_checkpoint(recipe, path).eval(), path, None
+    built, reused = baseline_model(recipe, data, log, example_inputs=example)
+    return built, path, reused
 
 
 def _rerun(problem: Problem, study, chosen: dict[str, Any], data, metric_fn: Callable,
@@ -242,8 +247,8 @@ def _rerun(problem: Problem, study, chosen: dict[str, Any], data, metric_fn: Cal
 
 def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, study, ev: Evaluation, *,
              points: list[dict[str, Any]], chosen: dict[str, Any], feasible: bool, baseline_val: float,
-             baseline_obj: float, worker_errors: list[str], example: tuple, log: Callable[[str], None]
-             ) -> SearchResult:
+             baseline_obj: float, worker_errors: list[str], example: tuple, log: Callable[[str], None],
+             reused: Path | None = None) -> SearchResult:
     """Measure the chosen model (``ev``, re-run) against the baseline and write the report, the Pareto plot and
     model.slim."""
     baseline, data, metric_fn, save_kw = problem.baseline, problem.data, problem.metric_fn, problem.save_kw
@@ -276,6 +281,7 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
     report = build_report(model_name=name, dataset=data.name, device=str(default_device()),
                           baseline=baseline_block, compressed=compressed, stages=ev.stages, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, search=summary, recipe=recipe.to_dict())
+    report["baseline_reused_from"] = None if reused is None else str(reused)
     banner, section = budget_markdown(budget)
     if not feasible:
         banner = (f"> **BUDGET MISSED: no setting tried meets it.** The best found scores {chosen['metric']:.4f} "
@@ -288,7 +294,8 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
                     title=f"{name} on {data.name}: {recipe.metric} vs {OBJECTIVE_LABELS[o.objective]}")
 
     publish(out, report=report, model=final, history=[r["config"] for r in ev.stages if r["config"]],
-            save_kw=save_kw, extra_markdown=section + _search_markdown(summary, problem.knobs, o.objective),
+            save_kw=save_kw, extra_markdown=section + _search_markdown(summary, problem.knobs, o.objective)
+            + reused_markdown(reused),
             banner=banner, plots={"pareto.png": draw})
     warn_if_missed(budget, log)
     return SearchResult(final, feasible, chosen, front, points, report, len(points), o.study_name, storage)

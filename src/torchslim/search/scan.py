@@ -8,7 +8,9 @@ without fine-tuning.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -67,10 +69,14 @@ def _top1(outputs: list[torch.Tensor], batches: list) -> float | None:
 
 def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], data, example_inputs: tuple, *,
                      metric_fn: Callable, objective_fn: Callable[[nn.Module], float], progress: bool = True,
-                     techniques: Techniques = BUILTIN) -> dict[str, Any]:
+                     techniques: Techniques = BUILTIN, resume: dict[str, Any] | None = None,
+                     on_point: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """One-shot scan for the search: each knob alone at each grid value (its stage without fine-tuning, every
     other knob mild) on ``model``; per point the relative output error and metric on ``data.val`` and the
-    objective. Returns ``{"baseline": {...}, "knobs": {name: [{"value", "error", "metric", "objective"}]}}``."""
+    objective. Returns ``{"baseline": {...}, "knobs": {name: [{"value", "error", "metric", "objective"}]}}``.
+
+    ``on_point(result so far)`` runs after each point; a partial result of the same model and knobs passed as
+    ``resume`` (a re-run after a kill) keeps its points instead of computing them again."""
     batches = _batches(data.val, model_device(model))
     reference = _outputs(model, batches)
     inputs = StageInputs(data=data, example_inputs=example_inputs, teacher=model, techniques=techniques)
@@ -83,7 +89,10 @@ def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], 
     base_metric = score(model)[1]
     result: dict[str, Any] = {"baseline": {"metric": base_metric, "objective": float(objective_fn(model))},
                               "knobs": {k.name: [] for k in knobs}}
-    points = [(k, v) for k in knobs for v in k.grid]
+    if resume is not None and set(resume.get("knobs", {})) == set(result["knobs"]):
+        result["knobs"] = {name: list(rows) for name, rows in resume["knobs"].items()}
+    finished = {(name, r["value"]) for name, rows in result["knobs"].items() for r in rows}
+    points = [(k, v) for k in knobs for v in k.grid if (k.name, v) not in finished]
     bar = tqdm(points, desc="sensitivity", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for knob, value in bar:
         stage = stages[knob.stage]
@@ -98,6 +107,8 @@ def knob_sensitivity(model: nn.Module, stages: Sequence, knobs: Sequence[Knob], 
         error, metric = score(compressed)
         result["knobs"][knob.name].append(
             {"value": value, "error": error, "metric": metric, "objective": float(objective_fn(compressed))})
+        if on_point is not None:
+            on_point(result)
     bar.close()
     return result
 
@@ -192,12 +203,14 @@ def _magnitude(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
 def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98),
                 bits: Iterable[int] = (8, 6, 4, 3, 2), layers: Sequence[str] | None = None,
                 metric: Callable | None = None, metric_name: str = "accuracy",
-                progress: bool = True) -> SensitivityResult:
+                progress: bool = True, resume: str | Path | None = None) -> SensitivityResult:
     """Per layer, ``metric`` (default top-1 accuracy) and relative output error against unstructured sparsity
     and against weight bit width, one-shot: each layer alone, no fine-tuning. ``data`` is a loader or a
     :class:`~torchslim.data.Splits` (its ``val`` split is used, never ``test``). ``model`` is not modified.
 
-    ``layers``: fnmatch patterns limiting the scan (default: every Linear / Conv layer)."""
+    ``layers``: fnmatch patterns limiting the scan (default: every Linear / Conv layer). ``resume``: a file that
+    each finished point is appended to; a scan of the same model and settings (a re-run after a kill) skips the
+    points it holds, one of another model or settings starts it afresh. Remove it once the result is written."""
     loader = data.val if isinstance(data, Splits) else data
     check_loader(loader, "sensitivity data")
     sparsities, bits = [float(s) for s in sparsities], [int(b) for b in bits]
@@ -222,8 +235,15 @@ def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0
     baseline = score()[0]
     rows: list[dict[str, Any]] = []
     plan = [(n, "sparsity", s) for n in targets for s in sparsities] + [(n, "bits", b) for n in targets for b in bits]
+    done: dict[tuple, dict[str, Any]] = {}
+    if resume is not None:
+        key = _scan_key(work, plan, metric_name, baseline)
+        done = _open_progress(Path(resume), key)
     bar = tqdm(plan, desc="sensitivity", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for name, kind, value in bar:
+        if (name, kind, value) in done:
+            rows.append(done[(name, kind, value)])
+            continue
         layer = targets[name]
         original = layer.weight.data.clone()
         try:
@@ -233,4 +253,43 @@ def sensitivity(model: nn.Module, data, *, sparsities: Iterable[float] = (0.5, 0
             layer.weight.data = original
         rows.append({"layer": name, "kind": kind, "value": value, "metric": m, "drop": baseline - m,
                      "output_error": err})
+        if resume is not None:
+            _append_line(Path(resume), rows[-1])
     return SensitivityResult(baseline=baseline, metric=metric_name, rows=rows)
+
+
+def _scan_key(model: nn.Module, plan: list, metric_name: str, baseline: float) -> str:
+    """What the scan's points depend on: the weights, the points asked for, the metric and its baseline value."""
+    h = hashlib.sha256(json.dumps([plan, metric_name, baseline]).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _open_progress(path: Path, key: str) -> dict[tuple, dict[str, Any]]:
+    """The finished points a previous run of the same scan left in ``path``; rewrites the file to its intact
+    lines (a kill may have torn the last one) under ``key``, so that new points append cleanly."""
+    rows: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if lines and _json_line(lines[0]) == {"key": key}:
+        rows = [r for r in map(_json_line, lines[1:]) if isinstance(r, dict) and {"layer", "kind", "value"} <= set(r)]
+    atomic_write(path, "".join(json.dumps(x) + "\n" for x in [{"key": key}, *rows]).encode())
+    return {(r["layer"], r["kind"], r["value"]): r for r in rows}
+
+
+def _json_line(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import os
+import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,6 +19,7 @@ from ..core.checks import check_choice, check_nonnegative, check_positive
 from ..data import check_loader
 from ..data.batches import call_model, split_batch, to_device
 from ..core.errors import TorchslimError
+from ..core.files import atomic_write
 from ..metrics.evaluate import Metric, evaluate
 from .losses import LossFn, resolve_loss
 
@@ -66,8 +71,13 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 def train_local(model: nn.Module, train_loader, config: TrainConfig = TrainConfig(), *, val_loader=None,
                 loss_fn: LossFn | str | None = None, metric: Metric | None = None,
                 penalty: Callable[[nn.Module], torch.Tensor] | None = None,
-                on_step: Callable[[int, int], None] | None = None, extra_params=()) -> History:
-    """:func:`~torchslim.training.train.train` in this process only (no data parallelism)."""
+                on_step: Callable[[int, int], None] | None = None, extra_params=(),
+                state_path: str | os.PathLike | None = None) -> History:
+    """:func:`~torchslim.training.train.train` in this process only (no data parallelism).
+
+    ``state_path``: after each epoch but the last, the model, optimizer, schedule, history and random states are
+    written there atomically, and a run that finds that file resumes from it (the caller keys the path by
+    everything that determines the training, so a state is never resumed by a different run)."""
     check_loader(train_loader, "training loader")
     device = torch.device(config.device) if config.device else default_device()
     model.to(device)
@@ -88,6 +98,9 @@ def train_local(model: nn.Module, train_loader, config: TrainConfig = TrainConfi
     # disable=None: bars on a terminal, silence in logs and CI.
     bar = tqdm(total=total, desc="train", disable=None if config.progress else True, leave=False, dynamic_ncols=True)
     step = 0
+    if state_path is not None:
+        step = _resume(Path(state_path), model, optimizer, scheduler, history, train_loader, total)
+        bar.update(step)
     while step < total:
         for batch in train_loader:
             if step >= total:
@@ -115,9 +128,59 @@ def train_local(model: nn.Module, train_loader, config: TrainConfig = TrainConfi
                 acc = float(metric(model, val_loader)) if metric is not None else evaluate(model, val_loader, device)
                 history.val_accuracy.append(acc)
                 bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{acc:.4f}")
+            if state_path is not None and epoch_end and step < total:
+                _save_state(Path(state_path), model, optimizer, scheduler, history, train_loader, step, total)
     bar.close()
     history.steps = step
     return history
+
+
+def _generators(loader) -> list[torch.Generator]:
+    """The loader's own random generators (shuffling, worker seeds), each once."""
+    found: list[torch.Generator] = []
+    for g in (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)):
+        if isinstance(g, torch.Generator) and not any(g is f for f in found):
+            found.append(g)
+    return found
+
+
+def _save_state(path: Path, model: nn.Module, optimizer, scheduler, history: History, loader, step: int,
+                total: int) -> None:
+    state = {"step": step, "total": total, "batches": len(loader), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "loss": list(history.loss), "val_accuracy": list(history.val_accuracy),
+             "rng": torch.get_rng_state(), "loader_rng": [g.get_state() for g in _generators(loader)],
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def _resume(path: Path, model: nn.Module, optimizer, scheduler, history: History, loader, total: int) -> int:
+    """Restore a state written by :func:`_save_state`; the step to continue from (0 when there is none)."""
+    if not path.is_file():
+        return 0
+    try:
+        # weights_only: tensors and plain containers, never code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        gens = _generators(loader)
+        if (state["total"], state["batches"], len(state["loader_rng"])) != (total, len(loader), len(gens)):
+            raise ValueError(f"it is for {state['total']} steps of {state['batches']} batches, this run has "
+                             f"{total} of {len(loader)}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for g, s in zip(gens, state["loader_rng"]):
+            g.set_state(s)
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    except Exception as exc:  # an unusable state costs a restart, not the run
+        warnings.warn(f"training from scratch: cannot resume from {path} ({type(exc).__name__}: {exc})")
+        return 0
+    history.loss[:] = state["loss"]
+    history.val_accuracy[:] = state["val_accuracy"]
+    return int(state["step"])
 
 
 __all__ = ["TrainConfig", "History", "train_local", "default_device", "make_optimizer"]

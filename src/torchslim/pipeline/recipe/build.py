@@ -104,12 +104,14 @@ def build_data(recipe: Recipe) -> Splits:
 
 
 def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *, check: bool = False,
-                train: bool = True, techniques: Techniques = BUILTIN) -> nn.Module:
+                train: bool = True, techniques: Techniques = BUILTIN,
+                state_path: str | Path | None = None) -> nn.Module:
     """The recipe's model with its weights (trained on ``data.train`` first when the recipe says ``train``,
     unless ``train`` is False).
 
     ``check`` runs :func:`check_against_model` (with ``techniques``) before any training (it needs ``data`` for
-    example inputs)."""
+    example inputs). ``state_path``: checkpoint the training there each epoch and resume from it (see
+    :func:`torchslim.pipeline.baseline.baseline_model`, which keys it by the recipe)."""
     spec = recipe.model
     if spec is None:
         raise ConfigError(f"{recipe.source} names no model: add a model: section (builtin, factory or "
@@ -140,7 +142,7 @@ def build_model(recipe: Recipe, data=None, log: Callable[[str], None] = print, *
         if data is None:
             raise ConfigError("model.train needs the recipe's data; pass data=")
         log(f"training the {spec.builtin or spec.factory or 'model'} model ({spec.train.epochs:g} epochs)")
-        train_model(model, data.train, spec.train, val_loader=data.val)
+        train_model(model, data.train, spec.train, val_loader=data.val, state_path=state_path)
     return model.cpu().eval()
 
 
