@@ -21,7 +21,8 @@ class Distillation(Config):
     ``feature_layers`` maps student layer names to teacher layer names whose outputs are matched with MSE
     (weighted by ``feature_weight``); a learned 1x1 conv / linear projection maps student widths to teacher
     widths when they differ. ``cache_teacher`` memoises teacher outputs per input sample, which pays off
-    when the same fixed (unaugmented) data set is seen for several epochs.
+    when the same fixed (unaugmented) data set is seen for several epochs. ``train`` defaults to 10 epochs: a
+    student starts untrained, and one epoch leaves a half-width LeNet-5 on digits at about 30% accuracy.
     """
 
     temperature: float = 4.0
@@ -31,7 +32,7 @@ class Distillation(Config):
     feature_layers: dict[str, str] | None = None
     feature_weight: float = 1.0
     cache_teacher: bool = False
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(epochs=10)
 
     def validate(self) -> None:
         check_positive("temperature", self.temperature)

@@ -31,14 +31,19 @@ def pareto_front(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def choose(points: Sequence[dict[str, Any]], floor: float) -> tuple[dict[str, Any] | None, bool]:
-    """The point with the smallest objective among those with ``metric >= floor`` (ties: higher metric), and
-    True; when none meets the floor, the best found (highest metric, ties: smaller objective) and False."""
+    """The point with the smallest objective among those whose ``certified`` value (baseline minus the upper
+    confidence bound of the drop; ``metric`` when absent) is ``>= floor`` (ties: higher metric), and True; when
+    none meets the floor, the best found (highest certified value, ties: smaller objective) and False."""
     if not points:
         return None, False
-    feasible = [p for p in points if p["metric"] >= floor]
+
+    def certified(p: dict[str, Any]) -> float:
+        return p.get("certified", p["metric"])
+
+    feasible = [p for p in points if certified(p) >= floor - 1e-12]
     if feasible:
         return min(feasible, key=lambda p: (p["objective"], -p["metric"])), True
-    return max(points, key=lambda p: (p["metric"], -p["objective"])), False
+    return max(points, key=lambda p: (certified(p), -p["objective"])), False
 
 
 def plot_pareto(points: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]], chosen: dict[str, Any] | None,

@@ -11,6 +11,7 @@ from ..core.config import Config
 from ..core.errors import ConfigError
 from ..export import saved_size
 from ..metrics.profile import count_macs, measure_latency
+from ..metrics.significance import Judge
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, reseed
 from ..pipeline.runner import StageInputs, run_stages
 from .knobs import Knob, build_knobs, stage_configs
@@ -27,6 +28,7 @@ class Evaluation:
     objective: float
     stages: list[dict[str, Any]]
     model: nn.Module | None = None
+    paired: dict[str, Any] | None = None
 
 
 class Problem:
@@ -37,7 +39,7 @@ class Problem:
 
     def __init__(self, recipe: Recipe, baseline: nn.Module, data, *, objective: str, metric_fn: Callable,
                  save_kw: dict | None = None, latency_repeats: int = 30, loss_fn=None,
-                 stage_metric: Callable | None = None):
+                 stage_metric: Callable | None = None, judge: Judge | None = None):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         self.recipe = recipe
@@ -47,6 +49,7 @@ class Problem:
         self.metric_fn = metric_fn
         self.save_kw = dict(save_kw or {})
         self.latency_repeats = latency_repeats
+        self.judge = judge
         self.example_inputs = data.example_inputs(recipe.example_batch)
         self.inputs = StageInputs(data=data, example_inputs=self.example_inputs, teacher=self.baseline,
                                   loss_fn=loss_fn, metric=stage_metric)
@@ -60,6 +63,11 @@ class Problem:
         if self.objective == "macs":
             return float(count_macs(model, self.example_inputs))
         return float(measure_latency(model, self.example_inputs, repeats=self.latency_repeats))
+
+    def certified(self, ev: Evaluation) -> float:
+        """What the budget decision compares with the floor: the baseline minus the upper confidence bound of the
+        drop (the plain validation metric without a judge)."""
+        return ev.metric if ev.paired is None or self.judge is None else self.judge.assess(ev.paired)["certified"]
 
     def configs(self, values: dict[str, float]) -> list[Config | None]:
         """Each stage's config for knob ``values`` (None: the stage does nothing)."""
@@ -82,5 +90,7 @@ class Problem:
         model, records = run_stages(self.baseline, stages, self.inputs, measure=measure)
         model = model.cpu()
         objective = float(records[-1]["size_bytes"]) if self.objective == "size" else self.objective_value(model)
+        # What the budget decision needs: the samples (or batches) on which the setting and the baseline differ.
+        paired = self.judge.paired(model) if self.judge is not None else None
         return Evaluation(values=dict(values), metric=records[-1]["val_accuracy"], objective=objective,
-                          stages=records, model=model if keep_model else None)
+                          stages=records, model=model if keep_model else None, paired=paired)

@@ -184,4 +184,4 @@ def count_failed(study) -> int:
 def point(trial) -> dict[str, Any]:
     """A finished trial as a point of the Pareto plot: ``{"trial", "metric", "objective", "params"}``."""
     return {"trial": trial.number, "metric": trial.values[0], "objective": trial.values[1],
-            "params": dict(trial.params)}
+            "params": dict(trial.params), "paired": trial.user_attrs.get("paired")}
