@@ -51,10 +51,13 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
 
 
 def side_by_side_latency(baseline_block: dict, baseline: nn.Module, compressed_block: dict, compressed: nn.Module,
-                         example_inputs: tuple) -> None:
-    """Fill ``latency_ms`` of both blocks from one interleaved measurement."""
-    lat = compare_latency({"baseline": baseline, "compressed": compressed}, example_inputs)
+                         example_inputs: tuple) -> dict[str, Any]:
+    """Fill ``latency_ms`` of both blocks from one interleaved measurement; returns how noisy it was (the
+    report's ``latency_noise``: spread of the repeats, load average, CPUs, ``noisy``)."""
+    noise: dict[str, Any] = {}
+    lat = compare_latency({"baseline": baseline, "compressed": compressed}, example_inputs, noise=noise)
     baseline_block["latency_ms"], compressed_block["latency_ms"] = lat["baseline"], lat["compressed"]
+    return noise
 
 
 def budget_summary(max_drop: float | None, metric: str, baseline_val: float, final_val: float,
@@ -138,6 +141,8 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
         save(model, ckpt, history=history, metrics={"accuracy": report["compressed"]["accuracy"]}, **save_kw)
         # The report's size is the real file, not an estimate.
         report["compressed"]["size_bytes"] = ckpt.stat().st_size
+        if report["stages"]:  # the final stage's model is this file: one figure for it everywhere
+            report["stages"][-1]["size_bytes"] = report["compressed"]["size_bytes"]
         b = report["baseline"]["size_bytes"]
         report["ratios"]["size"] = b / report["compressed"]["size_bytes"] if b else None
         plot_accuracy_vs_size(report, tmp / "accuracy_vs_size.png")
@@ -219,7 +224,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
                          max_drop=max_drop, guard=recipe.guard, describe=describe, log=log, judge=judge)
     final = result.model.cpu()
     compressed = measure_block(final, example, data.test, metric_fn, save_kw)
-    side_by_side_latency(baseline, model, compressed, final, example)
+    noise = side_by_side_latency(baseline, model, compressed, final, example)
     judged = result.judged
     if judge is not None and judged is None:  # every stage rolled back: the baseline, judged against itself
         judged = judge.assess(judge.paired(final))
@@ -229,7 +234,7 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
                           baseline=baseline, compressed=compressed, stages=result.records, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, guard={"policy": recipe.guard.policy,
                                                                       "events": result.events},
-                          recipe=recipe.to_dict())
+                          recipe=recipe.to_dict(), latency_noise=noise, title=recipe.name)
     if distributed.is_main_process():
         banner, section = budget_markdown(budget)
         extra = section + _guard_markdown(result.events)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,30 +47,102 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+# Stage types whose compressed form runs no faster on dense CPU kernels, and why (for the latency note).
+_SLOW_CAUSES = {
+    "UnstructuredPruning": "unstructured zeros, which dense kernels do not skip",
+    "WeightSharing": "shared (k-means) weight values, decoded back to dense float weights",
+    "QAT": "{bits}-bit QAT layers, which run as float fake-quantized layers (no fast {bits}-bit kernel)",
+    "WeightOnly": "weight-only {bits}-bit layers, dequantized on every call",
+    "TernaryWeights": "ternary weights, which run as float layers",
+    "BinaryWeights": "binary weights, which run as float layers",
+    "MixedPrecision": "mixed-precision layers, which run as float fake-quantized layers",
+}
+
+
+def latency_causes(stages: list[dict]) -> list[str]:
+    """Why the compressed model may be no faster: one phrase per stage type that does not reduce dense work."""
+    out = []
+    for st in stages:
+        cfg = st.get("config") or {}
+        cause = _SLOW_CAUSES.get(cfg.get("type", ""))
+        if cause and st.get("guard") != "rolled_back":
+            phrase = cause.format(bits=cfg.get("bits", "low"))
+            if phrase not in out:
+                out.append(phrase)
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for k, v in d.items():
+        if k in ("version",) or (k == "type" and prefix):
+            continue
+        if isinstance(v, dict) and v and not all(isinstance(x, (int, float)) for x in v.values()):
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((prefix + k, v))
+    return rows
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_value(x)}" for k, x in v.items()) or "{}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(_value, v)) or "[]"
+    return str(v)
+
+
+def config_table(config: dict) -> list[str]:
+    """A stage's config as a markdown table, one row per field (nested configs as dotted names)."""
+    lines = ["| field | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(v)} |" for k, v in _flatten(config) if k != "type"]
+    return lines
+
+
 def render_markdown(report: dict, plot_name: str | None) -> str:
     b, c, r = report["baseline"], report["compressed"], report["ratios"]
+    title = report.get("title")
+    title = f"{title}: {report['model']} on {report['dataset']}" if title and title != "recipe" else \
+        f"{report['model']} on {report['dataset']}"
     lines = [
-        f"# torchslim report: {report['model']} on {report['dataset']}",
+        f"# torchslim report: {title}",
         "",
         f"torchslim {report['torchslim_version']} · device {report['device']} · checkpoint `{report['checkpoint']}`",
         "",
         "| metric | baseline | compressed | ratio (baseline / compressed) |",
         "|---|---:|---:|---:|",
-        f"| accuracy | {b['accuracy']:.4f} | {c['accuracy']:.4f} | drop {100 * report['accuracy_drop']:.2f} points |",
+        f"| {report.get('metric', 'accuracy')} (test split) | {b['accuracy']:.4f} | {c['accuracy']:.4f} | drop "
+        f"{100 * report['accuracy_drop']:.2f} points |",
         f"| parameters | {_fmt_int(b['params'])} | {_fmt_int(c['params'])} | {_fmt(_ratio(b['params'], c['params']), '.2f')}x |",
         f"| non-zero parameters | {_fmt_int(b['nonzero_params'])} | {_fmt_int(c['nonzero_params'])} | {_fmt(r['nonzero_params'], '.2f')}x |",
         f"| MACs | {_fmt_int(b['macs'])} | {_fmt_int(c['macs'])} | {_fmt(r['macs'], '.2f')}x |",
-        f"| latency (ms) | {_fmt(b['latency_ms'], '.3f')} | {_fmt(c['latency_ms'], '.3f')} | {_fmt(r['latency'], '.2f')}x |",
-        f"| bytes on disk | {_fmt_int(b['size_bytes'])} | {_fmt_int(c['size_bytes'])} | {_fmt(r['size'], '.2f')}x |",
+        f"| latency (ms, batch 1) | {_fmt(b['latency_ms'], '.3f')} | {_fmt(c['latency_ms'], '.3f')} | {_fmt(r['latency'], '.2f')}x |",
+        f"| bytes on disk (saved file) | {_fmt_int(b['size_bytes'])} | {_fmt_int(c['size_bytes'])} | {_fmt(r['size'], '.2f')}x |",
         "",
     ]
     if r["latency"] is not None and r["latency"] < 1.05:
-        lines += ["> Latency did not improve on this device: the size gain is real, the speed gain is not "
-                  "(unstructured zeros are not skipped by dense kernels).", ""]
-    lines += ["## Stages", "", "| stage | accuracy | bytes on disk | seconds | config |", "|---|---:|---:|---:|---|"]
-    for s in report["stages"]:
-        cfg = json.dumps(s["config"], separators=(",", ":"))
-        lines.append(f"| {s['name']} | {s['accuracy']:.4f} | {_fmt_int(s['size_bytes'])} | {s['seconds']:.1f} | `{cfg}` |")
+        causes = latency_causes(report["stages"])
+        why = f" ({'; '.join(causes)})" if causes else ""
+        lines += [f"> Latency did not improve on this device: the size gain is real, the speed gain is not{why}.", ""]
+    noise = report.get("latency_noise") or {}
+    if noise.get("noisy"):
+        load = noise.get("load_average")
+        spread = max(noise.get("spread", {0: 0}).values())
+        lines += [f"> **Noisy latency measurement:** the repeats spread by {100 * spread:.0f}% (interquartile range "
+                  f"/ median)" + (f" and the load average was {load:.1f} on {noise.get('cpus')} CPUs" if load else "")
+                  + "; compare the ratio, measured side by side, rather than the milliseconds.", ""]
+    lines += ["## Stages", "",
+              "| stage | val accuracy (decisions) | test accuracy | bytes on disk | seconds | guard |",
+              "|---|---:|---:|---:|---:|---|"]
+    for st in report["stages"]:
+        val = st.get("val_accuracy")
+        lines.append(f"| {st['name']} | {_fmt(val, '.4f')} | {st['accuracy']:.4f} | {_fmt_int(st['size_bytes'])} | "
+                     f"{st['seconds']:.1f} | {st.get('guard', '-')} |")
+    for st in report["stages"]:
+        if st.get("config"):
+            lines += ["", f"### Stage `{st['name']}`: {st['config'].get('type', '')}", ""] + config_table(st["config"])
     if plot_name:
         lines += ["", f"![accuracy vs size]({plot_name})", ""]
     return "\n".join(lines) + "\n"
