@@ -149,24 +149,42 @@ def render_markdown(report: dict, plot_name: str | None) -> str:
 
 
 def plot_accuracy_vs_size(report: dict, path: Path) -> None:
-    """PNG: accuracy against bytes on disk for the baseline and each stage."""
+    """PNG: test-split metric (%) against the saved size (KiB) for the baseline and each stage, with the budget
+    as a line, the y-axis zoomed to the points and the budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    metric = report.get("metric", "accuracy")
     names = ["baseline"] + [s["name"] for s in report["stages"]]
     sizes = [report["baseline"]["size_bytes"]] + [s["size_bytes"] for s in report["stages"]]
-    accs = [report["baseline"]["accuracy"]] + [s["accuracy"] for s in report["stages"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([s / 1024 for s in sizes], [100 * a for a in accs], "o-")
+    accs = [100 * report["baseline"]["accuracy"]] + [100 * s["accuracy"] for s in report["stages"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    ax.plot([s / 1024 for s in sizes], accs, "o-", zorder=3)
     for n, s, a in zip(names, sizes, accs):
-        ax.annotate(n, (s / 1024, 100 * a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(n, (s / 1024, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ys = list(accs)
+    drop = (report.get("budget") or {}).get("max_accuracy_drop")
+    if drop is not None:
+        line = accs[0] - 100 * drop
+        ax.axhline(line, color="C3", linestyle="--", linewidth=1.2,
+                   label=f"budget: baseline - {100 * drop:.2f} pt (test split)")
+        ys.append(line)
+        ax.legend(fontsize=7, loc="best")
+    lo, hi = min(ys), max(ys)
+    pad = max(0.15 * (hi - lo), 0.3)
+    ax.set_ylim(lo - pad, hi + pad)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes on disk (KiB, log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{report['model']} on {report['dataset']}")
-    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 10 else f"{x:.3g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+    ax.set_xlabel("saved size (KiB, log scale)")
+    ax.set_ylabel(f"{metric} (%, test split)")
+    title = report.get("title")
+    ax.set_title(f"{title + ': ' if title and title != 'recipe' else ''}{report['model']} on {report['dataset']}",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
     fig.tight_layout()
     save_figure(fig, path)
-

@@ -305,7 +305,9 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
     def draw(path: Path) -> None:
         plot_pareto(points, front, chosen, floor=floor, baseline={"metric": baseline_val, "objective": baseline_obj},
                     objective=o.objective, path=path, test_metric=compressed["accuracy"],
-                    title=f"{name} on {data.name}: {recipe.metric} vs {OBJECTIVE_LABELS[o.objective]}")
+                    metric=recipe.metric,
+                    title=f"{recipe.name if recipe.name != 'recipe' else name} on {data.name}: {recipe.metric} vs "
+                          f"{OBJECTIVE_LABELS[o.objective]}")
 
     publish(out, report=report, model=final, history=[r["config"] for r in ev.stages if r["config"]],
             save_kw=save_kw, extra_markdown=section + _search_markdown(summary, problem.knobs, o.objective),
