@@ -35,7 +35,7 @@ __all__ = ["DEFAULT_CONFIDENCE", "Judge", "accuracy_drop_bound", "bootstrap_drop
 DEFAULT_CONFIDENCE = 0.9
 # The share of samples whose prediction a typical compressed model changes (in either direction); used only to
 # say how large a split a budget needs.
-TYPICAL_DISAGREEMENT = 0.02
+TYPICAL_DISAGREEMENT = 0.01
 MIN_BATCHES = 8
 
 
