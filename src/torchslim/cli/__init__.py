@@ -7,7 +7,7 @@ import sys
 
 from ..core.errors import TorchslimError
 from ..core.threads import threads_override
-from .commands import add_commands, add_threads_option, finish
+from .commands import add_commands, add_threads_option, command_parser, finish
 from .demo import run_demo
 
 
@@ -18,10 +18,11 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchslim", description="Make trained PyTorch models smaller and faster.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train LeNet-5 on the bundled digits data, search the smallest model "
-                                       "within one accuracy point, write the report")
+    demo = command_parser(sub, "demo", "train LeNet-5 on the bundled digits data, search the smallest model within "
+                          "one accuracy point, write the report", "torchslim demo",
+                          "torchslim demo --out out/demo-seed1 --seed 1 --overwrite")
     demo.add_argument("--out", default="out/demo", help="output folder (report.json, report.md, plots, model.slim)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split, training and search")
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests)")
     demo.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
     add_threads_option(demo)

@@ -7,6 +7,7 @@ budget (outputs are written and say so).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..search.options import SearchOptions
 from ..search.scan import sensitivity
 from ..training import distributed
 
-__all__ = ["add_commands", "add_threads_option", "finish", "EXIT_BUDGET_MISSED"]
+__all__ = ["add_commands", "add_threads_option", "command_parser", "finish", "EXIT_BUDGET_MISSED"]
 
 EXIT_BUDGET_MISSED = 3
 
@@ -52,6 +53,8 @@ def _compress(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", BudgetMissedWarning)
         # Under torchrun every process runs the pipeline in lockstep; one of them talks.
         log = print if distributed.is_main_process() else (lambda s: None)
+        if args.confidence is not None:
+            recipe = recipe.replace(budget=dataclasses.replace(recipe.budget, confidence=args.confidence))
         report = run_recipe(recipe, out, overwrite=args.overwrite, max_accuracy_drop=args.max_accuracy_drop, log=log)
     if not distributed.is_main_process():
         return 0
@@ -129,7 +132,8 @@ def _search(args: argparse.Namespace) -> int:
     out = args.out or _default_out(path, "search")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BudgetMissedWarning)
-        options = SearchOptions(max_accuracy_drop=args.max_accuracy_drop, objective=args.objective,
+        options = SearchOptions(max_accuracy_drop=args.max_accuracy_drop, confidence=args.confidence,
+                                objective=args.objective,
                                 strategy=args.strategy, trials=args.trials, storage=args.storage,
                                 study_name=args.study_name, workers=args.workers, worker_only=args.worker,
                                 overwrite=args.overwrite, max_latency_ratio=args.max_latency_ratio)
@@ -140,6 +144,31 @@ def _search(args: argparse.Namespace) -> int:
     return finish(result.report, out)
 
 
+EXIT_CODES = ("exit codes: 0 done; 2 bad input or another torchslim error (the message names the file, line and "
+              "key); 3 the result misses the accuracy budget (the outputs are written and say so at the top)")
+
+
+def epilog(*examples: str) -> str:
+    """A command's ``--help`` epilog: its examples, then the exit codes."""
+    return "examples:\n" + "\n".join(f"  {e}" for e in examples) + "\n\n" + EXIT_CODES
+
+
+def command_parser(subparsers: argparse._SubParsersAction, name: str, help: str, *examples: str
+                   ) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows every default, the examples and the exit codes."""
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action: argparse.Action) -> str:
+            text = action.help or ""
+            # Options whose default is the recipe's say so in their own words; flags default to off.
+            if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+                return text
+            return text + " (default: %(default)s)"
+
+    return subparsers.add_parser(name, help=help, description=help, epilog=epilog(*examples),
+                                 formatter_class=Formatter)
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: compute threads per process (default: the cores shared among worker processes)."""
     parser.add_argument("--threads", type=int, metavar="N",
@@ -147,41 +176,66 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
                              "env TORCHSLIM_THREADS)")
 
 
+def _budget_options(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--max-accuracy-drop", type=float, metavar="DROP",
+                   help=f"{where}: the most the metric may fall below the baseline on the validation split, as a "
+                        "fraction (0.01 = 1 point; default: the recipe's budget.max_accuracy_drop)")
+    p.add_argument("--confidence", type=float, metavar="P",
+                   help="a result is within budget when the one-sided upper confidence bound of its drop (sampling "
+                        "error of the validation split) is; default: the recipe's budget.confidence, 0.9")
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``compress``, ``sensitivity`` and ``search`` to the ``torchslim`` command line."""
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("recipe", nargs="?", help="recipe YAML file")
         p.add_argument("--recipe", dest="recipe_opt", metavar="RECIPE",
                        help="recipe YAML file (same as the positional)")
-        p.add_argument("--out", help="output folder (default out/<recipe>-<command>)")
+        p.add_argument("--out", help=f"output folder (default: out/<recipe file name>-{command})")
         p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out")
-        p.add_argument("--validate-only", action="store_true", help="check the recipe and stop")
+        p.add_argument("--validate-only", action="store_true",
+                       help="check the recipe, its files and layer names (the model is built, not trained) and stop")
         add_threads_option(p)
 
-    c = subparsers.add_parser("compress", help="run a recipe's stages with guard rails and write the report")
-    common(c)
-    c.add_argument("--max-accuracy-drop", type=float, help="budget (overrides the recipe's), e.g. 0.01 = 1 point")
+    c = command_parser(subparsers, "compress", "run a recipe's stages with guard rails and write the report",
+                       "torchslim compress recipes/lenet5_prune_quantize_finetune.yaml --out out/joint",
+                       "torchslim compress my_recipe.yaml --validate-only")
+    common(c, "compress")
+    _budget_options(c, "budget of the guard rails")
     c.set_defaults(func=_compress)
 
-    s = subparsers.add_parser("sensitivity", help="per-layer metric against sparsity and bit width (one-shot)")
-    common(s)
+    s = command_parser(subparsers, "sensitivity", "per-layer metric against sparsity and bit width (one-shot, "
+                       "validation split)",
+                       "torchslim sensitivity recipes/lenet5_prune_quantize_finetune.yaml --out out/sens",
+                       "torchslim sensitivity my_recipe.yaml --layers 'fc*' --sparsities 0.5,0.9 --bits 8,4")
+    common(s, "sensitivity")
     s.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95,0.98",
-                   help="comma-separated sparsities to try per layer (default %(default)s)")
-    s.add_argument("--bits", default="8,6,4,3,2", help="comma-separated weight bit widths (default %(default)s)")
-    s.add_argument("--layers", nargs="*", help="fnmatch patterns of layers to scan (default: all Linear/Conv)")
+                   help="comma-separated sparsities to try per layer")
+    s.add_argument("--bits", default="8,6,4,3,2", help="comma-separated weight bit widths to try per layer")
+    s.add_argument("--layers", nargs="*", metavar="PATTERN",
+                   help="fnmatch patterns of the layers to scan (default: every Linear/Conv)")
     s.set_defaults(func=_sensitivity)
 
-    q = subparsers.add_parser("search", help="per-layer rates minimising size/latency/MACs s.t. an accuracy budget")
-    common(q)
-    q.add_argument("--max-accuracy-drop", type=float, help="budget on the validation split (e.g. 0.005)")
-    q.add_argument("--objective", choices=("size", "latency", "macs"))
-    q.add_argument("--strategy", choices=("fast", "optuna"))
-    q.add_argument("--max-latency-ratio", type=float, metavar="R",
-                   help="latency ceiling: candidates slower than R x the baseline (side by side) are infeasible")
-    q.add_argument("--trials", type=int, help="trials for the optuna strategy (all workers together)")
-    q.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT/search.db)")
-    q.add_argument("--study-name", help="study name in the storage (default derived from the recipe)")
-    q.add_argument("--workers", type=int, help="worker processes on this machine (optuna strategy)")
+    q = command_parser(subparsers, "search", "per-layer rates minimising size, latency or MACs under an accuracy "
+                       "budget on the validation split",
+                       "torchslim search --recipe recipes/lenet5_prune_quantize_finetune.yaml "
+                       "--max-accuracy-drop 0.01 --out out/search",
+                       "torchslim search my_recipe.yaml --strategy optuna --trials 40 --workers 2 --objective latency")
+    common(q, "search")
+    _budget_options(q, "the search's budget")
+    q.add_argument("--objective", choices=("size", "latency", "macs"),
+                   help="what to minimise: size = bytes of the saved checkpoint, latency = measured at batch 1, "
+                        "macs = counted (default: the recipe's search.objective, size)")
+    q.add_argument("--strategy", choices=("fast", "optuna"),
+                   help="fast = one-shot sensitivity then bisection (6-8 evaluations); optuna = multi-objective "
+                        "TPE over --trials (default: the recipe's search.strategy, fast)")
+    q.add_argument("--trials", type=int, metavar="N",
+                   help="trials of the optuna strategy, all workers together (default: the recipe's search.trials, "
+                        "30)")
+    q.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite:///OUT/search.db)")
+    q.add_argument("--study-name", help="study name in the storage (default: derived from the recipe and objective)")
+    q.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes on this machine, optuna strategy (default: the recipe's search.workers, 1)")
     q.add_argument("--worker", action="store_true",
                    help="only run trials against --storage (another machine's search writes the report)")
     q.set_defaults(func=_search)

@@ -25,7 +25,7 @@ def demo_recipe_text(quick: bool = False, seed: int = 0) -> str:
 name: lenet5-digits-demo
 seed: {seed}
 model: {{builtin: lenet5, train: {{epochs: {5 if quick else 10}, lr: 2.0e-3}}}}
-data: {{builtin: digits, kwargs: {{val_fraction: 0.25}}}}
+data: {{builtin: digits, kwargs: {{val_fraction: 0.5}}}}
 metric: accuracy
 budget: {{max_accuracy_drop: 0.01}}
 search: {{objective: size, strategy: fast}}

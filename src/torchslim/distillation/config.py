@@ -22,8 +22,10 @@ class Distillation(Config):
     (weighted by ``feature_weight``); a learned 1x1 conv / linear projection maps student widths to teacher
     widths when they differ; a layer returning a tuple (``transformers`` blocks) is matched on its first element.
     ``pooling="mean"`` averages (N, L, C) outputs over the batch's ``attention_mask`` before matching (sentence
-    embeddings: ``mode="outputs", output_loss="cosine", pooling="mean"``). ``cache_teacher`` memoises teacher outputs per input sample, which pays off
-    when the same fixed (unaugmented) data set is seen for several epochs.
+    embeddings: ``mode="outputs", output_loss="cosine", pooling="mean"``). ``cache_teacher`` memoises teacher
+    outputs per input sample, which pays off when the same fixed (unaugmented) data set is seen for several
+    epochs. ``train`` defaults to 10 epochs: a student starts untrained, and one epoch leaves a half-width LeNet-5
+    on digits at about 30% accuracy.
     """
 
     temperature: float = 4.0
@@ -34,7 +36,7 @@ class Distillation(Config):
     feature_weight: float = 1.0
     cache_teacher: bool = False
     pooling: str | None = None
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TrainConfig(epochs=10)
 
     def validate(self) -> None:
         check_positive("temperature", self.temperature)

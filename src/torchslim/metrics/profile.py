@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Callable
@@ -77,11 +78,9 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, example_inputs, warmup: int = 5, repeats: int = 30,
-                    min_seconds: float = 0.0) -> float:
-    """Median wall time of one forward pass on ``example_inputs`` (a tensor, tuple or dict) in milliseconds,
-    after ``warmup`` runs (CUDA-synchronised)."""
-    example_inputs = as_example_inputs(example_inputs)
+def _latency_times(model: nn.Module, example_inputs, warmup: int, repeats: int, min_seconds: float = 0.0
+                   ) -> list[float]:
+    """Wall times (s) of single forward passes after ``warmup`` runs (CUDA-synchronised)."""
     device = model_device(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     was_training = model.training
@@ -99,20 +98,59 @@ def measure_latency(model: nn.Module, example_inputs, warmup: int = 5, repeats: 
             times.append(time.perf_counter() - t0)
     finally:
         model.train(was_training)
+    return times
+
+
+def measure_latency(model: nn.Module, example_inputs, warmup: int = 5, repeats: int = 30,
+                    min_seconds: float = 0.0) -> float:
+    """Median wall time of one forward pass on ``example_inputs`` (a tensor, tuple or dict) in milliseconds,
+    after ``warmup`` runs (CUDA-synchronised)."""
+    times = _latency_times(model, as_example_inputs(example_inputs), warmup, repeats, min_seconds)
     return statistics.median(times) * 1e3
 
 
+# A measurement whose repeats spread by more than this (interquartile range / median), or taken while the load
+# average exceeds the cores, is flagged as noisy in reports.
+NOISY_SPREAD = 0.25
+
+
 def compare_latency(models: dict[str, nn.Module], example_inputs, rounds: int = 3,
-                    repeats: int = 20) -> dict[str, float]:
+                    repeats: int = 20, noise: dict | None = None) -> dict[str, float]:
     """Latency (ms) of several models measured side by side: rounds interleave the models so that machine
-    noise hits all alike, and each model keeps its best round's median."""
+    noise hits all alike, and each model keeps its best round's median.
+
+    ``noise`` (a dict) receives how trustworthy the numbers are: per model the interquartile range of all its
+    repeats over their median (``spread``), the 1-minute load average before and after, the CPU count, and
+    ``noisy`` (a spread above 25% or a load average above the CPU count)."""
     best = {name: float("inf") for name in models}
+    samples: dict[str, list[float]] = {name: [] for name in models}
     example_inputs = as_example_inputs(example_inputs)
     inputs = {name: to_device(example_inputs, model_device(m)) for name, m in models.items()}
+    load_before = _load_average()
     for _ in range(rounds):
         for name, model in models.items():
-            best[name] = min(best[name], measure_latency(model, inputs[name], repeats=repeats))
+            times = _latency_times(model, inputs[name], 5, repeats)
+            samples[name] += times
+            best[name] = min(best[name], statistics.median(times) * 1e3)
+    if noise is not None:
+        load = max(x for x in (load_before, _load_average(), -1.0) if x is not None)
+        cores = os.cpu_count() or 1
+        spread = {name: _iqr_over_median(t) for name, t in samples.items()}
+        noise.update(spread=spread, load_average=None if load < 0 else load, cpus=cores,
+                     noisy=max(spread.values()) > NOISY_SPREAD or load > cores)
     return best
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def _iqr_over_median(times: list[float]) -> float:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return (q[2] - q[0]) / q[1] if q[1] > 0 else 0.0
 
 
 def profile(model: nn.Module, example_inputs, *, latency: bool = True, repeats: int = 30,

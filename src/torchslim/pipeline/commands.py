@@ -19,6 +19,7 @@ from ..core.technique import Techniques
 from ..export import saved_size
 from ..export.checkpoint import save
 from ..metrics import compare_latency, profile
+from ..metrics.significance import Judge, count_samples
 from ..nn.inference import for_inference
 from ..techniques import BUILTIN
 from ..training import distributed
@@ -52,26 +53,40 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
 
 
 def side_by_side_latency(baseline_block: dict, baseline: nn.Module, compressed_block: dict, compressed: nn.Module,
-                         example_inputs: tuple) -> None:
+                         example_inputs: tuple) -> dict[str, Any]:
     """Fill ``latency_ms`` of both blocks from one interleaved measurement, each model in the form it is deployed
-    in (``torchslim.load(..., for_inference=True)``: masks folded, shared weights decoded)."""
+    in (``torchslim.load(..., for_inference=True)``: masks folded, shared weights decoded); returns how noisy it
+    was (the report's ``latency_noise``: spread of the repeats, load average, CPUs, ``noisy``)."""
+    noise: dict[str, Any] = {}
     lat = compare_latency({"baseline": for_inference(baseline), "compressed": for_inference(compressed)},
-                          example_inputs)
+                          example_inputs, noise=noise)
     baseline_block["latency_ms"], compressed_block["latency_ms"] = lat["baseline"], lat["compressed"]
+    return noise
 
 
 def budget_summary(max_drop: float | None, metric: str, baseline_val: float, final_val: float,
-                   baseline_test: float, final_test: float) -> dict[str, Any]:
-    """The report's ``budget`` block: drops on the validation split (what decisions used) and on test."""
+                   baseline_test: float, final_test: float, *, judged: dict[str, Any] | None = None,
+                   resolution: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's ``budget`` block: drops on the validation split (what decisions used) and on test.
+
+    ``judged`` (:meth:`torchslim.metrics.significance.Judge.assess` of the final model) makes the validation
+    verdict the upper confidence bound's, and ``resolution`` (``Judge.resolution()``) records how many samples
+    the decision rests on and whether the split can resolve the budget."""
     out: dict[str, Any] = {"metric": metric, "max_accuracy_drop": max_drop, "baseline_val": baseline_val,
                            "final_val": final_val, "drop_val": baseline_val - final_val,
                            "baseline_test": baseline_test, "final_test": final_test,
                            "drop_test": baseline_test - final_test}
+    if judged is not None:
+        out.update(drop_val_bound=judged["drop_bound"], confidence=judged["confidence"], val_samples=judged["n"],
+                   decision_method=judged["method"])
+    if resolution is not None:
+        out.update(val_samples=resolution["n"], smallest_certifiable_drop=resolution["smallest_certifiable_drop"],
+                   resolution_warning=resolution["warning"])
     if max_drop is None:
         out.update(met_val=None, met_test=None, met=None)
     else:
         # A hair of slack keeps float noise in the subtraction from flipping an exact tie.
-        out["met_val"] = out["drop_val"] <= max_drop + 1e-12
+        out["met_val"] = judged["met"] if judged is not None else out["drop_val"] <= max_drop + 1e-12
         out["met_test"] = out["drop_test"] <= max_drop + 1e-12
         out["met"] = out["met_val"] and out["met_test"]
     return out
@@ -97,6 +112,17 @@ def budget_markdown(budget: dict[str, Any]) -> tuple[str, str]:
         f"{limit:.2f} | {ok[budget['met_val']]} |",
         f"| test (report only) | {budget['baseline_test']:.4f} | {budget['final_test']:.4f} | {dt:.2f} | "
         f"{limit:.2f} | {ok[budget['met_test']]} |", "", ""])
+    notes = []
+    if budget.get("drop_val_bound") is not None:
+        notes.append(f"The validation verdict rests on {budget['val_samples']:,} samples: the drop's one-sided "
+                     f"{100 * budget['confidence']:.0f}% upper bound ({budget['decision_method']}) is "
+                     f"{100 * budget['drop_val_bound']:.2f} points, and it must be within the limit.")
+    elif budget.get("val_samples") is not None:
+        notes.append(f"The validation verdict rests on {budget['val_samples']:,} samples.")
+    if budget.get("resolution_warning"):
+        notes.append(f"**Warning:** {budget['resolution_warning']}.")
+    if notes:
+        section += "\n\n".join(notes) + "\n\n"
     return banner, section
 
 
@@ -119,6 +145,8 @@ def publish(out: Path, *, report: dict[str, Any], model: nn.Module, history: lis
         save(model, ckpt, history=history, metrics={"accuracy": report["compressed"]["accuracy"]}, **save_kw)
         # The report's size is the real file, not an estimate.
         report["compressed"]["size_bytes"] = ckpt.stat().st_size
+        if report["stages"]:  # the final stage's model is this file: one figure for it everywhere
+            report["stages"][-1]["size_bytes"] = report["compressed"]["size_bytes"]
         b = report["baseline"]["size_bytes"]
         report["ratios"]["size"] = b / report["compressed"]["size_bytes"] if b else None
         plot_accuracy_vs_size(report, tmp / "accuracy_vs_size.png")
@@ -182,10 +210,15 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
         check_against_model(recipe, model, example, techniques)
     save_kw = save_kwargs(recipe, model)
     reseed(data, recipe.seed)
-    baseline_val = float(metric_fn(model, data.val))
+    judge = None if max_drop is None else Judge(model, data.val, max_drop, metric_fn=metric_fn,
+                                                confidence=recipe.budget.confidence, holdout=count_samples(data.test))
+    baseline_val = float(metric_fn(model, data.val)) if judge is None else judge.baseline_value
     baseline = measure_block(model, example, data.test, metric_fn, save_kw)
     log(f"baseline: {recipe.metric} {baseline_val:.4f} (val), {baseline['accuracy']:.4f} (test), "
         f"{baseline['size_bytes']:,} bytes on disk")
+    resolution = judge.resolution() if judge is not None else None
+    if resolution is not None and resolution["warning"]:
+        log("WARNING: " + resolution["warning"])
 
     def describe(m: nn.Module) -> dict[str, Any]:
         return {"accuracy": float(metric_fn(m, data.test)), "size_bytes": saved_size(m, **save_kw)}
@@ -193,17 +226,20 @@ def run_recipe(recipe: str | Path | Recipe, out_dir: str | Path, *, overwrite: b
     inputs = StageInputs(data=data, example_inputs=example, teacher=model, loss_fn=loss_fn, metric=metric,
                          techniques=techniques)
     result = run_guarded(model, recipe.stages, inputs, metric_fn=metric_fn, baseline_val=baseline_val,
-                         max_drop=max_drop, guard=recipe.guard, describe=describe, log=log)
+                         max_drop=max_drop, guard=recipe.guard, describe=describe, log=log, judge=judge)
     final = result.model.cpu()
     compressed = measure_block(final, example, data.test, metric_fn, save_kw)
-    side_by_side_latency(baseline, model, compressed, final, example)
+    noise = side_by_side_latency(baseline, model, compressed, final, example)
+    judged = result.judged
+    if judge is not None and judged is None:  # every stage rolled back: the baseline, judged against itself
+        judged = judge.assess(judge.paired(final))
     budget = budget_summary(max_drop, recipe.metric, baseline_val, result.final_val, baseline["accuracy"],
-                            compressed["accuracy"])
+                            compressed["accuracy"], judged=judged, resolution=resolution)
     report = build_report(model_name=model_name(recipe, model), dataset=data.name, device=str(default_device()),
                           baseline=baseline, compressed=compressed, stages=result.records, checkpoint="model.slim",
                           metric=recipe.metric, budget=budget, guard={"policy": recipe.guard.policy,
                                                                       "events": result.events},
-                          recipe=recipe.to_dict())
+                          recipe=recipe.to_dict(), latency_noise=noise, title=recipe.name)
     report["baseline_reused_from"] = None if reused is None else str(reused)
     if distributed.is_main_process():
         banner, section = budget_markdown(budget)

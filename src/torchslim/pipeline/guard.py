@@ -15,6 +15,7 @@ from torch import nn
 
 from ..core.config import Config
 from ..core.errors import TorchslimError
+from ..metrics.significance import Judge
 from .recipe import GuardSpec, StageSpec
 from .runner import StageInputs, run_stages
 
@@ -35,6 +36,7 @@ class GuardResult:
     events: list[dict[str, Any]]
     final_val: float
     met: bool | None
+    judged: dict[str, Any] | None = None
 
 
 def segments(stages: Sequence[StageSpec]) -> list[tuple[int, int]]:
@@ -50,17 +52,20 @@ def segments(stages: Sequence[StageSpec]) -> list[tuple[int, int]]:
 def run_guarded(model: nn.Module, stages: Sequence[StageSpec], inputs: StageInputs, *,
                 metric_fn: Callable[[nn.Module, Any], float], baseline_val: float, max_drop: float | None,
                 guard: GuardSpec = GuardSpec(), describe: Callable[[nn.Module], dict[str, Any]] | None = None,
-                log: Callable[[str], None] = print) -> GuardResult:
+                log: Callable[[str], None] = print, judge: Judge | None = None) -> GuardResult:
     """Apply ``stages`` to ``model`` (left untouched) measuring ``metric_fn`` on the validation split after each.
 
     With ``max_drop`` set, a segment whose result scores below ``baseline_val - max_drop`` is handled as
     ``guard.policy`` says. ``describe(model)`` adds report fields (test accuracy, bytes on disk) to each record
     of an accepted segment. ``inputs.teacher`` (normally ``model``) is the teacher of distillation stages.
+    With a ``judge`` (:class:`~torchslim.metrics.significance.Judge` of the baseline on the validation split),
+    a segment is within budget when the upper confidence bound of its drop is, not merely its point estimate.
     """
     floor = None if max_drop is None else baseline_val - max_drop
     records: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     current, current_val = model, baseline_val
+    current_judged = None
 
     def measure(m: nn.Module) -> dict[str, Any]:
         return {"val_accuracy": float(metric_fn(m, inputs.data.val))}
@@ -75,11 +80,19 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], inputs: StageInpu
                                    keep_models=True, log=log)
             val = recs[-1]["val_accuracy"]
             attempts.append({"configs": [c.to_dict() for c in configs], "val_accuracy": val})
-            if floor is None or val >= floor:
+            judged = judge.assess(judge.paired(out)) if judge is not None and floor is not None else None
+            if judged is not None:
+                attempts[-1]["drop_bound"] = judged["drop_bound"]
+            if floor is None or (judged["met"] if judged is not None else val >= floor):
                 action = "ok" if len(attempts) == 1 else "retried"
                 break
             names = ", ".join(s.name for s in seg)
-            log(f"  guard: {names} scores {val:.4f} on val, below the budget floor {floor:.4f}")
+            if judged is not None and judged["drop_bound"] is not None and val >= floor:
+                log(f"  guard: {names} scores {val:.4f} on val, but the {100 * judge.confidence:.0f}% upper bound of "
+                    f"its drop on {judged['n']:,} samples is {100 * judged['drop_bound']:.2f} points, over the "
+                    f"budget {100 * max_drop:.2f}")
+            else:
+                log(f"  guard: {names} scores {val:.4f} on val, below the budget floor {floor:.4f}")
             if guard.policy == "fail":
                 raise BudgetError(f"stage(s) {names} score {val:.4f} on the validation split, below baseline "
                                   f"{baseline_val:.4f} - max_accuracy_drop {max_drop} (policy 'fail'); lower the "
@@ -104,7 +117,7 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], inputs: StageInpu
                      "model": current} for s in seg]
             out = current
         else:
-            current_val = recs[-1]["val_accuracy"]
+            current_val, current_judged = recs[-1]["val_accuracy"], judged
         for r in recs:
             r["guard"] = action
             stage_model = r.pop("model")
@@ -115,5 +128,12 @@ def run_guarded(model: nn.Module, stages: Sequence[StageSpec], inputs: StageInpu
                            "attempts": attempts})
         current = out
         records.extend(recs)
-    met = None if floor is None else current_val >= floor
-    return GuardResult(model=current, records=records, events=events, final_val=current_val, met=met)
+    if floor is None:
+        met = None
+    elif judge is not None:
+        # Everything rolled back: the baseline itself, which is within any budget.
+        met = True if current_judged is None else current_judged["met"]
+    else:
+        met = current_val >= floor
+    return GuardResult(model=current, records=records, events=events, final_val=current_val, met=met,
+                       judged=current_judged)

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,54 +47,144 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+# Stage types whose compressed form runs no faster on dense CPU kernels, and why (for the latency note).
+_SLOW_CAUSES = {
+    "UnstructuredPruning": "unstructured zeros, which dense kernels do not skip",
+    "WeightSharing": "shared (k-means) weight values, decoded back to dense float weights",
+    "QAT": "{bits}-bit QAT layers, which run as float fake-quantized layers (no fast {bits}-bit kernel)",
+    "WeightOnly": "weight-only {bits}-bit layers, dequantized on every call",
+    "TernaryWeights": "ternary weights, which run as float layers",
+    "BinaryWeights": "binary weights, which run as float layers",
+    "MixedPrecision": "mixed-precision layers, which run as float fake-quantized layers",
+}
+
+
+def latency_causes(stages: list[dict]) -> list[str]:
+    """Why the compressed model may be no faster: one phrase per stage type that does not reduce dense work."""
+    out = []
+    for st in stages:
+        cfg = st.get("config") or {}
+        cause = _SLOW_CAUSES.get(cfg.get("type", ""))
+        if cause and st.get("guard") != "rolled_back":
+            phrase = cause.format(bits=cfg.get("bits", "low"))
+            if phrase not in out:
+                out.append(phrase)
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for k, v in d.items():
+        if k in ("version",) or (k == "type" and prefix):
+            continue
+        if isinstance(v, dict) and v and not all(isinstance(x, (int, float)) for x in v.values()):
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((prefix + k, v))
+    return rows
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_value(x)}" for k, x in v.items()) or "{}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(_value, v)) or "[]"
+    return str(v)
+
+
+def config_table(config: dict) -> list[str]:
+    """A stage's config as a markdown table, one row per field (nested configs as dotted names)."""
+    lines = ["| field | value |", "|---|---|"]
+    lines += [f"| {k} | {_value(v)} |" for k, v in _flatten(config) if k != "type"]
+    return lines
+
+
 def render_markdown(report: dict, plot_name: str | None) -> str:
     b, c, r = report["baseline"], report["compressed"], report["ratios"]
+    title = report.get("title")
+    title = f"{title}: {report['model']} on {report['dataset']}" if title and title != "recipe" else \
+        f"{report['model']} on {report['dataset']}"
     lines = [
-        f"# torchslim report: {report['model']} on {report['dataset']}",
+        f"# torchslim report: {title}",
         "",
         f"torchslim {report['torchslim_version']} · device {report['device']} · checkpoint `{report['checkpoint']}`",
         "",
         "| metric | baseline | compressed | ratio (baseline / compressed) |",
         "|---|---:|---:|---:|",
-        f"| accuracy | {b['accuracy']:.4f} | {c['accuracy']:.4f} | drop {100 * report['accuracy_drop']:.2f} points |",
+        f"| {report.get('metric', 'accuracy')} (test split) | {b['accuracy']:.4f} | {c['accuracy']:.4f} | drop "
+        f"{100 * report['accuracy_drop']:.2f} points |",
         f"| parameters | {_fmt_int(b['params'])} | {_fmt_int(c['params'])} | {_fmt(_ratio(b['params'], c['params']), '.2f')}x |",
         f"| non-zero parameters | {_fmt_int(b['nonzero_params'])} | {_fmt_int(c['nonzero_params'])} | {_fmt(r['nonzero_params'], '.2f')}x |",
         f"| MACs | {_fmt_int(b['macs'])} | {_fmt_int(c['macs'])} | {_fmt(r['macs'], '.2f')}x |",
-        f"| latency (ms) | {_fmt(b['latency_ms'], '.3f')} | {_fmt(c['latency_ms'], '.3f')} | {_fmt(r['latency'], '.2f')}x |",
-        f"| bytes on disk | {_fmt_int(b['size_bytes'])} | {_fmt_int(c['size_bytes'])} | {_fmt(r['size'], '.2f')}x |",
+        f"| latency (ms, batch 1) | {_fmt(b['latency_ms'], '.3f')} | {_fmt(c['latency_ms'], '.3f')} | {_fmt(r['latency'], '.2f')}x |",
+        f"| bytes on disk (saved file) | {_fmt_int(b['size_bytes'])} | {_fmt_int(c['size_bytes'])} | {_fmt(r['size'], '.2f')}x |",
         "",
     ]
     if r["latency"] is not None and r["latency"] < 1.05:
-        lines += ["> Latency did not improve on this device: the size gain is real, the speed gain is not "
-                  "(unstructured zeros are not skipped by dense kernels).", ""]
-    lines += ["## Stages", "", "| stage | accuracy | bytes on disk | seconds | config |", "|---|---:|---:|---:|---|"]
-    for s in report["stages"]:
-        cfg = json.dumps(s["config"], separators=(",", ":"))
-        lines.append(f"| {s['name']} | {s['accuracy']:.4f} | {_fmt_int(s['size_bytes'])} | {s['seconds']:.1f} | `{cfg}` |")
+        causes = latency_causes(report["stages"])
+        why = f" ({'; '.join(causes)})" if causes else ""
+        lines += [f"> Latency did not improve on this device: the size gain is real, the speed gain is not{why}.", ""]
+    noise = report.get("latency_noise") or {}
+    if noise.get("noisy"):
+        load = noise.get("load_average")
+        spread = max(noise.get("spread", {0: 0}).values())
+        lines += [f"> **Noisy latency measurement:** the repeats spread by {100 * spread:.0f}% (interquartile range "
+                  f"/ median)" + (f" and the load average was {load:.1f} on {noise.get('cpus')} CPUs" if load else "")
+                  + "; compare the ratio, measured side by side, rather than the milliseconds.", ""]
+    lines += ["## Stages", "",
+              "| stage | val accuracy (decisions) | test accuracy | bytes on disk | seconds | guard |",
+              "|---|---:|---:|---:|---:|---|"]
+    for st in report["stages"]:
+        val = st.get("val_accuracy")
+        lines.append(f"| {st['name']} | {_fmt(val, '.4f')} | {st['accuracy']:.4f} | {_fmt_int(st['size_bytes'])} | "
+                     f"{st['seconds']:.1f} | {st.get('guard', '-')} |")
+    for st in report["stages"]:
+        if st.get("config"):
+            lines += ["", f"### Stage `{st['name']}`: {st['config'].get('type', '')}", ""] + config_table(st["config"])
     if plot_name:
         lines += ["", f"![accuracy vs size]({plot_name})", ""]
     return "\n".join(lines) + "\n"
 
 
 def plot_accuracy_vs_size(report: dict, path: Path) -> None:
-    """PNG: accuracy against bytes on disk for the baseline and each stage."""
+    """PNG: test-split metric (%) against the saved size (KiB) for the baseline and each stage, with the budget
+    as a line, the y-axis zoomed to the points and the budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
+    metric = report.get("metric", "accuracy")
     names = ["baseline"] + [s["name"] for s in report["stages"]]
     sizes = [report["baseline"]["size_bytes"]] + [s["size_bytes"] for s in report["stages"]]
-    accs = [report["baseline"]["accuracy"]] + [s["accuracy"] for s in report["stages"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot([s / 1024 for s in sizes], [100 * a for a in accs], "o-")
+    accs = [100 * report["baseline"]["accuracy"]] + [100 * s["accuracy"] for s in report["stages"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
+    ax.plot([s / 1024 for s in sizes], accs, "o-", zorder=3)
     for n, s, a in zip(names, sizes, accs):
-        ax.annotate(n, (s / 1024, 100 * a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(n, (s / 1024, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ys = list(accs)
+    drop = (report.get("budget") or {}).get("max_accuracy_drop")
+    if drop is not None:
+        line = accs[0] - 100 * drop
+        ax.axhline(line, color="C3", linestyle="--", linewidth=1.2,
+                   label=f"budget: baseline - {100 * drop:.2f} pt (test split)")
+        ys.append(line)
+        ax.legend(fontsize=7, loc="best")
+    lo, hi = min(ys), max(ys)
+    pad = max(0.15 * (hi - lo), 0.3)
+    ax.set_ylim(lo - pad, hi + pad)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes on disk (KiB, log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{report['model']} on {report['dataset']}")
-    ax.grid(True, alpha=0.3)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:,.0f}" if x >= 10 else f"{x:.3g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+    ax.set_xlabel("saved size (KiB, log scale)")
+    ax.set_ylabel(f"{metric} (%, test split)")
+    title = report.get("title")
+    ax.set_title(f"{title + ': ' if title and title != 'recipe' else ''}{report['model']} on {report['dataset']}",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
     fig.tight_layout()
     save_figure(fig, path)
-

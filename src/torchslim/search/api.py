@@ -16,6 +16,7 @@ from torch import nn
 from ..core.errors import ConfigError, TorchslimError
 from ..core.files import remove_stale, writable_folder
 from ..export.checkpoint import save
+from ..metrics.significance import Judge, count_samples
 from ..nn.modules import copy_model
 from ..pipeline.baseline import baseline_model
 from ..pipeline.commands import (
@@ -134,13 +135,16 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     if not o.worker_only and (model is not None or not baseline_path.is_file()):
         save(baseline, baseline_path, overwrite=True, **save_kw)  # what spawned workers load
 
+    judge = Judge(baseline, data.val, o.max_accuracy_drop, metric_fn=metric_fn, confidence=o.confidence,
+                  holdout=count_samples(data.test))
     problem = Problem(recipe, baseline, data, objective=o.objective, metric_fn=metric_fn, save_kw=save_kw,
-                      loss_fn=loss_fn, stage_metric=metric, max_latency_ratio=o.max_latency_ratio)
+                      loss_fn=loss_fn, stage_metric=metric, judge=judge, max_latency_ratio=o.max_latency_ratio)
     if not problem.knobs:
         raise ConfigError(f"nothing to search: no stage of {recipe.source} has a searchable field (searchable types: "
                           f"{sorted(BUILTIN.searchable())}; a stage with search: false is frozen)")
-    baseline_val = float(metric_fn(baseline, data.val))
+    baseline_val = judge.baseline_value
     floor = baseline_val - o.max_accuracy_drop
+    resolution = judge.resolution()
     sampler = tpe_sampler(recipe.seed)
     if o.worker_only:
         study = join_study(store, o.study_name, o.storage, sampler, log)
@@ -152,9 +156,13 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
     log(f"search: {len(problem.knobs)} knobs, objective {o.objective}, strategy {o.strategy}, baseline "
         f"{recipe.metric} {baseline_val:.4f} (val), floor {floor:.4f}; study {o.study_name!r} in {redact(o.storage)} "
         f"({len(complete(study))} finished trial(s) stored)")
+    log(f"budget decisions: the {100 * o.confidence:.0f}% upper bound of the drop, from {judge.n:,} val samples and "
+        f"predicting {judge.holdout:,} test samples, must be <= {100 * o.max_accuracy_drop:.2f} points")
+    if resolution["warning"] and not o.worker_only:
+        log("WARNING: " + resolution["warning"])
 
     if o.worker_only:
-        optimize(problem, study, o.trials, worker=os.getpid(), floor=floor, progress=o.progress)
+        optimize(problem, study, o.trials, worker=os.getpid(), floor=floor, progress=o.progress, log=log)
         return SearchResult(None, False, None, [], [], None, len(complete(study)), o.study_name, redact(o.storage))
 
     sens = study.user_attrs.get("sensitivity")
@@ -171,18 +179,29 @@ def search(recipe: str | Path | Recipe, out_dir: str | Path, options: SearchOpti
         fast(problem, study, floor, sens, log, o.progress, stop_after=o.stop_after)
     else:
         warm_start(study, problem.knobs, sens, o.trials)
-        worker_errors = run_workers(problem, study, recipe, o, baseline_path, save_kw, floor)
+        worker_errors = run_workers(problem, study, recipe, o, baseline_path, save_kw, floor, log=log)
 
-    points = [point(t) for t in complete(study)]
+    points = [_judged(point(t), judge) for t in complete(study)]
     if not points:
         raise TorchslimError(f"no trial finished in study {o.study_name!r}; nothing to report")
     chosen, feasible = choose(points, floor, o.max_latency_ratio)
     if not feasible:
-        log(f"NO SETTING MEETS THE BUDGET: the best found scores {chosen['metric']:.4f} on val, floor {floor:.4f}")
+        log(f"NO SETTING MEETS THE BUDGET: the best found scores {chosen['metric']:.4f} on val (certified "
+            f"{chosen['certified']:.4f}), floor {floor:.4f}")
     ev = _rerun(problem, study, chosen, data, metric_fn, log)
     return _publish(out, recipe, o, problem, study, ev, points=points, chosen=chosen, feasible=feasible,
                     baseline_val=baseline_val, baseline_obj=sens["baseline"]["objective"],
-                    worker_errors=worker_errors, example=example, reused=reused, log=log)
+                    worker_errors=worker_errors, example=example, reused=reused, log=log, judge=judge)
+
+
+def _judged(p: dict[str, Any], judge: Judge) -> dict[str, Any]:
+    """A point with its budget decision: ``certified`` (baseline minus the upper bound of the drop), the bound and
+    the verdict; trials stored without a paired record (older studies) are judged on the point estimate."""
+    paired = p.pop("paired", None)
+    if paired is None:
+        return {**p, "certified": p["metric"], "drop_bound": None}
+    a = judge.assess(paired)
+    return {**p, "certified": a["certified"], "drop_bound": a["drop_bound"]}
 
 
 def _options(options: SearchOptions | None, legacy: dict[str, Any]) -> SearchOptions:
@@ -248,7 +267,7 @@ def _rerun(problem: Problem, study, chosen: dict[str, Any], data, metric_fn: Cal
 def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, study, ev: Evaluation, *,
              points: list[dict[str, Any]], chosen: dict[str, Any], feasible: bool, baseline_val: float,
              baseline_obj: float, worker_errors: list[str], example: tuple, log: Callable[[str], None],
-             reused: Path | None = None) -> SearchResult:
+             judge: Judge, reused: Path | None = None) -> SearchResult:
     """Measure the chosen model (``ev``, re-run) against the baseline and write the report, the Pareto plot and
     model.slim."""
     baseline, data, metric_fn, save_kw = problem.baseline, problem.data, problem.metric_fn, problem.save_kw
@@ -257,14 +276,15 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
     rerun_note = None
     if abs(ev.metric - chosen["metric"]) > 1e-9:
         rerun_note = (f"the re-run scored {ev.metric:.4f} on val, the trial {chosen['metric']:.4f} "
-                      "(non-deterministic kernels or a different machine); the report uses the re-run")
+                      f"({_rerun_cause(data.train)}); the report uses the re-run")
         log("WARNING: " + rerun_note)
     final = ev.model
     baseline_block = measure_block(baseline, example, data.test, metric_fn, save_kw)
     compressed = measure_block(final, example, data.test, metric_fn, save_kw)
-    side_by_side_latency(baseline_block, baseline, compressed, final, example)
+    noise = side_by_side_latency(baseline_block, baseline, compressed, final, example)
+    judged = judge.assess(ev.paired) if ev.paired is not None else None
     budget = budget_summary(o.max_accuracy_drop, recipe.metric, baseline_val, ev.metric, baseline_block["accuracy"],
-                            compressed["accuracy"])
+                            compressed["accuracy"], judged=judged, resolution=judge.resolution())
     budget["feasible_found"] = feasible
     if not feasible:
         budget["met"] = False
@@ -280,7 +300,8 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
     name = model_name(recipe, baseline)
     report = build_report(model_name=name, dataset=data.name, device=str(default_device()),
                           baseline=baseline_block, compressed=compressed, stages=ev.stages, checkpoint="model.slim",
-                          metric=recipe.metric, budget=budget, search=summary, recipe=recipe.to_dict())
+                          metric=recipe.metric, budget=budget, search=summary, recipe=recipe.to_dict(),
+                          latency_noise=noise, title=recipe.name)
     report["baseline_reused_from"] = None if reused is None else str(reused)
     banner, section = budget_markdown(budget)
     if not feasible:
@@ -291,7 +312,9 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
     def draw(path: Path) -> None:
         plot_pareto(points, front, chosen, floor=floor, baseline={"metric": baseline_val, "objective": baseline_obj},
                     objective=o.objective, path=path, test_metric=compressed["accuracy"],
-                    title=f"{name} on {data.name}: {recipe.metric} vs {OBJECTIVE_LABELS[o.objective]}")
+                    metric=recipe.metric,
+                    title=f"{recipe.name if recipe.name != 'recipe' else name} on {data.name}: {recipe.metric} vs "
+                          f"{OBJECTIVE_LABELS[o.objective]}")
 
     publish(out, report=report, model=final, history=[r["config"] for r in ev.stages if r["config"]],
             save_kw=save_kw, extra_markdown=section + _search_markdown(summary, problem.knobs, o.objective)
@@ -299,6 +322,27 @@ def _publish(out: Path, recipe: Recipe, o: SearchOptions, problem: Problem, stud
             banner=banner, plots={"pareto.png": draw})
     warn_if_missed(budget, log)
     return SearchResult(final, feasible, chosen, front, points, report, len(points), o.study_name, storage)
+
+
+def _rerun_cause(loader) -> str:
+    """The likeliest reason a re-run of the same setting differs: the training loader's randomness first."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    if not isinstance(loader, DataLoader):
+        return (f"the training data is a {type(loader).__name__}, not a DataLoader the search can re-seed: make it "
+                "yield the same batches in the same order every time it is iterated")
+    sampler = loader.sampler
+    seeded = isinstance(loader.generator, torch.Generator) or \
+        isinstance(getattr(sampler, "generator", None), torch.Generator)
+    if isinstance(sampler, RandomSampler) and not seeded:
+        return ("the training DataLoader shuffles without its own generator, so its order depends on what ran "
+                "before: pass DataLoader(..., shuffle=True, generator=torch.Generator().manual_seed(0))")
+    if loader.num_workers > 0:
+        return (f"the training DataLoader has num_workers={loader.num_workers}: random transforms in worker "
+                "processes are not re-seeded; seed them with worker_init_fn, or use num_workers=0")
+    if not isinstance(sampler, (RandomSampler,)) and type(sampler).__module__.split(".")[0] != "torch":
+        return f"the training DataLoader's sampler {type(sampler).__name__} is not re-seeded by the search"
+    return "non-deterministic kernels, or another thread count than the trial's"
 
 
 def _check_reducible(recipe: Recipe, objective: str) -> None:
@@ -322,8 +366,11 @@ def _search_markdown(summary: dict[str, Any], knobs: Sequence[Knob], objective: 
              f"trial(s) ({summary['n_trials_failed']} failed) in study `{summary['study_name']}` "
              f"({summary['storage']}). Decisions use the validation split; the test split is measured only for "
              "the chosen model.", "",
-             f"Chosen: trial {c['trial']}, {c['metric']:.4f} on val (floor {summary['floor']:.4f}), "
-             f"{c['test']:.4f} on test, {label} {c['objective']:,.0f}.", ""]
+             f"Chosen: trial {c['trial']}, {c['metric']:.4f} on val (certified {c['certified']:.4f} against the "
+             f"floor {summary['floor']:.4f}), {c['test']:.4f} on test"
+             + ("; its saved file is the 'bytes on disk' above (the trials' sizes below leave out the stage "
+                "history the file also holds)." if objective == "size" else f", {label} {c['objective']:,.0f}."),
+             ""]
     if summary.get("max_latency_ratio") is not None:
         lines += [f"Latency ceiling: {summary['max_latency_ratio']}x the baseline's (inference form, measured side "
                   f"by side); the chosen setting measured {c.get('latency_ratio', float('nan')):.3f}x.", ""]
@@ -333,7 +380,9 @@ def _search_markdown(summary: dict[str, Any], knobs: Sequence[Knob], objective: 
         lines += [f"> **Worker error**: {e}", ""]
     lines += ["| knob | chosen value |", "|---|---:|"]
     lines += [f"| {k.name} | {c['params'].get(k.name, k.mild):.4g} |" for k in knobs]
-    lines += ["", "### Pareto front (validation split)", "", f"| trial | val metric | {label} |", "|---:|---:|---:|"]
-    lines += [f"| {p['trial']} | {p['metric']:.4f} | {p['objective']:,.0f} |" for p in summary["pareto_front"]]
+    lines += ["", "### Pareto front (validation split)", "",
+              f"| trial | val metric | certified (val) | {label} |", "|---:|---:|---:|---:|"]
+    lines += [f"| {p['trial']} | {p['metric']:.4f} | {p.get('certified', p['metric']):.4f} | {p['objective']:,.0f} |"
+              for p in summary["pareto_front"]]
     lines += ["", "![Pareto front](pareto.png)", ""]
     return "\n".join(lines)

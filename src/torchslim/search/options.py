@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..core.checks import check_choice, check_fraction, check_positive
+from ..core.checks import check_choice, check_fraction, check_positive, check_range
 from ..core.errors import ConfigError
 from ..pipeline.recipe import OBJECTIVES, Recipe
 
@@ -18,7 +18,8 @@ STRATEGIES = ("fast", "optuna")
 class SearchOptions:
     """How to run :func:`torchslim.search`; each None takes the recipe's ``budget``/``search`` value.
 
-    ``max_accuracy_drop``: the budget on the validation split (e.g. 0.005 = half a point); ``objective``:
+    ``max_accuracy_drop``: the budget on the validation split (e.g. 0.005 = half a point); ``confidence``: a
+    setting meets it when the upper confidence bound of its drop does (default the recipe's, 0.9); ``objective``:
     ``size``, ``latency`` or ``macs``; ``strategy``: ``fast`` or ``optuna``; ``trials``: evaluations of the
     ``optuna`` strategy (all workers together); ``storage``: an Optuna storage URL (default
     ``sqlite:///OUT/search.db``); ``study_name`` (default derived from the recipe and the objective);
@@ -30,6 +31,7 @@ class SearchOptions:
     form, measured side by side on the recipe's example batch): slower candidates are infeasible."""
 
     max_accuracy_drop: float | None = None
+    confidence: float | None = None
     objective: str | None = None
     strategy: str | None = None
     trials: int | None = None
@@ -45,6 +47,8 @@ class SearchOptions:
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None:
             check_fraction("max_accuracy_drop", self.max_accuracy_drop)
+        if self.confidence is not None:
+            check_range("confidence", self.confidence, 0.5, 0.999)
         if self.objective is not None:
             check_choice("objective", self.objective, OBJECTIVES)
         if self.strategy is not None:
@@ -77,5 +81,6 @@ class SearchOptions:
                               "or set budget.max_accuracy_drop in the recipe")
         storage = self.storage or spec.storage or f"sqlite:///{(Path(out_dir) / 'search.db').resolve()}"
         name = self.study_name or spec.study_name or f"torchslim-{recipe.key()}-{filled['objective']}"
-        return dataclasses.replace(self, max_accuracy_drop=drop, storage=storage, study_name=name, **filled)
+        confidence = recipe.budget.confidence if self.confidence is None else self.confidence
+        return dataclasses.replace(self, max_accuracy_drop=drop, confidence=confidence, storage=storage, study_name=name, **filled)
 

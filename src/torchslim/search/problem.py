@@ -11,6 +11,7 @@ from ..core.config import Config
 from ..core.errors import ConfigError
 from ..export import saved_size
 from ..metrics.profile import compare_latency, count_macs, measure_latency
+from ..metrics.significance import Judge
 from ..nn.inference import for_inference
 from ..pipeline.recipe import OBJECTIVES, Recipe, StageSpec, reseed
 from ..pipeline.runner import StageInputs, run_stages
@@ -37,6 +38,7 @@ class Evaluation:
     stages: list[dict[str, Any]]
     model: nn.Module | None = None
     latency_ratio: float | None = None
+    paired: dict[str, Any] | None = None
 
 
 class Problem:
@@ -49,8 +51,8 @@ class Problem:
 
     def __init__(self, recipe: Recipe, baseline: nn.Module, data, *, objective: str, metric_fn: Callable,
                  save_kw: dict | None = None, latency_repeats: int = 30, loss_fn=None,
-                 stage_metric: Callable | None = None, max_latency_ratio: float | None = None,
-                 latency_fn: LatencyFn | None = None):
+                 stage_metric: Callable | None = None, judge: Judge | None = None,
+                 max_latency_ratio: float | None = None, latency_fn: LatencyFn | None = None):
         if objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         self.recipe = recipe
@@ -60,6 +62,7 @@ class Problem:
         self.metric_fn = metric_fn
         self.save_kw = dict(save_kw or {})
         self.latency_repeats = latency_repeats
+        self.judge = judge
         self.max_latency_ratio = max_latency_ratio
         self.latency_fn = latency_fn or latency_ratio
         self.example_inputs = data.example_inputs(recipe.example_batch)
@@ -75,6 +78,11 @@ class Problem:
         if self.objective == "macs":
             return float(count_macs(model, self.example_inputs))
         return float(measure_latency(model, self.example_inputs, repeats=self.latency_repeats))
+
+    def certified(self, ev: Evaluation) -> float:
+        """What the budget decision compares with the floor: the baseline minus the upper confidence bound of the
+        drop (the plain validation metric without a judge)."""
+        return ev.metric if ev.paired is None or self.judge is None else self.judge.assess(ev.paired)["certified"]
 
     def configs(self, values: dict[str, float]) -> list[Config | None]:
         """Each stage's config for knob ``values`` (None: the stage does nothing)."""
@@ -99,8 +107,10 @@ class Problem:
         objective = float(records[-1]["size_bytes"]) if self.objective == "size" else self.objective_value(model)
         ratio = (float(self.latency_fn(self.baseline, model, self.example_inputs))
                  if self.max_latency_ratio is not None else None)
+        # What the budget decision needs: the samples (or batches) on which the setting and the baseline differ.
+        paired = self.judge.paired(model) if self.judge is not None else None
         return Evaluation(values=dict(values), metric=records[-1]["val_accuracy"], objective=objective,
-                          stages=records, model=model if keep_model else None, latency_ratio=ratio)
+                          stages=records, model=model if keep_model else None, latency_ratio=ratio, paired=paired)
 
     def too_slow(self, ratio: float | None) -> bool:
         """Whether a measured latency ratio breaks the ceiling (never without one)."""

@@ -151,7 +151,8 @@ class SensitivityResult:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:
-        """PNG: per layer, the metric against sparsity and against bits."""
+        """PNG: per layer, the metric (%) against sparsity and against bits; the panels share one y-axis, at
+        least two points tall, so that a one-sample difference does not look like an effect."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -159,19 +160,24 @@ class SensitivityResult:
 
         path = Path(path)
         kinds = [k for k in ("sparsity", "bits") if any(r["kind"] == k for r in self.rows)]
-        fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(6 * max(1, len(kinds)), 4), dpi=100, squeeze=False)
+        fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(6 * max(1, len(kinds)), 4), dpi=100, squeeze=False,
+                                 sharey=True)
+        ys = [100 * r["metric"] for r in self.rows] + [100 * self.baseline]
+        lo, hi = min(ys), max(ys)
+        pad = max(0.1 * (hi - lo), (2.0 - (hi - lo)) / 2, 0.2)
         for ax, kind in zip(axes[0], kinds):
             for layer in self.layers():
                 rows = [r for r in self.rows if r["kind"] == kind and r["layer"] == layer]
-                ax.plot([r["value"] for r in rows], [r["metric"] for r in rows], "o-", label=layer, markersize=3)
-            ax.axhline(self.baseline, color="grey", linestyle=":", linewidth=1)
-            ax.set_xlabel("sparsity" if kind == "sparsity" else "weight bits")
+                ax.plot([r["value"] for r in rows], [100 * r["metric"] for r in rows], "o-", label=layer, markersize=3)
+            ax.axhline(100 * self.baseline, color="grey", linestyle=":", linewidth=1, label="baseline")
+            ax.set_xlabel("sparsity (fraction of weights zeroed)" if kind == "sparsity" else "weight bits")
             if kind == "bits":
                 ax.invert_xaxis()
-            ax.set_ylabel(self.metric)
+            ax.set_ylim(lo - pad, hi + pad)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        fig.suptitle("one-shot sensitivity per layer (validation split)")
+        axes[0][0].set_ylabel(f"{self.metric} (%, validation split)")
+        fig.suptitle("one-shot sensitivity per layer, each layer alone (validation split)")
         fig.tight_layout()
         return save_figure(fig, path)
 

@@ -182,10 +182,10 @@ def count_failed(study) -> int:
 
 
 def point(trial) -> dict[str, Any]:
-    """A finished trial as a point of the Pareto plot: ``{"trial", "metric", "objective", "params"}``, plus
-    ``latency_ratio`` when the search measured it."""
+    """A finished trial as a point of the Pareto plot: ``{"trial", "metric", "objective", "params", "paired"}``,
+    plus ``latency_ratio`` when the search measured it."""
     out = {"trial": trial.number, "metric": trial.values[0], "objective": trial.values[1],
-           "params": dict(trial.params)}
+           "params": dict(trial.params), "paired": trial.user_attrs.get("paired")}
     if trial.user_attrs.get("latency_ratio") is not None:
         out["latency_ratio"] = trial.user_attrs["latency_ratio"]
     return out

@@ -49,17 +49,30 @@ def _distributions(knobs: Sequence[Knob]) -> dict[str, Any]:
 
 
 def _attrs(ev: Evaluation, worker: int) -> dict[str, Any]:
-    # The thread count is stored so that the chosen trial's re-run uses the same (results depend on it).
-    out = {"stages": ev.stages, "worker": worker, "threads": torch.get_num_threads()}
+    # The thread count is stored so that the chosen trial's re-run uses the same (results depend on it); the
+    # paired record so that the budget decision can be re-judged at another confidence.
+    out = {"stages": ev.stages, "worker": worker, "threads": torch.get_num_threads(), "paired": ev.paired}
     if ev.latency_ratio is not None:
         out["latency_ratio"] = ev.latency_ratio
     return out
 
 
+def _verdict(problem: Problem, ev: Evaluation, floor: float) -> str:
+    certified = problem.certified(ev)
+    bound = f", certified {certified:.4f}" if ev.paired is not None else ""
+    return f"val {ev.metric:.4f}{bound} ({'meets' if certified >= floor - 1e-12 else 'misses'} {floor:.4f})"
+
+
 def fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Callable[[str], None],
          progress: bool, stop_after: int | None = None) -> int:
-    """Bisection along the Lagrangian path; evaluations already in the study are reused. Returns the number of
-    new evaluations (``stop_after`` stops early, as an interruption would)."""
+    """Bisection along the Lagrangian path, each setting judged by its certified value (baseline minus the upper
+    confidence bound of its drop); evaluations already in the study are reused. Returns the number of new
+    evaluations (``stop_after`` stops early, as an interruption would)."""
+
+    def stored_certified(t) -> float:
+        paired = t.user_attrs.get("paired")
+        return t.values[0] if paired is None or problem.judge is None else problem.judge.assess(paired)["certified"]
+
     import optuna
 
     path = lagrangian_path(problem.knobs, sens)
@@ -76,24 +89,25 @@ def fast(problem: Problem, study, floor: float, sens: dict[str, Any], log: Calla
         key = params_key(values)
         if key in done:
             t = done[key]
-            log(f"  setting {i}/{len(path) - 1}: trial {t.number} (stored) val {t.values[0]:.4f}, "
-                f"{label} {t.values[1]:,.0f}")
+            certified = stored_certified(t)
+            log(f"  setting {i + 1}/{len(path)}: trial {t.number} (stored) val {t.values[0]:.4f}, certified "
+                f"{certified:.4f}, {label} {t.values[1]:,.0f}")
             # Too slow counts as missing the budget: the bisection moves to milder settings.
-            return float("-inf") if problem.too_slow(t.user_attrs.get("latency_ratio")) else t.values[0]
+            return float("-inf") if problem.too_slow(t.user_attrs.get("latency_ratio")) else certified
         if stop_after is not None and state["new"] >= stop_after:
             raise KeyboardInterrupt("stopped (stop_after)")
         ev = problem.evaluate(values)
+        certified = problem.certified(ev)
         study.add_trial(optuna.trial.create_trial(params=values, distributions=dists, values=[ev.metric, ev.objective],
-                                                  user_attrs=_attrs(ev, 0), constraints={"budget": floor - ev.metric}))
+                                                  user_attrs=_attrs(ev, 0), constraints={"budget": floor - certified}))
         state["new"] += 1
         bar.update(1)
         done[key] = next(t for t in reversed(complete(study)) if params_key(t.params) == key)
         slow = problem.too_slow(ev.latency_ratio)
-        log(f"  setting {i}/{len(path) - 1}: val {ev.metric:.4f} ({'meets' if ev.metric >= floor else 'misses'} "
-            f"{floor:.4f}), {label} {ev.objective:,.0f}"
+        log(f"  setting {i + 1}/{len(path)}: {_verdict(problem, ev, floor)}, {label} {ev.objective:,.0f}"
             + (f", latency {ev.latency_ratio:.3f}x the baseline's" if ev.latency_ratio is not None else "")
             + (f" (over the {problem.max_latency_ratio}x ceiling)" if slow else ""))
-        return float("-inf") if slow else ev.metric
+        return float("-inf") if slow else certified
 
     try:
         bisect_path(len(path), metric_at, floor)
@@ -110,12 +124,16 @@ def warm_start(study, knobs: Sequence[Knob], sens: dict[str, Any], trials: int) 
         study.enqueue_trial(values, skip_if_exists=True)
 
 
-def optimize(problem: Problem, study, total: int, worker: int, floor: float, progress: bool) -> None:
-    """Run trials until the study holds ``total`` complete ones (counting every worker's)."""
+def optimize(problem: Problem, study, total: int, worker: int, floor: float, progress: bool,
+             log: Callable[[str], None] | None = None) -> None:
+    """Run trials until the study holds ``total`` complete ones (counting every worker's); with ``log``, one line
+    per finished trial with the best setting meeting the budget so far."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
     knobs = problem.knobs
+    label = OBJECTIVE_LABELS[problem.objective]
+    best: dict[str, Any] = {}
 
     def objective(trial) -> tuple[float, float]:
         # Who runs the trial, so that a resumed search can fail it if this process is killed.
@@ -128,7 +146,15 @@ def optimize(problem: Problem, study, total: int, worker: int, floor: float, pro
         ev = problem.evaluate(values)
         for key, value in _attrs(ev, worker).items():
             trial.set_user_attr(key, value)
-        trial.set_constraint("budget", floor - ev.metric)
+        certified = problem.certified(ev)
+        trial.set_constraint("budget", floor - certified)
+        if log is not None:
+            if certified >= floor - 1e-12 and ev.objective < best.get("objective", float("inf")):
+                best.update(objective=ev.objective, trial=trial.number)
+            so_far = (f"best meeting the budget: trial {best['trial']}, {label} {best['objective']:,.0f}" if best
+                      else "none meets the budget yet")
+            log(f"  trial {trial.number} ({len(complete(study)) + 1}/{total}): {_verdict(problem, ev, floor)}, "
+                f"{label} {ev.objective:,.0f}; {so_far}")
         return ev.metric, ev.objective
 
     done = len(complete(study))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core.threads import threads_per_worker
+from ..metrics.significance import Judge, count_samples
 from ..pipeline.recipe import Recipe, build_data, load_checkpoint, metric_function
 from .options import SearchOptions
 from .problem import Problem
@@ -52,7 +53,7 @@ def join_study(storage, name: str, url: str, sampler, log: Callable[[str], None]
 
 
 def run_workers(problem: Problem, study, recipe: Recipe, options: SearchOptions, baseline_path: Path,
-                save_kw: dict, floor: float) -> list[str]:
+                save_kw: dict, floor: float, log: Callable[[str], None] | None = None) -> list[str]:
     """This process plus ``options.workers - 1`` spawned ones run trials against the storage (``options`` is
     resolved: every field set); returns the workers' errors."""
     n = options.workers
@@ -65,14 +66,14 @@ def run_workers(problem: Problem, study, recipe: Recipe, options: SearchOptions,
             payload = {"recipe": recipe, "baseline": str(baseline_path), "objective": options.objective,
                        "save_kw": save_kw, "storage": options.storage, "study_name": options.study_name,
                        "trials": options.trials, "worker": w, "seed": recipe.seed + w, "floor": floor,
-                       "threads": threads, "trusted": _saved_by(problem.baseline, save_kw),
-                       "max_latency_ratio": options.max_latency_ratio}
+                       "max_drop": options.max_accuracy_drop, "confidence": options.confidence, "threads": threads,
+                       "trusted": _saved_by(problem.baseline, save_kw), "max_latency_ratio": options.max_latency_ratio}
             p = ctx.Process(target=worker_main, args=(payload,), daemon=False)
             p.start()
             procs.append(p)
         torch.set_num_threads(threads)
     try:
-        optimize(problem, study, options.trials, worker=0, floor=floor, progress=options.progress)
+        optimize(problem, study, options.trials, worker=0, floor=floor, progress=options.progress, log=log)
     finally:
         for p in procs:
             p.join()
@@ -98,8 +99,11 @@ def worker_main(payload: dict[str, Any]) -> None:
     recipe: Recipe = payload["recipe"]
     data = build_data(recipe)
     baseline = load_checkpoint(recipe, payload["baseline"], trusted=payload["trusted"])
-    problem = Problem(recipe, baseline, data, objective=payload["objective"], metric_fn=metric_function(recipe),
-                      save_kw=payload["save_kw"], max_latency_ratio=payload.get("max_latency_ratio"))
+    metric_fn = metric_function(recipe)
+    judge = Judge(baseline, data.val, payload["max_drop"], metric_fn=metric_fn, confidence=payload["confidence"],
+                  holdout=count_samples(data.test))
+    problem = Problem(recipe, baseline, data, objective=payload["objective"], metric_fn=metric_fn,
+                      save_kw=payload["save_kw"], judge=judge, max_latency_ratio=payload.get("max_latency_ratio"))
     storage = open_storage(payload["storage"])
     study = open_study(storage, payload["study_name"], tpe_sampler(payload["seed"]), create=False)
     optimize(problem, study, payload["trials"], payload["worker"], payload["floor"], progress=False)

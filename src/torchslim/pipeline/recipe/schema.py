@@ -96,13 +96,17 @@ class DataSpec:
 @dataclasses.dataclass(frozen=True)
 class BudgetSpec:
     """``max_accuracy_drop``: the most the metric may fall below the baseline (in the metric's units, e.g.
-    0.01 = one accuracy point), measured on the validation split. None: no budget."""
+    0.01 = one accuracy point), measured on the validation split. None: no budget. ``confidence``: a result is
+    within budget when the one-sided upper confidence bound of its drop (sampling error of the validation split,
+    :mod:`torchslim.metrics.significance`) is at most ``max_accuracy_drop``."""
 
     max_accuracy_drop: float | None = None
+    confidence: float = 0.9
 
     def __post_init__(self) -> None:
         if self.max_accuracy_drop is not None:
             check_fraction("max_accuracy_drop", self.max_accuracy_drop)
+        check_range("confidence", self.confidence, 0.5, 0.999)
 
 
 @dataclasses.dataclass(frozen=True)
