@@ -107,7 +107,7 @@ def test_report_latency_is_measured_in_inference_form(monkeypatch):
 
     seen = {}
 
-    def fake_compare(models, example_inputs):
+    def fake_compare(models, example_inputs, **kwargs):
         seen.update(models)
         return {name: 1.0 for name in models}
 

@@ -226,6 +226,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--objective", choices=("size", "latency", "macs"),
                    help="what to minimise: size = bytes of the saved checkpoint, latency = measured at batch 1, "
                         "macs = counted (default: the recipe's search.objective, size)")
+    q.add_argument("--max-latency-ratio", type=float, metavar="R",
+                   help="latency ceiling: candidates slower than R x the baseline (timed side by side) are "
+                        "infeasible (default: the recipe's search.max_latency_ratio, none)")
     q.add_argument("--strategy", choices=("fast", "optuna"),
                    help="fast = one-shot sensitivity then bisection (6-8 evaluations); optuna = multi-objective "
                         "TPE over --trials (default: the recipe's search.strategy, fast)")
