@@ -220,4 +220,5 @@ class Judge:
 
 def _batch_len(batch: Any) -> int:
     inputs, y = split_batch(batch)
-    return int(y.shape[0]) if y is not None and y.ndim else batch_size(inputs)
+    # A target that is not one tensor (e.g. the second sentence of a pair) does not give the batch size.
+    return int(y.shape[0]) if torch.is_tensor(y) and y.ndim else batch_size(inputs)
