@@ -155,7 +155,7 @@ def pruned_distilled_int8(ctx) -> Built:
     return Built(OrtModel(path, threads=ctx.threads), file_bytes(path), str(path), "onnxruntime")
 
 
-COMBO = {"heads": 0.67, "ffn": 0.75, "epochs": 5, "lr": 1e-4}
+COMBO = {"heads": 0.67, "ffn": 0.75, "epochs": 2, "lr": 1e-4}
 """Settings of the pruned_distilled_int8 row."""
 
 
