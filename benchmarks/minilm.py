@@ -8,6 +8,7 @@ VARIANTS: a name and a function (ctx) -> Built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -93,12 +94,78 @@ def svd_energy_95(ctx) -> Built:
                  "matmuls cost about what one full one does")
 
 
+class _VocabRemap(torch.nn.Module):
+    """The model with its word-embedding table cut to ``keep`` token ids: tokenizer ids are mapped to rows of the
+    smaller table inside the graph (one int32 lookup), so callers keep the original tokenizer; ids outside
+    ``keep`` read the [UNK] row."""
+
+    def __init__(self, model: torch.nn.Module, keep: list[int], unk: int):
+        super().__init__()
+        emb = model.get_input_embeddings()
+        remap = torch.full((emb.num_embeddings,), keep.index(unk), dtype=torch.int32)
+        remap[torch.tensor(keep)] = torch.arange(len(keep), dtype=torch.int32)
+        small = torch.nn.Embedding(len(keep), emb.embedding_dim, padding_idx=None)
+        small.weight.data = emb.weight.data[torch.tensor(keep)].clone()
+        model.set_input_embeddings(small)
+        model.config.vocab_size = len(keep)
+        self.model, self.config = model, model.config
+        self.register_buffer("remap", remap)
+
+    def forward(self, input_ids: torch.Tensor, **inputs: torch.Tensor):
+        return self.model(input_ids=self.remap[input_ids].long(), **inputs)
+
+
+def pruned_distilled_int8(ctx) -> Built:
+    """Heads and FFN neurons pruned (COMBO; Taylor importance on STS-B train pairs), distilled from the fp32 model on
+    mean-pooled embeddings (cosine, no labels, STS-B train sentences), the vocabulary cut to the tokens of the
+    training text, then ONNX Runtime fusions + dynamic int8 with the embedding table in int8."""
+    from hf_structure import cosine_regression, pair_batches, read_pairs
+
+    import torchslim as ts
+    from torchslim import hf
+    from torchslim.hf.data import stsb_sentences
+    from torchslim.hf.serve import OrtModel, export_transformer, file_bytes, fuse, quantize_int8
+
+    train_csv = ctx.data_dir / "sts-train.csv"
+    taylor = pair_batches(ctx.tokenizer, read_pairs(train_csv, 128), 16)
+    student = copy.deepcopy(ctx.model)
+    hf.prune_structure(student, heads=COMBO["heads"], ffn=COMBO["ffn"], importance="taylor", data=taylor,
+                       loss_fn=cosine_regression, batches=8, example_inputs=ctx.example)
+    limit = 512 if ctx.quick else None
+    sentences = stsb_sentences(ctx.tokenizer, ctx.data_dir, "train", batch_size=32, shuffle=True, limit=limit)
+    kd = ts.Distillation(mode="outputs", output_loss="cosine", pooling="mean", cache_teacher=True,
+                         train=ts.TrainConfig(epochs=1 if ctx.quick else COMBO["epochs"], lr=COMBO["lr"],
+                                              optimizer="adamw", progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = ts.distill(student, kd, teacher=ctx.model, data=sentences).eval()
+    seen = {i for batch in sentences for i in batch["input_ids"].flatten().tolist()}
+    keep = sorted(seen | set(ctx.tokenizer.all_special_ids))
+    served = _VocabRemap(student, keep, ctx.tokenizer.unk_token_id).eval()
+    onnx_fp32, fused, path = (ctx.work / f"combo{s}.onnx" for s in ("", "_fused", "_fused_int8"))
+    export_transformer(served, ctx.example, onnx_fp32, overwrite=True)
+    src = fused if fuse(onnx_fp32, fused, student, overwrite=True) else onnx_fp32
+    quantize_int8(src, path, overwrite=True)
+    ctx.notes["pruned_distilled_int8"] = (
+        f"heads -{COMBO['heads']:.0%}, FFN neurons -{COMBO['ffn']:.0%} per layer (Taylor, 8x16 STS-B train pairs), "
+        f"distilled {kd.train.epochs} epochs on "
+        f"{len(sentences.dataset)} STS-B train sentences (cosine of mean-pooled embeddings, no labels), vocabulary "
+        f"cut to the {len(keep)} token ids of those sentences (of {len(served.remap)}; other ids read [UNK]), "
+        "ORT fusions + dynamic int8 with the embedding table in int8")
+    return Built(OrtModel(path, threads=ctx.threads), file_bytes(path), str(path), "onnxruntime")
+
+
+COMBO = {"heads": 0.67, "ffn": 0.75, "epochs": 2, "lr": 1e-4}
+"""Settings of the pruned_distilled_int8 row."""
+
+
 VARIANTS: list[tuple[str, Callable]] = [
     ("ort_quantize_dynamic", ort_quantize_dynamic),
     ("torch_int8", torch_int8),
     ("ort_fused_int8", ort_fused_int8),
     ("weight_only_int4", weight_only_int4),
     ("svd_energy_95", svd_energy_95),
+    ("pruned_distilled_int8", pruned_distilled_int8),
 ]
 """The compressed variants; one entry adds a row."""
 
@@ -152,10 +219,12 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ctx = type("Ctx", (), {})()
     ctx.model, ctx.example, ctx.work, ctx.threads = model, batches["b1"], work, 1
+    ctx.tokenizer, ctx.data_dir, ctx.quick, ctx.notes = tokenizer, data_dir, args.quick, {}
     ctx.fp32_onnx = export_transformer(model, batches["b1"], work / "fp32.onnx", overwrite=True)
 
     rows, built = [], {}
-    for name, build in [("fp32", fp32), *VARIANTS]:
+    only = os.environ.get("MINILM_ONLY")  # comma-separated variant names, for development runs
+    for name, build in [("fp32", fp32), *[v for v in VARIANTS if not only or v[0] in only.split(",")]]:
         torch.set_num_threads(1)
         start = time.perf_counter()
         b = build(ctx)
@@ -187,16 +256,24 @@ def main(argv=None) -> dict:
         why = built[row["name"]].why_slower
         if row["name"] != "fp32" and row["speedup_b32"] < 1.0:
             row["why_slower"] = why or "not explained"
-    ort = next(r for r in rows if r["name"] == "ort_quantize_dynamic")
+    targets = {}
+    by_name = {r["name"]: r for r in rows}
+    ort = by_name.get("ort_quantize_dynamic")
     int8 = [r for r in rows if r["name"] in ("torch_int8", "ort_fused_int8")]
-    best = min(int8, key=lambda r: r["latency_ms"]["b32"])
-    targets = {
-        "int8_row": best["name"],
-        "int8_drop_le_0.3": best["drop"] <= 0.3,
-        "int8_smaller_ge_3.9x": best["smaller"] >= 3.9,
-        "int8_vs_ort_quantize_dynamic_b32": round(ort["latency_ms"]["b32"] / best["latency_ms"]["b32"], 3),
-        "int8_ge_1.25x_faster_than_ort_b32": ort["latency_ms"]["b32"] / best["latency_ms"]["b32"] >= 1.25,
-    }
+    if ort and int8:
+        best = min(int8, key=lambda r: r["latency_ms"]["b32"])
+        targets.update({
+            "int8_row": best["name"],
+            "int8_drop_le_0.3": best["drop"] <= 0.3,
+            "int8_smaller_ge_3.9x": best["smaller"] >= 3.9,
+            "int8_vs_ort_quantize_dynamic_b32": round(ort["latency_ms"]["b32"] / best["latency_ms"]["b32"], 3),
+            "int8_ge_1.25x_faster_than_ort_b32": ort["latency_ms"]["b32"] / best["latency_ms"]["b32"] >= 1.25,
+        })
+    combo = by_name.get("pruned_distilled_int8")
+    if combo:
+        combo["note"] = ctx.notes["pruned_distilled_int8"]
+        targets.update({"combo_drop_le_1.5": combo["drop"] <= 1.5, "combo_smaller_ge_8x": combo["smaller"] >= 8,
+                        "combo_ge_5x_faster_b32": combo["speedup_b32"] >= 5})
     cpu = cpu_int8()
     result = {"baseline": rows[0], "variants": rows[1:], "targets": targets,
               "cpu": {"model": _cpu_model(), "int8": cpu.describe(), "vnni": cpu.vnni},
