@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import torch
+
 from .config import Config
 
 
@@ -38,3 +40,22 @@ def soften_bits(limit: int) -> Callable[[Config, float], Config | None]:
 
 def int_choice(value: float, param: Any) -> int:
     return int(value)
+
+
+def capped_removals(scores: list[torch.Tensor], target: int, caps: list[int]) -> list[int]:
+    """How many units leave each layer when the ``target`` lowest of all ``scores`` (one tensor per layer, on one
+    scale) are removed, lowest first (ties by position), at most ``caps[i]`` from layer ``i``."""
+    removed = [0] * len(scores)
+    if not scores:
+        return removed
+    flat = torch.cat(scores)
+    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
+    done = 0
+    for idx in torch.argsort(flat, stable=True).tolist():
+        if done >= target:
+            break
+        i = int(owner[idx])
+        if removed[i] < caps[i]:
+            removed[i] += 1
+            done += 1
+    return removed

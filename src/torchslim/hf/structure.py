@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.checks import check_choice, check_fraction
 from ..core.errors import ConfigError, DataError, TorchslimError, UnsupportedModelError
+from ..core.rates import capped_removals
 from ..data.batches import LABEL_KEYS, as_example_inputs, call_model, split_batch
 from ..nn.modules import match
 from ..training.losses import LossFn, resolve_loss
@@ -163,19 +164,8 @@ def _global_counts(scores: list[torch.Tensor], rates: list[float], max_ratio: fl
     scale compete fairly), at most ``max_ratio`` of a layer and never all of it."""
     rate = max(rates, default=0.0)
     caps = [min(math.floor(max_ratio * s.numel()), s.numel() - 1) if r > 0 else 0 for s, r in zip(scores, rates)]
-    flat = torch.cat([s / s.mean().clamp(min=1e-12) for s in scores])
-    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(scores)])
     target = math.floor(rate * sum(s.numel() for s, r in zip(scores, rates) if r > 0))
-    removed = [0] * len(scores)
-    done = 0
-    for idx in torch.argsort(flat, stable=True).tolist():
-        if done >= target:
-            break
-        i = int(owner[idx])
-        if removed[i] < caps[i]:
-            removed[i] += 1
-            done += 1
-    return removed
+    return capped_removals([s / s.mean().clamp(min=1e-12) for s in scores], target, caps)
 
 
 def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...]]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
+from ..core.rates import capped_removals
 from ..data.batches import as_example_inputs, call_model
 from ..nn.masks import masked_names
 from ..nn.modules import check_patterns, copy_model, match
@@ -130,17 +131,7 @@ def plan_keep(groups: list[Group], scores: list[torch.Tensor], ratios: list[floa
     total = sum(g.size for g in groups)
     target = math.floor(ratios[0] * total) if groups else 0
     caps = [min(math.floor(config.max_ratio * g.size), g.size - 1) for g in groups]
-    flat = torch.cat(scores) if scores else torch.zeros(0)
-    owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)]) if groups else torch.zeros(0)
-    removed = [0] * len(groups)
-    done = 0
-    for idx in torch.argsort(flat, stable=True).tolist():
-        if done >= target:
-            break
-        i = int(owner[idx])
-        if removed[i] < caps[i]:
-            removed[i] += 1
-            done += 1
+    removed = capped_removals(scores, target, caps)
     return [_top(s, _round_keep(g.size, g.size - r, config.round_to)) for g, s, r in zip(groups, scores, removed)]
 
 

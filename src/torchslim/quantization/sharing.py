@@ -229,6 +229,17 @@ def _shared_from(module: nn.Module, num_centroids: int, bits: int) -> SharedWeig
     return shared.to(effective(module).device)
 
 
+def replace_with_shared(model: nn.Module, name: str, codebook: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
+    """Swap layer ``name`` of ``model`` for its shared-weight form holding ``codebook`` and ``codes``."""
+    module = model.get_submodule(name)
+    device = effective(module).device
+    shared = _shared_from(module, codebook.numel(), bits)
+    shared.set_sharing(codebook.to(device), codes.to(device))
+    shared.train(module.training)
+    parent, _, child = name.rpartition(".")
+    model.get_submodule(parent).add_module(child, shared)
+
+
 # ----------------------------------------------------------------------------------------------
 # k-means
 
@@ -328,11 +339,7 @@ def apply_weight_sharing(model: nn.Module, config: WeightSharing, *, data=None, 
             raise UnsupportedModelError(f"layer {name!r} has NaN/inf weights; k-means would be meaningless. Fix or "
                                         "retrain the model first.")
         codebook, codes = kmeans_codebook(weight, bits, config.init, config.seed)
-        shared = _shared_from(module, codebook.numel(), bits)
-        shared.set_sharing(codebook.to(weight.device), codes.to(weight.device))
-        shared.train(module.training)
-        parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).add_module(child, shared)
+        replace_with_shared(model, name, codebook, codes, bits)
     if config.finetune is not None:
         train(model, data, config.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     return model

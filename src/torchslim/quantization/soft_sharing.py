@@ -29,7 +29,7 @@ from ..nn.masks import effective
 from ..nn.modules import check_patterns, copy_model
 from ..training.losses import LossFn
 from ..training.train import TrainConfig, default_device, train
-from .sharing import MAX_BITS, _shared_from, shareable_layers
+from .sharing import MAX_BITS, replace_with_shared, shareable_layers
 
 __all__ = ["SoftWeightSharing", "apply_soft_sharing", "GaussianMixture"]
 
@@ -275,12 +275,7 @@ def apply_soft_sharing(model: nn.Module, config: SoftWeightSharing, *, data=None
     bits = max(1, math.ceil(math.log2(config.components + 1)))
     for name, module in layers.items():
         codebook, codes = _assign(mixture, effective(module), getattr(module, "weight_mask", None))
-        weight = effective(module)
-        shared = _shared_from(module, codebook.numel(), bits)
-        shared.set_sharing(codebook.to(weight.device), codes.to(weight.device))
-        shared.train(module.training)
-        parent, _, child = name.rpartition(".")
-        model.get_submodule(parent).add_module(child, shared)
+        replace_with_shared(model, name, codebook, codes, bits)
     if config.finetune is not None:
         train(model, data, config.finetune, val_loader=val_data, loss_fn=loss_fn, metric=metric)
     return model
