@@ -69,15 +69,19 @@ def trial_states(db: Path, state: str) -> set[int]:
     return {t.number for t in study.trials if t.state.name == state}
 
 
-def finished(db: Path, state: str = "COMPLETE") -> int:
-    """Trials in ``state``, read without opening an Optuna storage (that would race the search creating its tables)."""
+def finished(db: Path, state: str = "COMPLETE", owned: bool = False) -> int:
+    """Trials in ``state`` (with ``owned``, only those that already name their process), read without opening an
+    Optuna storage (that would race the search creating its tables)."""
     import sqlite3
 
     if not db.exists():
         return 0
+    query = "SELECT count(*) FROM trials WHERE state = ?"
+    if owned:
+        query += " AND trial_id IN (SELECT trial_id FROM trial_user_attributes WHERE key = 'pid')"
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("SELECT count(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
+            return con.execute(query, (state,)).fetchone()[0]
     except sqlite3.Error:  # the tables are being created
         return 0
 
@@ -226,10 +230,15 @@ def test_optuna_search_survives_being_killed(tmp_path):
     try:
         deadline = time.time() + 90
         while time.time() < deadline:
-            # Killed while a trial runs: that trial must not stay RUNNING.
-            if finished(out / "search.db") >= 3 and finished(out / "search.db", "RUNNING"):
-                break
+            # Killed while a trial runs: that trial must not stay RUNNING. The process is paused before the check so
+            # that the trial checked is the one killed; a trial killed in the milliseconds before it names its
+            # process is left to the storage's heartbeat (failed after its grace period), so wait for a named one.
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            proc.send_signal(signal.SIGSTOP)
+            db = out / "search.db"
+            if finished(db) >= 3 and finished(db, "RUNNING") == finished(db, "RUNNING", owned=True) >= 1:
+                break
+            proc.send_signal(signal.SIGCONT)
             time.sleep(0.2)
         else:
             pytest.fail("no trial finished within 90 s")
