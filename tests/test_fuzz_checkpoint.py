@@ -53,3 +53,20 @@ def test_every_manifest_edit_kind_is_exercised(fuzz, tmp_path):
     kinds = {fuzz.mutate(corpus[n][0].read_bytes(), rng, str(tmp_path / "m"))[0]
              for n in sorted(corpus) for _ in range(12)}
     assert {e.__name__ for e in fuzz.MANIFEST_EDITS} <= kinds | {"flip", "truncate", "append"}
+
+
+def test_an_int8_graph_whose_tensors_fit_the_file_but_not_the_graph_is_refused_at_load(fuzz, tmp_path):
+    # A 1-bit packed tensor re-declared as trits decodes to other values of the same count: the file is
+    # consistent, but ONNX Runtime's kernels would fail at the first forward (found by the 10,000-case campaign).
+    corpus = fuzz.build_corpus(tmp_path, int8=True)
+    path, x = corpus["int8_static"]
+    manifest, stored = fuzz._split(path.read_bytes())
+    packed = [e for e in manifest["tensors"].values() if e.get("width") == 1]
+    assert packed
+    for entry in packed:
+        entry["width"] = "trit"
+    case = tmp_path / "case.slim"
+    case.write_bytes(fuzz._join(manifest, stored))
+    result = fuzz.run_case(case, fuzz.fingerprint(fuzz.load(path), x), x, tmp_path / "CODE_RAN")
+    assert result["outcome"] == "checkpoint_error", result
+    assert "does not run with its stored tensors" in result["detail"]

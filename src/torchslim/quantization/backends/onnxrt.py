@@ -111,6 +111,7 @@ class QuantizedGraphModel(nn.Module):
             self.tensors[key] = nn.Parameter(torch.zeros(shape, dtype=getattr(torch, dtype)), requires_grad=False)
         self._runner = None
         self._runner_threads = 0
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._check_loaded())
 
     @classmethod
     def from_onnx(cls, model, backend: str = "ort_qdq", info: dict[str, Any] | None = None) -> "QuantizedGraphModel":
@@ -180,6 +181,28 @@ class QuantizedGraphModel(nn.Module):
         # The graph may come from a checkpoint: make sure ONNX Runtime will only run standard operators on it.
         check_stored_graph(self.graph.detach().cpu().numpy().tobytes())
         return out
+
+    def _check_loaded(self) -> None:
+        """Run the loaded graph once on zeros: tensors that fit the file but not the graph (an edited reshape
+        target, a weight of another width) would otherwise fail inside the kernels at the caller's first forward."""
+        if not self.graph.detach().cpu().numpy().any():
+            return
+        import onnx
+
+        graph = onnx.load_from_string(self.graph.detach().cpu().numpy().tobytes()).graph
+        inputs = []
+        for spec in graph.input:
+            tensor = spec.type.tensor_type
+            dtype = _DTYPES.get(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)), torch.float32)
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in tensor.shape.dim]
+            inputs.append(torch.zeros(shape, dtype=dtype))
+        try:
+            with torch.no_grad():
+                self(*inputs)
+        except Exception as exc:
+            raise CheckpointError(f"the stored int8 graph does not run with its stored tensors "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the checkpoint is "
+                                  "corrupted or was edited") from None
 
     def _apply(self, fn, recurse=True):
         self._runner = None
