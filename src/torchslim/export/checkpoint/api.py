@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 from ..._version import __version__
 from ...core.errors import CheckpointError, TorchslimError
@@ -16,7 +15,7 @@ from ...core.files import atomic_write
 from ...core.history import history as model_history
 from ...data.batches import as_example_inputs, call_model
 from ...nn.inference import for_inference as inference_form
-from ...nn.masks import effective_state
+from ...nn.masks import attach_mask, effective_state
 from .codecs import diff_modules
 from .encodings import ENCODINGS, check_entries, decode_all, encode_tensor, stored_name
 from .format import (
@@ -141,9 +140,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", t
     and factories, and what ``trusted`` names ("pkg.module" or "pkg.module:callable"; see
     :func:`register_factory`). With ``verify_key`` the file must carry a valid HMAC-SHA256 signature made
     with that key. ``max_bytes`` bounds the memory the model's tensors may take (by default 1024 times the
-    file's size, at least 256 MiB). Pruning masks recorded at save time are re-applied with
-    ``prune.custom_from_mask`` so the zeros stay zero during further training (the default: the model loads
-    as it was saved, ready to train on). With ``for_inference=True`` the model comes back in eval mode in its
+    file's size, at least 256 MiB). Pruning masks recorded at save time are re-applied (as bool
+    masks in ``prune.custom_from_mask``'s form) so the zeros stay zero during further training (the default: the
+    model loads as it was saved, ready to train on). With ``for_inference=True`` the model comes back in eval mode in its
     fastest form instead (:func:`torchslim.nn.inference.for_inference`): masks folded away, shared and
     integer-coded weights decoded to plain float layers (``keep_packed=True`` keeps low-bit integer layers
     packed), exactly the same outputs, as fast as the uncompressed model. Raises CheckpointError for
@@ -180,7 +179,7 @@ def _rebuild(manifest: dict[str, Any], data: bytes, path: Path, trusted: tuple[s
         module_path, _, tensor_name = full.rpartition(".")
         try:
             module = model.get_submodule(module_path)
-            prune.custom_from_mask(module, tensor_name, mask=getattr(module, tensor_name) != 0)
+            attach_mask(module, getattr(module, tensor_name) != 0, tensor_name)
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot re-apply the pruning mask of {full!r} ({exc})") from None
     model.train(bool(manifest.get("training", True)))
