@@ -51,6 +51,8 @@ from torchslim.export.checkpoint.format import pack, pack_text, split  # noqa: E
 from torchslim.models import LeNet5  # noqa: E402
 
 TIME_LIMIT = 5.0
+MEMORY_FACTOR = 4
+MEMORY_SLACK = 4 * 2**20
 _FAST = TrainConfig(epochs=1, max_steps=2, progress=False)
 
 
@@ -345,12 +347,17 @@ def fuzz(n_cases: int, seed: int, folder: Path, *, int8: bool = True, keep: Path
     sizes = {name: len(b) + sum(t.numel() * t.element_size() for t in refs[name]["state"].values())
              for name, b in seeds.items()}
     marker = folder / "CODE_RAN"
+    # What loading each unmutated file costs (about 20 MiB in a forked child whatever the file: allocator arenas,
+    # ONNX Runtime sessions): a mutation may add at most MEMORY_FACTOR x (file + model) on top of it, plus
+    # MEMORY_SLACK for fixed costs (allocator arenas, a rebuilt module and its traceback: up to ~1 MiB measured,
+    # which dominates the ratio of a 9 KB file).
+    clean = {name: run_case(path, refs[name], x, marker)["peak_bytes"] for name, (path, x) in corpus.items()}
     rng = random.Random(seed)
     outcomes: Counter = Counter()
     by_kind: dict[str, Counter] = {}
     by_file: dict[str, Counter] = {}
     foreign: list[str] = []
-    worst_ratio, slowest, peak_max = 0.0, 0.0, 0
+    worst_ratio, worst_excess, excess_max, over_bound, slowest, peak_max = 0.0, 0.0, 0, 0, 0.0, 0
     case_path = folder / "case.slim"
     for i in range(n_cases):
         name = rng.choice(sorted(corpus))
@@ -367,6 +374,10 @@ def fuzz(n_cases: int, seed: int, folder: Path, *, int8: bool = True, keep: Path
                 (keep / f"case{i}-{name}.slim").write_bytes(blob)
                 (keep / f"{name}.slim").write_bytes(seeds[name])
         worst_ratio = max(worst_ratio, r["peak_bytes"] / (len(blob) + sizes[name]))
+        excess = r["peak_bytes"] - clean[name]
+        worst_excess = max(worst_excess, excess / (len(blob) + sizes[name]))
+        excess_max = max(excess_max, excess)
+        over_bound += excess > MEMORY_FACTOR * (len(blob) + sizes[name]) + MEMORY_SLACK
         peak_max = max(peak_max, r["peak_bytes"])
         slowest = max(slowest, r["seconds"])
         if (i + 1) % 1000 == 0:
@@ -378,6 +389,11 @@ def fuzz(n_cases: int, seed: int, folder: Path, *, int8: bool = True, keep: Path
             "foreign_exceptions": outcomes["foreign_exception"], "crashes": outcomes["crash"],
             "different_models": outcomes["different"],
             "peak_memory_over_file_plus_model_max": round(worst_ratio, 3), "peak_memory_max_bytes": peak_max,
+            "clean_load_peak_bytes": clean,
+            "peak_memory_above_clean_load_over_file_plus_model_max": round(worst_excess, 3),
+            "peak_memory_above_clean_load_max_bytes": excess_max,
+            "memory_bound": f"{MEMORY_FACTOR} x (file + model) + {MEMORY_SLACK} bytes above the clean load",
+            "cases_over_memory_bound": over_bound,
             "file_plus_model_bytes": sizes, "slowest_case_s": slowest,
             "examples": foreign}
 
@@ -398,13 +414,19 @@ def main(argv: list[str] | None = None) -> int:
              ["foreign exceptions", result["foreign_exceptions"]], ["crashes", result["crashes"]],
              ["peak memory / (file + model), max", result["peak_memory_over_file_plus_model_max"]],
              ["peak memory of a case, max (MiB)", round(result["peak_memory_max_bytes"] / 2**20, 1)],
+             ["peak memory above the clean file's load / (file + model), max",
+              result["peak_memory_above_clean_load_over_file_plus_model_max"]],
+             ["peak memory above the clean file's load, max (KiB)",
+              round(result["peak_memory_above_clean_load_max_bytes"] / 1024, 1)],
+             [f"cases over {MEMORY_FACTOR} x (file + model) + {MEMORY_SLACK // 2**20} MiB",
+              result["cases_over_memory_bound"]],
              ["slowest case (s)", result["slowest_case_s"]]]
     print_table([{"outcome": k, "cases": v} for k, v in rows], ["outcome", "cases"])
     for line in result["examples"]:
         print(line)
     write_json(args, "fuzz_checkpoints", result)
     bad = result["code_executions"] + result["hangs_over_5s"] + result["foreign_exceptions"] + result["crashes"]
-    return 1 if bad or result["different_models"] else 0
+    return 1 if bad or result["cases_over_memory_bound"] or result["different_models"] else 0
 
 
 if __name__ == "__main__":
