@@ -13,7 +13,7 @@ from torchslim import ConfigError, DataError, TorchslimError
 from torchslim.core.config import config_from_dict
 from torchslim.data import digits, mnist
 from torchslim.export import profile
-from torchslim.metrics import count_macs, count_params, evaluate, measure_latency
+from torchslim.metrics import count_macs, count_params, count_tables, evaluate, measure_latency
 from torchslim.models import LeNet5, LeNet300, SmallMobileNet, build_model
 
 
@@ -144,3 +144,14 @@ def test_threads_share_the_cores_and_overrides_win(monkeypatch):
             pass
     for command in (["demo"], ["compress", "r.yaml"], ["sensitivity", "r.yaml"], ["search", "r.yaml"]):
         assert build_parser().parse_args([*command, "--threads", "2"]).threads == 2
+
+
+def test_compression_never_adds_parameters_codebooks_and_steps_are_counted_apart():
+    torch.manual_seed(0)
+    model = LeNet300()
+    before = count_params(model)[0]
+    shared = torchslim.quantize(model, torchslim.WeightSharing(bits=4, finetune=None))
+    assert count_params(shared)[0] == before  # one code per weight, as many as there were weights
+    assert count_tables(shared) == 3 * 16  # a 4-bit codebook (16 values) per layer
+    assert profile(shared, (torch.randn(2, 1, 28, 28),), latency=False).table_params == 3 * 16
+    assert count_tables(model) == 0

@@ -6,8 +6,9 @@ from .profile import (
     compare_latency,
     count_macs,
     count_params,
+    count_tables,
     measure_latency,
     profile,
 )
 
-__all__ = ["Profile", "profile", "evaluate", "count_params", "count_macs", "measure_latency", "compare_latency"]
+__all__ = ["Profile", "profile", "evaluate", "count_params", "count_tables", "count_macs", "measure_latency", "compare_latency"]

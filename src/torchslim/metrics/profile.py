@@ -19,6 +19,7 @@ from .evaluate import model_device
 class Profile:
     params: int
     nonzero_params: int
+    table_params: int
     macs: int
     latency_ms: float | None
     size_bytes: int | None
@@ -29,11 +30,16 @@ class Profile:
 
 
 def _effective_params(model: nn.Module):
-    """Parameters as the model uses them: ``weight_orig * weight_mask`` for masked layers."""
+    """Parameters as the model uses them: ``weight_orig * weight_mask`` for masked layers; lookup tables and
+    quantization steps (a module's ``table_params``) left out."""
     seen = set()
     for module in model.modules():
         masked = {f"{name}_orig": name for name in masked_names(module)}
+        tables = set(getattr(module, "table_params", ()))
         for name, p in list(module.named_parameters(recurse=False)):
+            if name in tables:
+                seen.add(id(p))
+                continue
             if name in masked:
                 yield p, effective(module, masked[name]).detach()
                 seen.add(id(p))
@@ -43,9 +49,23 @@ def _effective_params(model: nn.Module):
                 yield p, p.detach()
 
 
+def count_tables(model: nn.Module) -> int:
+    """Entries of the model's lookup tables and quantization steps (codebooks, learned step sizes: what a module
+    names in ``table_params``), which :func:`count_params` leaves out so that compression never adds parameters."""
+    seen, total = set(), 0
+    for module in model.modules():
+        for name in getattr(module, "table_params", ()):
+            p = module._parameters.get(name)
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters); masked weights count as zero, and quantized weights held as
-    integer code buffers (2-D or more, e.g. ``weight_codes``) count as parameters."""
+    """(parameters, non-zero parameters) the model computes with: masked weights count as zero, quantized weights
+    held as integer code buffers (2-D or more, e.g. ``weight_codes``) count as parameters, and codebooks and
+    quantization steps do not (see :func:`count_tables`)."""
     total = nonzero = 0
     for p, eff in _effective_params(model):
         total += p.numel()
@@ -166,6 +186,7 @@ def profile(model: nn.Module, example_inputs, *, latency: bool = True, repeats: 
     return Profile(
         params=params,
         nonzero_params=nonzero,
+        table_params=count_tables(model),
         macs=count_macs(model, example_inputs),
         latency_ms=measure_latency(model, example_inputs, repeats=repeats) if latency else None,
         size_bytes=size_fn(model) if size_fn is not None else None,

@@ -49,7 +49,7 @@ def measure_block(model: nn.Module, example_inputs: tuple, loader, metric_fn: Ca
     together, so that machine noise hits both alike."""
     p = profile(model, example_inputs, latency=False)
     return {"accuracy": float(metric_fn(model, loader)), "params": p.params, "nonzero_params": p.nonzero_params,
-            "macs": p.macs, "latency_ms": None, "size_bytes": saved_size(model, **(save_kw or {}))}
+            "table_params": p.table_params, "macs": p.macs, "latency_ms": None, "size_bytes": saved_size(model, **(save_kw or {}))}
 
 
 def side_by_side_latency(baseline_block: dict, baseline: nn.Module, compressed_block: dict, compressed: nn.Module,

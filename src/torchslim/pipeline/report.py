@@ -6,13 +6,17 @@ from typing import Any
 from .._version import __version__
 from ..core.files import save_figure
 
-METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes")
+METRIC_KEYS = ("accuracy", "params", "nonzero_params", "table_params", "macs", "latency_ms", "size_bytes")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def _metrics(block: dict) -> dict[str, Any]:
+    return {k: block.get(k, 0) if k == "table_params" else block[k] for k in METRIC_KEYS}
 
 
 def build_report(*, model_name: str, dataset: str, device: str, baseline: dict, compressed: dict,
@@ -23,8 +27,8 @@ def build_report(*, model_name: str, dataset: str, device: str, baseline: dict, 
         "model": model_name,
         "dataset": dataset,
         "device": device,
-        "baseline": {k: baseline[k] for k in METRIC_KEYS},
-        "compressed": {k: compressed[k] for k in METRIC_KEYS},
+        "baseline": _metrics(baseline),
+        "compressed": _metrics(compressed),
         "ratios": {
             "size": _ratio(baseline["size_bytes"], compressed["size_bytes"]),
             "nonzero_params": _ratio(baseline["nonzero_params"], compressed["nonzero_params"]),
@@ -117,6 +121,8 @@ def render_markdown(report: dict, plot_name: str | None) -> str:
         f"{100 * report['accuracy_drop']:.2f} points |",
         f"| parameters | {_fmt_int(b['params'])} | {_fmt_int(c['params'])} | {_fmt(_ratio(b['params'], c['params']), '.2f')}x |",
         f"| non-zero parameters | {_fmt_int(b['nonzero_params'])} | {_fmt_int(c['nonzero_params'])} | {_fmt(r['nonzero_params'], '.2f')}x |",
+        *([f"| codebook and quantization-step entries | {_fmt_int(b.get('table_params', 0))} | "
+           f"{_fmt_int(c.get('table_params', 0))} | |"] if b.get("table_params") or c.get("table_params") else []),
         f"| MACs | {_fmt_int(b['macs'])} | {_fmt_int(c['macs'])} | {_fmt(r['macs'], '.2f')}x |",
         f"| latency (ms, batch 1) | {_fmt(b['latency_ms'], '.3f')} | {_fmt(c['latency_ms'], '.3f')} | {_fmt(r['latency'], '.2f')}x |",
         f"| bytes on disk (saved file) | {_fmt_int(b['size_bytes'])} | {_fmt_int(c['size_bytes'])} | {_fmt(r['size'], '.2f')}x |",

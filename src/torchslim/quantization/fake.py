@@ -99,6 +99,9 @@ def _per_channel_mean_abs(w: torch.Tensor, nonzero_only: bool = False) -> torch.
 class Quantizer(nn.Module):
     """Base of the quantizer modules. ``where`` names the tensor (e.g. ``"fc1 input"``) in error messages."""
 
+    # Learned steps and scales are quantization tables, not weights: profiles count them apart.
+    table_params: tuple[str, ...] = ("step", "alpha")
+
     bits: int
     where: str = ""
 

@@ -100,6 +100,7 @@ class SharedWeight(nn.Module):
     """Base of the shared-weight layers: ``codes`` (int16 buffer) index ``[0, *codebook]``."""
 
     codes: torch.Tensor
+    table_params = ("codebook",)  # a lookup table, not weights: profiles count it apart
 
     def _init_sharing(self, weight_shape: tuple[int, ...], num_centroids: int, bits: int) -> None:
         self.bits = int(bits)

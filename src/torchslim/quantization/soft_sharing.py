@@ -131,6 +131,8 @@ class _NearNLL(torch.autograd.Function):
 class GaussianMixture(nn.Module):
     """The prior: component 0 is fixed at mean 0; means, log-variances and proportions are learned."""
 
+    table_params = ("_means", "_log_var", "_logits", "_zero_logit")  # the prior, not weights
+
     def __init__(self, weights: torch.Tensor, config: SoftWeightSharing):
         super().__init__()
         j = config.components
