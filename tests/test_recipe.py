@@ -120,6 +120,31 @@ def test_every_problem_is_reported_at_once_and_yaml_errors_have_lines():
         parse_recipe("- just\n- a list\n", source="r.yaml")
 
 
+def test_several_invalid_values_in_one_section_and_across_sections_come_in_one_error():
+    # Before, a section stopped at its first invalid value and later checks waited for the next run.
+    text = """\
+model: {builtin: lenet55, train: {epochs: -3, lr: .nan}}
+data: {builtin: digitz}
+metric: acuracy
+seed: -1
+stages:
+  - {name: prune, type: UnstructuredPruning, sparsity: 1.5, scope: everywhere}
+  - {name: q, type: WeightSharing, bits: 99, finetune: {epochs: 1, lr: -1}}
+  - {name: prune, type: StructuredPruning, ratio: 0.5}
+"""
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, source="r.yaml")
+    lines = str(err.value).splitlines()
+    for expected in ("r.yaml:1: model.builtin: must be one of", "r.yaml:1: model.train.epochs: must be a positive",
+                     "r.yaml:1: model.train.lr: must be a finite number", "r.yaml:2: data.builtin: must be one of",
+                     "r.yaml:3: metric: must be 'accuracy' or a 'pkg.module:function'", "r.yaml:4: seed: must be",
+                     "r.yaml:6: stages[0].sparsity: must satisfy", "r.yaml:6: stages[0].scope: must be one of",
+                     "r.yaml:7: stages[1].bits: must be an integer", "r.yaml:7: stages[1].finetune.lr: must be",
+                     "r.yaml:8: stages[2].name: duplicate stage name 'prune'"):
+        assert sum(line.startswith(expected) for line in lines) == 1, (expected, lines)
+    assert len(lines) == 11, lines
+
+
 def test_contradicting_stages_and_unimportable_factories_fail_before_work(tmp_path):
     text = """\
 model: {factory: "no_such_module:build"}

@@ -17,7 +17,7 @@ from ...core.errors import ConfigError, TorchslimError
 from ...core.technique import Techniques
 from ...techniques import BUILTIN
 from .build import import_callable
-from .schema import STAGE_KEYS, BudgetSpec, DataSpec, GuardSpec, ModelSpec, Recipe, SearchSpec, StageSpec
+from .schema import STAGE_KEYS, TOP_LEVEL_CHECKS, BudgetSpec, DataSpec, GuardSpec, ModelSpec, Recipe, SearchSpec, StageSpec
 from .yaml_source import Key, Loc, Problems, decode, load_yaml
 
 
@@ -66,8 +66,16 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", base_dir: str | Path =
                 kwargs[key] = _conform(data[key], hint)
             except _Mismatch:
                 ctx.add((key,), f"expected {_describe(hint)}, got {type(data[key]).__name__} {data[key]!r}")
+                continue
+            try:
+                TOP_LEVEL_CHECKS.get(key, lambda v: None)(kwargs[key])
+            except ConfigError as exc:
+                ctx.add((key,), _split_message(str(exc), {key})[1])
     if "stages" in data:
         kwargs["stages"] = _parse_stages(data["stages"], ctx, techniques)
+        _check_stages(data["stages"], kwargs["stages"], ctx, techniques)
+    if resolve:  # imports and files, checked now so that their errors come with the others
+        _resolve(kwargs.get("model"), kwargs.get("data"), kwargs.get("metric", "accuracy"), Path(base_dir), ctx)
     ctx.raise_if_any()
     try:
         recipe = Recipe(**kwargs, source=source, base_dir=str(base_dir), lines=dict(lines or {}))
@@ -76,9 +84,6 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", base_dir: str | Path =
         ctx.add(sub, message)
         ctx.raise_if_any()
         raise
-    _check_stage_order(recipe, ctx, techniques)
-    if resolve:
-        _resolve(recipe, ctx)
     ctx.raise_if_any()
     return recipe
 
@@ -135,29 +140,37 @@ def _parse_stages(items: Any, ctx: Problems, techniques: Techniques) -> tuple[St
     return tuple(stages)
 
 
-def _check_stage_order(recipe: Recipe, ctx: Problems, techniques: Techniques) -> None:
-    names = [s.name for s in recipe.stages]
+def _check_stages(items: Any, stages: tuple[StageSpec, ...] | None, ctx: Problems, techniques: Techniques) -> None:
+    """Duplicate names (as written, or as defaulted once every stage parsed) and stages that cannot follow others."""
+    if not isinstance(items, list):
+        return
+    complete = stages is not None and len(stages) == len(items)
+    names = [s.name for s in stages] if complete else [s.get("name") if isinstance(s, dict) else None for s in items]
     for i, n in enumerate(names):
-        if n in names[:i]:
+        if n is not None and n in names[:i]:
             ctx.add(("stages", i, "name"), f"duplicate stage name {n!r}; names label the report's rows")
-    for j, message in techniques.order_problems([s.config for s in recipe.stages]):
-        ctx.add(("stages", j, "type"), message)
+    if complete:
+        for j, message in techniques.order_problems([s.config for s in stages]):
+            ctx.add(("stages", j, "type"), message)
 
 
-def _resolve(recipe: Recipe, ctx: Problems) -> None:
+def _resolve(model: ModelSpec | None, data: DataSpec | None, metric: Any, base_dir: Path, ctx: Problems) -> None:
     """Import factories and check files now, so that no work starts on a recipe that cannot finish."""
-    for path, spec in ((("model", "factory"), recipe.model and recipe.model.factory),
-                       (("data", "factory"), recipe.data and recipe.data.factory),
-                       (("metric",), None if recipe.metric == "accuracy" else recipe.metric)):
+    for path, spec in ((("model", "factory"), model and model.factory),
+                       (("data", "factory"), data and data.factory),
+                       (("metric",), metric if isinstance(metric, str) and ":" in metric else None)):
         if spec is not None:
             try:
-                import_callable(spec, recipe.base_dir)
+                import_callable(spec, str(base_dir))
             except ConfigError as exc:
                 ctx.add(path, str(exc))
     for key in ("weights", "checkpoint"):
-        value = getattr(recipe.model, key, None)
-        if value is not None and not recipe.resolve_path(value).is_file():
-            ctx.add(("model", key), f"file not found: {recipe.resolve_path(value)}")
+        value = getattr(model, key, None)
+        if value is not None:
+            file = Path(value).expanduser()
+            file = file if file.is_absolute() else base_dir / file
+            if not file.is_file():
+                ctx.add(("model", key), f"file not found: {file}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,16 +210,30 @@ def _build(cls: type, data: Any, path: Loc, ctx: Problems, skip: tuple[str, ...]
             kwargs[key] = _conform(value, hint)
         except _Mismatch:
             ctx.add(path + (key,), f"expected {_describe(hint)}, got {type(value).__name__} {value!r}")
-    if len(ctx.problems) > before:
-        return None
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        sub, message = _split_message(str(exc), set(fields))
-        ctx.add(path + sub, message)
-    except TypeError as exc:
-        ctx.add(path, str(exc))
-    return None
+    typed_ok = len(ctx.problems) == before
+    # A dataclass stops at its first invalid field: set each one found back to its default and build again, so
+    # that one run lists every invalid value. Only the first error may be about no field in particular (a
+    # combination of fields): later ones could come from the defaults put in.
+    remaining = dict(kwargs)
+    first = typed_ok
+    while True:
+        try:
+            built = cls(**remaining)
+        except ConfigError as exc:
+            sub, message = _split_message(str(exc), set(fields))
+            if sub and sub[0] in remaining:
+                ctx.add(path + sub, message)
+                del remaining[sub[0]]
+                first = False
+                continue
+            if first:
+                ctx.add(path + sub, message)
+            return None
+        except TypeError as exc:
+            if first:
+                ctx.add(path, str(exc))
+            return None
+        return built if typed_ok and remaining == kwargs else None
 
 
 class _Mismatch(Exception):

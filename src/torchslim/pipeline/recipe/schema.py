@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from ...core.checks import check_choice, check_fraction, check_positive, check_range
+from ...core.checks import check_choice, check_fraction, check_positive, check_range, did_you_mean
 from ...core.config import Config
 from ...core.errors import ConfigError
 from ...models import MODELS
@@ -26,6 +26,13 @@ MAX_SEED = 2**31 - 1
 def _check_spec(name: str, value: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
         raise ConfigError(f"{name} must look like 'pkg.module:function', got {value!r}")
+
+
+def _check_metric(value: str) -> None:
+    if ":" not in value:
+        raise ConfigError(f"metric must be 'accuracy' or a 'pkg.module:function' of (model, loader) -> float, got "
+                          f"{value!r}{did_you_mean(value, ['accuracy'])}")
+    _check_spec("metric", value)
 
 
 def _alias_name(spec: Any) -> None:
@@ -186,6 +193,15 @@ def _as_stage(stage: Any) -> StageSpec:
     raise ConfigError(f"stages: expected a StageSpec, a config or a (name, config) pair, got {stage!r}")
 
 
+TOP_LEVEL_CHECKS = {
+    "metric": lambda v: v == "accuracy" or _check_metric(v),
+    "example_batch": lambda v: check_positive("example_batch", v, integer=True),
+    # torch, numpy and Optuna's sampler all take this range, with room for one seed per search worker.
+    "seed": lambda v: check_range("seed", v, 0, MAX_SEED, integer=True),
+}
+"""The checks of the recipe's own scalar fields (also run one by one while parsing, to list every error)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """A validated recipe. Build one with :func:`load_recipe` / :func:`parse_recipe` (YAML) or directly.
@@ -214,11 +230,8 @@ class Recipe:
         object.__setattr__(self, "stages", tuple(_as_stage(s) for s in self.stages))
         if not self.stages:
             raise ConfigError("stages: a recipe needs at least one stage")
-        if self.metric != "accuracy":
-            _check_spec("metric", self.metric)
-        check_positive("example_batch", self.example_batch, integer=True)
-        # torch, numpy and Optuna's sampler all take this range, with room for one seed per search worker.
-        check_range("seed", self.seed, 0, MAX_SEED, integer=True)
+        for name, check in TOP_LEVEL_CHECKS.items():
+            check(getattr(self, name))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (YAML/JSON-ready) that :func:`recipe_from_dict` turns back into an equal recipe."""
