@@ -108,7 +108,8 @@ def _pattern_width(m: int, n: int) -> int:
 
 def encode_nm(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """Kept values plus a pattern code per group of ``m`` consecutive elements, for float tensors in which every
-    group of 4 (or else 8) holds at most ``n < m`` non-zeros; None for other tensors."""
+    group of 4 (or else 8) holds at most ``n <= m / 2`` non-zeros (N:M sparsity); None for other tensors (denser
+    groups are left to the other encodings, without the pattern tables' memory)."""
     if not t.is_floating_point() or t.dim() < 2 or t.numel() < _MIN_ELEMENTS:
         return None
     flat = t.reshape(-1)
@@ -117,13 +118,14 @@ def encode_nm(t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
             continue
         groups = flat.reshape(-1, m)
         nz = groups != 0
-        n = int(nz.sum(-1).max())
-        if n >= m or n == 0:
+        count = nz.sum(-1, keepdim=True, dtype=torch.int8)
+        n = int(count.max())
+        if 2 * n > m or n == 0:
             continue
         # Groups with fewer than n non-zeros keep their first zeros as well, so every group has n slots.
-        fill = (~nz).cumsum(-1) <= (n - nz.sum(-1, keepdim=True))
+        fill = (~nz).cumsum(-1, dtype=torch.int8) <= (n - count)
         kept = nz | (fill & ~nz)
-        bits = (kept.long() << torch.arange(m)).sum(-1)
+        bits = (kept.to(torch.uint8) << torch.arange(m, dtype=torch.uint8)).sum(-1, dtype=torch.int64)
         table = torch.full((1 << m,), -1, dtype=torch.int64)
         patterns = _patterns(m, n)
         table[patterns] = torch.arange(patterns.numel())
