@@ -108,10 +108,14 @@ def main(argv: list[str] | None = None) -> None:
         i = argv.index("--recipes")
         names, argv = argv[i + 1:], argv[:i]
     args = parse_args("determinism", __doc__.splitlines()[0], argv)
+    named = bool(names)
     names = names or digits_recipes()
     rows = run_twice(names, args.threads, 1 if args.quick else None)
     print_table([{"recipe": n, **r} for n, r in rows.items()], ["recipe", "same_model", "same_report",
                                                                   "report_differs_at"])
+    previous = Path(args.out) / "determinism.json"
+    if named and previous.exists():  # named recipes are added to (or replace theirs in) the last run's table
+        rows = {**json.loads(previous.read_text()).get("recipes", {}), **rows}
     write_json(args, "determinism", {"environment": environment(args), "recipes": rows})
     if not all(r["same_model"] and r["same_report"] for r in rows.values()):
         sys.exit(1)

@@ -140,7 +140,7 @@ def check_entries(manifest: dict[str, Any], stored: dict[str, torch.Tensor], pat
                 or not all(type(d) is int and d >= 0 for d in shape)):
             raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {str(shape)[:80]}; the file is "
                                   "corrupted")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has an unknown dtype {str(dtype)[:40]!r}; the file is "
                                   "corrupted or from a newer torch")
         if (not isinstance(parts, list) or not parts
