@@ -1,5 +1,6 @@
 """Every ```python block of README.md runs as written (in README order, in one namespace, like a reader pasting
-them into one session), and every `torchslim` command in its ```bash blocks parses and validates its recipe.
+them into one session), and every `torchslim` command in its ```bash blocks parses, validates its recipe and runs
+(every training capped at one epoch).
 
 A marker on the line just above a block adjusts it:
   <!-- readme-test: skip REASON -->                 a fragment or something this machine cannot run (say why)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shlex
 import sys
@@ -19,6 +21,7 @@ import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -92,13 +95,36 @@ def _commands() -> list[tuple[int, list[str]]]:
 
 
 @pytest.mark.parametrize("line,argv", _commands(), ids=lambda v: str(v) if isinstance(v, int) else " ".join(v)[:60])
-def test_readme_commands_parse_and_their_recipes_validate(line, argv, tmp_path, monkeypatch, capsys):
+def test_readme_commands_parse_validate_and_run(line, argv, tmp_path, monkeypatch, capsys):
     from torchslim.cli import build_parser, main
 
     monkeypatch.chdir(ROOT)
     args = build_parser().parse_args(argv)  # every option the README uses exists
     recipe = getattr(args, "recipe_opt", None) or getattr(args, "recipe", None)
     if args.command in ("compress", "search", "sensitivity") and recipe and Path(recipe).is_file():
-        # Validation only: the full runs are the benchmarks' job (minutes each on two cores).
         assert main([args.command, recipe, "--validate-only"]) == 0, f"README.md:{line}"
         assert "valid" in capsys.readouterr().out
+        # Then the command itself, as written but with every training capped at one epoch (the full runs take
+        # minutes each on two cores; benchmarks/search.py measures them) and the outputs in a temporary folder.
+        monkeypatch.setenv("TORCHSLIM_CACHE_DIR", "off")
+        quick = tmp_path / "quick.yaml"
+        quick.write_text(yaml.safe_dump(_one_epoch(yaml.safe_load(Path(recipe).read_text()))))
+        run = [str(quick) if a == recipe else a for a in argv]
+        run = run[: run.index("--out") + 1] + [str(tmp_path / "out")] + run[run.index("--out") + 2:] \
+            if "--out" in run else run + ["--out", str(tmp_path / "out")]
+        code = main(run + ["--threads", "1"])
+        out = capsys.readouterr().out
+        assert code in (0, 3), f"README.md:{line}: exit {code}\n{out[-2000:]}"  # 3: budget missed (one epoch)
+        if args.command == "sensitivity":
+            assert (tmp_path / "out" / "sensitivity.json").is_file() and (tmp_path / "out" / "sensitivity.png").is_file()
+        else:
+            report = json.loads((tmp_path / "out" / "report.json").read_text())
+            assert report["ratios"]["size"] > 5, report["ratios"]  # prune 85% + 5-bit sharing, even after one epoch
+            assert f"{report['ratios']['size']:.2f}x smaller" in out
+            assert 0.5 < report["compressed"]["accuracy"] <= 1
+
+
+def _one_epoch(node):
+    if isinstance(node, dict):
+        return {k: (min(v, 1) if k == "epochs" else _one_epoch(v)) for k, v in node.items()}
+    return [_one_epoch(v) for v in node] if isinstance(node, list) else node
