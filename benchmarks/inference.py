@@ -91,8 +91,10 @@ def measure(name: str, baseline: nn.Module, compressed: nn.Module, shape: tuple[
             "inference_vs_baseline": lat["inference"] / lat["baseline"],
             "baseline_copy_vs_baseline": lat["baseline_copy"] / lat["baseline"],
             "identical_outputs": same,
-            "target": f"inference_vs_baseline <= {1.0 if name == 'demo' else TARGET}",
-            "met": lat["inference"] / lat["baseline"] <= (1.0 if name == "demo" else TARGET)})
+            "target": ("inference_vs_baseline <= 1 + |1 - baseline_copy_vs_baseline| (no worse, within the measured "
+                       f"noise)" if name == "demo" else f"inference_vs_baseline <= {TARGET}"),
+            "met": lat["inference"] / lat["baseline"] <= (1.0 + abs(1 - lat["baseline_copy"] / lat["baseline"])
+                                                          if name == "demo" else TARGET)})
     return rows
 
 
