@@ -21,7 +21,7 @@ from _common import ROOT, environment, parse_args, print_table, write_json
 
 RECIPES = ROOT / "recipes"
 # Measured in wall-clock time: they differ from run to run by nature.
-TIMED = ("latency_ms", "latency", "seconds", "time_s", "date")
+TIMED = ("latency_ms", "latency", "latency_noise", "seconds", "time_s", "date")
 
 
 def digits_recipes() -> list[str]:
