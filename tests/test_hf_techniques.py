@@ -237,3 +237,29 @@ stages:
     assert abs(report["accuracy_drop"]) <= 0.05
     assert _cos_to(model, loaded, batches) > 0.99
     assert not any(type(m) is torch.nn.Linear for m in loaded.modules())
+
+
+class Wide(torch.nn.Module):
+    """A constructor that needs arguments: saving (and so sizing) it needs its factory."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, width)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_profile_of_a_transformers_model_and_of_a_model_with_constructor_arguments(tmp_path, tok, batches):
+    model = _bert(len(tok))
+    p = ts.profile(model, batches[0], latency=False)
+    saved = ts.save(model, tmp_path / "m.slim")
+    assert p.size_bytes == saved.stat().st_size and p.params == sum(t.numel() for t in model.parameters())
+    w4 = ts.profile(ts.quantize(model, ts.WeightOnly(4, group_size=16), example_inputs=batches[0]), batches[0],
+                    latency=False)
+    assert w4.size_bytes < p.size_bytes / 2 and p.macs > 0
+
+    with pytest.raises(ts.TorchslimError, match="factory="):
+        ts.profile(Wide(8), (torch.randn(2, 4),), latency=False)
+    sized = ts.profile(Wide(8), (torch.randn(2, 4),), latency=False, factory=Wide, factory_kwargs={"width": 8})
+    assert sized.size_bytes > 4 * 40 and sized.params == 40

@@ -4,7 +4,7 @@ from ._version import __version__
 from .core.config import Config, config_from_dict
 from .distillation import Distillation, distill
 from .core.errors import CheckpointError, ConfigError, DataError, TorchslimError, UnsupportedModelError
-from .export import load, profile, read_manifest
+from .export import load, read_manifest
 from .export.onnx import export_onnx
 from .lowrank import CP, SVD, Tucker, decompose
 from .metrics import evaluate
@@ -12,7 +12,7 @@ from .pipeline.commands import run_recipe as compress
 from .pipeline.recipe import Recipe, load_recipe
 from .training.finetune import Finetune, finetune
 from .training.train import TrainConfig, train
-from .hf.api import prune, save  # route transformers models to torchslim.hf's adapters
+from .hf.api import profile, prune, save  # route transformers models to torchslim.hf's adapters
 from .pruning.config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
 from .pruning.variational import VariationalDropout
 from .quantization import (

@@ -41,8 +41,9 @@ def saved_size(model: nn.Module, **save_kwargs) -> int:
 
 
 def profile(model: nn.Module, example_inputs: tuple, *, latency: bool = True, size: bool = True,
-            repeats: int = 30) -> Profile:
+            repeats: int = 30, **save_kwargs) -> Profile:
     """Params, non-zero params, MACs, median latency (ms) and bytes on disk (of the saved checkpoint) of
-    ``model``; see :func:`torchslim.metrics.profile`."""
+    ``model``; see :func:`torchslim.metrics.profile`. ``save_kwargs`` go to ``save`` (``factory`` and
+    ``factory_kwargs`` for a model whose constructor needs arguments)."""
     return metrics_profile(model, example_inputs, latency=latency, repeats=repeats,
-                           size_fn=saved_size if size else None)
+                           size_fn=(lambda m: saved_size(m, **save_kwargs)) if size else None)

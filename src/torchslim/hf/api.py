@@ -6,6 +6,7 @@ The routing is a type check at the top of the verb, not a registry: pruning/ and
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from torch import nn
 from .. import pruning
 from ..core.errors import ConfigError
 from ..core.history import record
+from ..export import profile as export_profile
 from ..export import save as export_save
+from ..metrics import Profile
 from ..metrics.evaluate import Metric
 from ..nn.modules import copy_model
 from ..pruning.config import Schedule, StructuredPruning
@@ -23,7 +26,7 @@ from . import saving
 from .arch import is_transformers_model
 from .structure import prune_structure
 
-__all__ = ["prune", "save", "prune_transformer"]
+__all__ = ["prune", "save", "profile", "prune_transformer"]
 
 
 def prune_transformer(model: nn.Module, config: StructuredPruning, *, data=None, example_inputs=None,
@@ -66,3 +69,15 @@ def save(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> Path:
     if is_transformers_model(model) and "factory" not in kwargs:
         return saving.save(model, path, **kwargs)
     return export_save(model, path, **kwargs)
+
+
+def profile(model: nn.Module, example_inputs: Any, *, latency: bool = True, size: bool = True, repeats: int = 30,
+            **save_kwargs: Any) -> Profile:
+    """Params, non-zero params, MACs, latency and bytes on disk of ``model``; see :func:`torchslim.export.profile`.
+    A ``transformers`` model is sized as :func:`save` writes it (class and config recorded)."""
+    if not (size and is_transformers_model(model) and "factory" not in save_kwargs):
+        return export_profile(model, example_inputs, latency=latency, size=size, repeats=repeats, **save_kwargs)
+    with_size = export_profile(model, example_inputs, latency=latency, size=False, repeats=repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        with_size.size_bytes = save(model, Path(tmp) / "model.slim", **save_kwargs).stat().st_size
+    return with_size

@@ -64,14 +64,15 @@ def count_tables(model: nn.Module) -> int:
 
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) the model computes with: masked weights count as zero, quantized weights
-    held as integer code buffers (2-D or more, e.g. ``weight_codes``) count as parameters, and codebooks and
+    held as integer code buffers (2-D or more, int8 to int32, e.g. ``weight_codes``) count as parameters, and codebooks and
     quantization steps do not (see :func:`count_tables`)."""
     total = nonzero = 0
     for p, eff in _effective_params(model):
         total += p.numel()
         nonzero += int(torch.count_nonzero(eff).item())
     for b in model.buffers():
-        if b.dim() >= 2 and not b.dtype.is_floating_point and b.dtype != torch.bool:
+        # int64 buffers are indices (position ids, token type ids), not weights stored as codes.
+        if b.dim() >= 2 and not b.dtype.is_floating_point and b.dtype not in (torch.bool, torch.int64):
             total += b.numel()
             nonzero += int(torch.count_nonzero(b).item())
     return total, nonzero
