@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_twice(names, args.threads, 1 if args.quick else None)
     print_table([{"recipe": n, **r} for n, r in rows.items()], ["recipe", "same_model", "same_report",
                                                                   "report_differs_at"])
+    env = environment(args)
+    rows = {n: {**r, "date": env["date"], "quick": env["quick"]} for n, r in rows.items()}
     previous = Path(args.out) / "determinism.json"
     if named and previous.exists():  # named recipes are added to (or replace theirs in) the last run's table
         rows = {**json.loads(previous.read_text()).get("recipes", {}), **rows}
-    write_json(args, "determinism", {"environment": environment(args), "recipes": rows})
+    write_json(args, "determinism", {"environment": env, "recipes": rows})
     if not all(r["same_model"] and r["same_report"] for r in rows.values()):
         sys.exit(1)
 
