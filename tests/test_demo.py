@@ -10,7 +10,7 @@ from torchslim.data import digits
 from torchslim.cli.demo import demo_recipe_text
 from torchslim.pipeline.recipe import parse_recipe
 
-KEYS = {"accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes"}
+KEYS = {"accuracy", "params", "nonzero_params", "table_params", "macs", "latency_ms", "size_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,8 @@ def test_report_has_the_promised_shape(demo_out):
     assert report["ratios"]["latency"] == pytest.approx(b["latency_ms"] / c["latency_ms"])
     # Even the quick demo must compress for real: far fewer non-zeros and a much smaller file.
     assert report["ratios"]["nonzero_params"] > 4 and report["ratios"]["size"] > 10
+    # Weight sharing keeps one code per weight: parameters do not grow, the codebooks are counted apart.
+    assert c["params"] == b["params"] and c["table_params"] > 0 == b["table_params"]
     assert c["size_bytes"] == (demo_out / report["checkpoint"]).stat().st_size
     search = report["search"]
     assert search["strategy"] == "fast" and report["budget"]["max_accuracy_drop"] == 0.01
