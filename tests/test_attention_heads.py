@@ -138,11 +138,9 @@ def test_ratio_exclude_and_at_least_one_head():
     assert pruned.attn.num_heads == 1
     pruned, summary, _ = _prune(model, x, StructuredPruning(ratio={"attn": 0.5}, scope="layer"))
     assert pruned.attn.num_heads == 2 and set(summary["removed_channels"]) == {"attn"}
-    pruned, summary, _ = _prune(model, x, StructuredPruning(ratio=0.5, exclude=["attn*"]))
-    assert pruned.attn.num_heads == 4 and "attn" not in summary["removed_channels"]
-    assert summary["removed_channels"]["embed"] == [16, 8]  # like an excluded Linear, it reads fewer inputs
-    pruned, summary, _ = _prune(model, x, StructuredPruning(ratio=0.5, exclude=["attn*", "embed"]))
+    pruned, summary, _ = _prune(model, x, StructuredPruning(ratio=0.5, exclude=["attn"]))
     assert type(pruned.attn) is nn.MultiheadAttention and pruned.attn.in_proj_weight.shape == (48, 16)
+    assert set(summary["removed_channels"]) == {"fc1"}
     pruned, summary, _ = _prune(model, x, StructuredPruning(ratio=0.5, scope="global", max_ratio=0.75))
     assert 1 <= pruned.attn.num_heads < 4
 

@@ -91,7 +91,7 @@ class PrunedMultiheadAttention(nn.Module):
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        tgt, bsz, src = query.shape[0], query.shape[1], key.shape[0]
+        tgt, bsz = query.shape[0], query.shape[1]
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)  # (seq, batch, heads * head_dim)
         attn_mask, key_padding_mask = _additive(attn_mask, q.dtype), _additive(key_padding_mask, q.dtype)
         if self.bias_k is not None:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.attention import PrunedMultiheadAttention
-from .layout import UNSUPPORTED, Layout, Member, Seg
+from ..nn.modules import match
+from .layout import EXCLUDED, UNSUPPORTED, Layout, Member, Seg
 
 if TYPE_CHECKING:
     from .graph import _Builder
@@ -93,6 +94,10 @@ def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) ->
     input channels are columns of the projections, its output channels rows of ``out_proj``. Pruning swaps an
     ``nn.MultiheadAttention`` for a ``PrunedMultiheadAttention`` (``structured.py``)."""
     who = f"{type(module).__name__} {name!r}"
+    pattern = match(name, tracer.exclude)
+    if pattern is not None:  # kept whole, so that it stays an nn.MultiheadAttention
+        return tracer.unknown(node, f"its channels reach excluded module {name!r} (pattern {pattern!r}), which is "
+                                    "kept whole", EXCLUDED)
     inputs = [_arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
     if any(tracer.shape(x) is None for x in inputs):
         return tracer.unknown(node, f"{who} is given inputs the channel tracer cannot follow")
