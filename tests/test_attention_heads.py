@@ -117,6 +117,8 @@ def test_heads_are_removed_and_equal_the_masked_original(importance):
     assert isinstance(attn, PrunedMultiheadAttention) and attn.num_heads == 2 and attn.head_dim == 4
     assert summary["removed_channels"]["attn"] == [4, 2] and len(summary["kept"]["attn"]) == 2
     assert attn.q_proj.out_features == attn.v_proj.out_features == attn.out_proj.in_features == 8
+    # the channels it reads (embed's outputs) and its output channels (read by fc1) are pruned too
+    assert (attn.embed_dim, attn.kdim, attn.out_dim) == (8, 8, 8) == (pruned.embed.out_features,) * 3
     with torch.no_grad():
         assert (pruned(x) - masked_like(model, summary)(x)).abs().max() < 1e-5
     assert count_macs(pruned, (x,)) < 0.6 * count_macs(model, (x,))
@@ -159,6 +161,13 @@ def test_replacement_is_pruned_again_and_saves_loads_and_exports(tmp_path):
         assert torch.equal(loaded(x), out)
     ts.export_onnx(again, (x,), tmp_path / "m.onnx")
     assert onnx_agreement(again, tmp_path / "m.onnx", [(x,)]).max_abs_diff < 1e-4
+    # later techniques replace its projections: it still saves and loads, and is no longer pruned
+    svd = ts.decompose(pruned, ts.SVD(ratio=0.5, require_saving=False, progress=False), example_inputs=(x,))
+    q = ts.quantize(svd, ts.DynamicQuantization(), example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(ts.load(ts.save(q, tmp_path / "q.slim"), trusted=[AttentionNet.__module__])(x), q(x))
+    _, summary, _ = _prune(svd, x, StructuredPruning(ratio=0.5))
+    assert any("are no longer nn.Linear layers" in s["reason"] for s in summary["skipped"])
 
 
 def test_what_is_kept_is_named():
@@ -175,7 +184,7 @@ def test_what_is_kept_is_named():
             return self.fc2(F.relu(self.fc1(out.mean(1)))) + w.sum()
 
     for cls, why in ((Cross, "reads different query, key and value through one in_proj_weight"),
-                     (Weights, "attention weights are used")):
+                     (Weights, "the attention weights of MultiheadAttention 'attn' are used")):
         torch.manual_seed(0)
         net = cls().eval()
         pruned, summary, messages = _prune(net, x, StructuredPruning(ratio=0.5))

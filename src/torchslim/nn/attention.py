@@ -34,19 +34,22 @@ class PrunedMultiheadAttention(nn.Module):
                  add_zero_attn: bool = False, dropout: float = 0.0, batch_first: bool = False):
         super().__init__()
         inner = num_heads * head_dim
-        self.embed_dim, self.head_dim = embed_dim, head_dim
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, head_dim
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.out_dim, self.has_bias = out_dim or embed_dim, bias
         self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
         self.q_proj = nn.Linear(embed_dim, inner, bias=bias)
         self.k_proj = nn.Linear(self.kdim, inner, bias=bias)
         self.v_proj = nn.Linear(self.vdim, inner, bias=bias)
-        self.out_proj = nn.Linear(inner, out_dim or embed_dim, bias=bias)
+        self.out_proj = nn.Linear(inner, self.out_dim, bias=bias)
         self.bias_k = nn.Parameter(torch.zeros(1, 1, inner)) if add_bias_kv else None
         self.bias_v = nn.Parameter(torch.zeros(1, 1, inner)) if add_bias_kv else None
 
-    @property
-    def num_heads(self) -> int:
-        return self.q_proj.out_features // self.head_dim
+    def resized(self) -> None:
+        """Read the sizes back from the projections, after their tensors were sliced."""
+        self.num_heads = self.q_proj.weight.shape[0] // self.head_dim
+        self.embed_dim, self.kdim, self.vdim = (p.weight.shape[1] for p in (self.q_proj, self.k_proj, self.v_proj))
+        self.out_dim = self.out_proj.weight.shape[0]
 
     @classmethod
     def from_attention(cls, mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:

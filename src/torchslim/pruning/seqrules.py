@@ -118,6 +118,9 @@ def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) ->
         rows += [(name, "in_proj_bias", i * e) for i in range(3) if module.in_proj_bias is not None]
     else:
         layers = [f"{name}.{p}_proj" for p in "qkv"]
+        if not all(isinstance(tracer.gm.get_submodule(m), nn.Linear) for m in layers + [out]):
+            return tracer.unknown(node, f"the projections of {who} are no longer nn.Linear layers; its heads and "
+                                        "the channels it reads are kept")
         rows = [(m, p, 0) for m in layers for p in ("weight", "bias") if getattr(tracer.gm.get_submodule(m), p)
                 is not None]
         for x, mod in zip(inputs, layers):
@@ -136,7 +139,7 @@ def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) ->
     weights_used = any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users)
     if _arg(node, 4, "need_weights", True) is not False and weights_used:
         tracer.block(Layout(0, (Seg(heads, module.num_heads, 1),)), UNSUPPORTED,
-                     f"{who}'s attention weights are used, and would cover fewer heads; its heads are kept")
+                     f"the attention weights of {who} are used, and would cover fewer heads; its heads are kept")
     width = tracer.gm.get_submodule(out).out_features
     space = tracer.new_space(width)
     for param in ("weight", "bias"):

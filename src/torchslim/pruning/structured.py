@@ -201,9 +201,12 @@ def _sliced(mha: nn.MultiheadAttention) -> bool:
 
 def _swap_attention(model: nn.Module) -> None:
     """Put a PrunedMultiheadAttention in place of every nn.MultiheadAttention that lost heads or channels, which
-    it cannot run with (embed_dim = num_heads * head_dim on every side)."""
+    it cannot run with (embed_dim = num_heads * head_dim on every side); update the sizes of the others."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.MultiheadAttention) and _sliced(module):
+        if isinstance(module, PrunedMultiheadAttention) and all(
+                isinstance(getattr(module, p), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            module.resized()
+        elif isinstance(module, nn.MultiheadAttention) and _sliced(module):
             if not name:
                 raise UnsupportedModelError("structured pruning of a bare nn.MultiheadAttention cannot replace the "
                                             "model itself; wrap it in a module")

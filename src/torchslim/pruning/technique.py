@@ -64,7 +64,7 @@ UNSTRUCTURED = Technique(
 
 def _attention_args(m: PrunedMultiheadAttention) -> dict[str, Any]:
     return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "head_dim": m.head_dim, "kdim": m.kdim,
-            "vdim": m.vdim, "out_dim": m.out_proj.out_features, "bias": m.q_proj.bias is not None,
+            "vdim": m.vdim, "out_dim": m.out_dim, "bias": m.has_bias,
             "add_bias_kv": m.bias_k is not None, "add_zero_attn": m.add_zero_attn, "dropout": m.dropout,
             "batch_first": m.batch_first}
 
