@@ -183,7 +183,14 @@ def test_what_is_kept_is_named():
             out, w = self.attn(self.embed(x), self.embed(x), self.embed(x))
             return self.fc2(F.relu(self.fc1(out.mean(1)))) + w.sum()
 
+    class PerHead(AttentionNet):  # a (batch * heads, L, S) mask names the original heads
+        def forward(self, x):
+            h = self.embed(x)
+            mask = torch.zeros(16, 5, 5, device=x.device)
+            return self.fc2(F.relu(self.fc1(self.attn(h, h, h, attn_mask=mask + x[:1, :1, :1])[0].mean(1))))
+
     for cls, why in ((Cross, "reads different query, key and value through one in_proj_weight"),
+                     (PerHead, "is given a per-head attn_mask; its heads are kept"),
                      (Weights, "the attention weights of MultiheadAttention 'attn' are used")):
         torch.manual_seed(0)
         net = cls().eval()

@@ -80,9 +80,9 @@ def _rnn(tracer: _Builder, node: fx.Node, module: nn.RNNBase, name: str) -> None
     tracer.tuple_layouts[node] = (out, (state, state) if module.mode == "LSTM" else state)
 
 
-def _reads(tracer: _Builder, x: Any, weights: list[tuple[str, str]]) -> None:
+def _reads(tracer: _Builder, x: Any, weights: list[tuple[str, str]], who: str) -> None:
     """Input ``x``'s channels are the columns (dim 1) of each of ``weights`` ((module, param) pairs)."""
-    layout = tracer.require(x, len(tracer.shape(x)) - 1, "attention")
+    layout = tracer.require(x, len(tracer.shape(x)) - 1, who)
     for off, s in layout.with_offsets():
         for mod, param in weights:
             tracer.add(s.space, Member(mod, param, 1, off, s.rep, "in"))
@@ -101,12 +101,15 @@ def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) ->
     inputs = [_arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
     if any(tracer.shape(x) is None for x in inputs):
         return tracer.unknown(node, f"{who} is given inputs the channel tracer cannot follow")
+    for x in tracer.inputs(node):  # masks: channels reaching them are not followed
+        if x not in inputs:
+            tracer.block(tracer.layouts.get(x), UNSUPPORTED, f"{who} is given them as a mask")
     e, d, out = module.embed_dim, module.head_dim, f"{name}.out_proj"
     if isinstance(module, nn.MultiheadAttention):
         if module.in_proj_weight is not None:
             rows = [(name, "in_proj_weight", i * e) for i in range(3)]
             if inputs[0] is inputs[1] is inputs[2]:
-                _reads(tracer, inputs[0], [(name, "in_proj_weight")])
+                _reads(tracer, inputs[0], [(name, "in_proj_weight")], who)
             else:  # one in_proj_weight reads all three: their channels cannot go one input at a time
                 for x in dict.fromkeys(inputs):
                     tracer.block(tracer.layouts.get(x), UNSUPPORTED, f"{who} reads different query, key and value "
@@ -114,7 +117,7 @@ def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) ->
         else:
             rows = [(name, f"{p}_proj_weight", 0) for p in "qkv"]
             for x, (mod, param, _) in zip(inputs, rows):
-                _reads(tracer, x, [(mod, param)])
+                _reads(tracer, x, [(mod, param)], who)
         rows += [(name, "in_proj_bias", i * e) for i in range(3) if module.in_proj_bias is not None]
     else:
         layers = [f"{name}.{p}_proj" for p in "qkv"]
@@ -124,7 +127,7 @@ def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) ->
         rows = [(m, p, 0) for m in layers for p in ("weight", "bias") if getattr(tracer.gm.get_submodule(m), p)
                 is not None]
         for x, mod in zip(inputs, layers):
-            _reads(tracer, x, [(mod, "weight")])
+            _reads(tracer, x, [(mod, "weight")], who)
     heads = tracer.new_space(module.num_heads)
     for mod, param, offset in rows:
         tracer.add(heads, Member(mod, param, 0, offset, d, "out"))
