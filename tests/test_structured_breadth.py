@@ -128,29 +128,6 @@ def test_recurrent_initial_state_is_named():
     assert model.rnn.hidden_size == 8 and model.fc1.out_features == 8
 
 
-class AttentionNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Linear(6, 16)
-        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
-        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 3)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = self.attn(h, h, h)[0]
-        return self.fc2(F.relu(self.fc1(h.mean(1))))
-
-
-def test_multihead_attention_is_named():
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 6)
-    model = AttentionNet().eval()
-    pruned, summary, messages = _prune(model, x)
-    assert any("ties embed_dim = num_heads * head_dim" in m and "'embed'" in m for m in messages)
-    assert pruned.attn.embed_dim == 16 and pruned.fc1.out_features == 16
-    assert _masked_diff(model, pruned, summary, x) < 1e-5
-
-
 class Volumes(nn.Module):
     """Conv3d + BatchNorm3d, then a Conv1d over the flattened volume and a ConvTranspose1d."""
 

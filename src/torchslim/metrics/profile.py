@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..data.batches import as_example_inputs, batch_size, call_model, to_device
 from ..nn.masks import effective, masked_names
@@ -78,6 +78,21 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
+def _native_attention_flops(query, key, value, embed_dim, *args, out_shape=None, **kwargs) -> int:
+    """nn.MultiheadAttention's fused inference kernel: q/k/v and output projections plus the two products."""
+    b, l, e = query
+    s = key[1]
+    return 2 * (2 * b * l * e * e + 2 * b * s * e * e + 2 * b * l * s * e)
+
+
+# Kernels torch's counter does not know: without them attention would count as free.
+_ATTENTION_FLOPS = {
+    torch.ops.aten._native_multi_head_attention: _native_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+}
+
+
 def count_macs(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs`` (a tensor, a tuple of positional inputs or
     a dict of keyword inputs), counted by ``torch.utils.flop_counter`` (FLOPs / 2).
@@ -91,7 +106,7 @@ def count_macs(model: nn.Module, example_inputs) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS) as counter:
             call_model(model, example_inputs)
     finally:
         model.train(was_training)

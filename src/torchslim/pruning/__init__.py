@@ -9,6 +9,7 @@ from ..core.errors import ConfigError
 from ..core.history import record
 from ..data.batches import as_example_inputs
 from ..metrics.evaluate import Metric
+from ..nn.attention import PrunedMultiheadAttention
 from ..nn.modules import copy_model
 from ..training.losses import LossFn
 from .config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
@@ -25,7 +26,7 @@ __all__ = ["prune", "UnstructuredPruning", "StructuredPruning", "SemiStructuredP
            "semi_structured_prune", "accelerate_semi_structured", "layer_sparsity", "make_permanent",
            "structured_prune", "unstructured_prune", "masked_like", "build_groups", "bn_l1_penalty",
            "Importance", "register_importance", "register_op_rule", "VariationalDropout",
-           "variational_prune"]
+           "variational_prune", "PrunedMultiheadAttention"]
 
 
 def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning | SemiStructuredPruning

@@ -45,7 +45,7 @@ def _magnitude(model: nn.Module, group: Group, power: int) -> torch.Tensor:
     score = torch.zeros(group.size)
     for m in group.members:
         # Weights carry the importance; biases and running stats would mix in unrelated scales.
-        if not m.param.startswith("weight"):  # recurrent layers: weight_ih_l0, weight_hh_l0, ...
+        if "weight" not in m.param:  # recurrent layers: weight_ih_l0, ...; attention: in_proj_weight
             continue
         t = _tensor(model, m)
         if t is not None:

@@ -242,5 +242,6 @@ def call_rule(target: Callable | str) -> OpRule | None:
 def traced_whole(module: nn.Module) -> bool:
     """Whether a rule registered by :func:`register_op_rule` covers ``module``: the tracer then records
     it as one call instead of tracing into its forward. Built-in rules cover torch layers, which torch.fx
-    keeps whole anyway; user subclasses of them are traced into as before."""
-    return any(cls in OP_RULES and cls not in _BUILTIN_TARGETS for cls in type(module).__mro__)
+    keeps whole anyway (user subclasses of them are traced into as before), and torchslim's own layers."""
+    return any(cls in OP_RULES and (cls not in _BUILTIN_TARGETS or not cls.__module__.startswith("torch."))
+               for cls in type(module).__mro__)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .layout import UNSUPPORTED, Layout, Member, Seg
+from ..nn.attention import PrunedMultiheadAttention
+from ..nn.modules import match
+from .layout import EXCLUDED, UNSUPPORTED, Layout, Member, Seg
 
 if TYPE_CHECKING:
     from .graph import _Builder
@@ -33,7 +35,8 @@ def handles_tuples(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_function":
         return node.target is operator.getitem
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), (nn.RNNBase, nn.MultiheadAttention))
+        return isinstance(gm.get_submodule(node.target), (nn.RNNBase, nn.MultiheadAttention,
+                                                           PrunedMultiheadAttention))
     return False
 
 
@@ -77,9 +80,75 @@ def _rnn(tracer: _Builder, node: fx.Node, module: nn.RNNBase, name: str) -> None
     tracer.tuple_layouts[node] = (out, (state, state) if module.mode == "LSTM" else state)
 
 
-def _attention(tracer: _Builder, node: fx.Node, module: nn.MultiheadAttention, name: str) -> None:
-    tracer.unknown(node, f"nn.MultiheadAttention {name!r} ties embed_dim = num_heads * head_dim to the width of "
-                         "its inputs and outputs, so its heads and the channels it reads are kept")
+def _reads(tracer: _Builder, x: Any, weights: list[tuple[str, str]], who: str) -> None:
+    """Input ``x``'s channels are the columns (dim 1) of each of ``weights`` ((module, param) pairs)."""
+    layout = tracer.require(x, len(tracer.shape(x)) - 1, who)
+    for off, s in layout.with_offsets():
+        for mod, param in weights:
+            tracer.add(s.space, Member(mod, param, 1, off, s.rep, "in"))
+
+
+def _attention(tracer: _Builder, node: fx.Node, module: nn.Module, name: str) -> None:
+    """Heads of ``nn.MultiheadAttention`` and ``PrunedMultiheadAttention``: head ``h`` is ``head_dim`` rows of the
+    q, k and v projections (and biases, ``bias_k``, ``bias_v``) and ``head_dim`` columns of ``out_proj``. Its
+    input channels are columns of the projections, its output channels rows of ``out_proj``. Pruning swaps an
+    ``nn.MultiheadAttention`` for a ``PrunedMultiheadAttention`` (``structured.py``)."""
+    who = f"{type(module).__name__} {name!r}"
+    pattern = match(name, tracer.exclude)
+    if pattern is not None:  # kept whole, so that it stays an nn.MultiheadAttention
+        return tracer.unknown(node, f"its channels reach excluded module {name!r} (pattern {pattern!r}), which is "
+                                    "kept whole", EXCLUDED)
+    inputs = [_arg(node, i, n) for i, n in enumerate(("query", "key", "value"))]
+    if any(tracer.shape(x) is None for x in inputs):
+        return tracer.unknown(node, f"{who} is given inputs the channel tracer cannot follow")
+    for x in tracer.inputs(node):  # masks: channels reaching them are not followed
+        if x not in inputs:
+            tracer.block(tracer.layouts.get(x), UNSUPPORTED, f"{who} is given them as a mask")
+    e, d, out = module.embed_dim, module.head_dim, f"{name}.out_proj"
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is not None:
+            rows = [(name, "in_proj_weight", i * e) for i in range(3)]
+            if inputs[0] is inputs[1] is inputs[2]:
+                _reads(tracer, inputs[0], [(name, "in_proj_weight")], who)
+            else:  # one in_proj_weight reads all three: their channels cannot go one input at a time
+                for x in dict.fromkeys(inputs):
+                    tracer.block(tracer.layouts.get(x), UNSUPPORTED, f"{who} reads different query, key and value "
+                                 "through one in_proj_weight; the channels it reads are kept (its heads are pruned)")
+        else:
+            rows = [(name, f"{p}_proj_weight", 0) for p in "qkv"]
+            for x, (mod, param, _) in zip(inputs, rows):
+                _reads(tracer, x, [(mod, param)], who)
+        rows += [(name, "in_proj_bias", i * e) for i in range(3) if module.in_proj_bias is not None]
+    else:
+        layers = [f"{name}.{p}_proj" for p in "qkv"]
+        if not all(isinstance(tracer.gm.get_submodule(m), nn.Linear) for m in layers + [out]):
+            return tracer.unknown(node, f"the projections of {who} are no longer nn.Linear layers; its heads and "
+                                        "the channels it reads are kept")
+        rows = [(m, p, 0) for m in layers for p in ("weight", "bias") if getattr(tracer.gm.get_submodule(m), p)
+                is not None]
+        for x, mod in zip(inputs, layers):
+            _reads(tracer, x, [(mod, "weight")], who)
+    heads = tracer.new_space(module.num_heads)
+    for mod, param, offset in rows:
+        tracer.add(heads, Member(mod, param, 0, offset, d, "out"))
+    for param in ("bias_k", "bias_v"):
+        if getattr(module, param) is not None:
+            tracer.add(heads, Member(name, param, 2, 0, d, "out"))
+    tracer.add(heads, Member(out, "weight", 1, 0, d, "in"))
+    attn_mask = _arg(node, 5, "attn_mask")
+    if isinstance(attn_mask, fx.Node) and len(tracer.shape(attn_mask) or ()) == 3:
+        tracer.block(Layout(0, (Seg(heads, module.num_heads, 1),)), UNSUPPORTED,
+                     f"{who} is given a per-head attn_mask; its heads are kept")
+    weights_used = any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users)
+    if _arg(node, 4, "need_weights", True) is not False and weights_used:
+        tracer.block(Layout(0, (Seg(heads, module.num_heads, 1),)), UNSUPPORTED,
+                     f"the attention weights of {who} are used, and would cover fewer heads; its heads are kept")
+    width = tracer.gm.get_submodule(out).out_features
+    space = tracer.new_space(width)
+    for param in ("weight", "bias"):
+        if getattr(tracer.gm.get_submodule(out), param) is not None:
+            tracer.add(space, Member(out, param, 0, 0, 1, "out"))
+    tracer.tuple_layouts[node] = (Layout(len(tracer.shape(inputs[0])) - 1, (Seg(space, width, 1),)), None)
 
 
 def _getitem(tracer: _Builder, node: fx.Node, module: None, name: None) -> None:
@@ -214,7 +283,7 @@ def _group_norm(tracer: _Builder, node: fx.Node, module: nn.GroupNorm, name: str
 
 
 SEQUENCE_RULES: tuple[tuple[Any, Any], ...] = (
-    (nn.RNNBase, _rnn), (nn.MultiheadAttention, _attention),
+    (nn.RNNBase, _rnn), (nn.MultiheadAttention, _attention), (PrunedMultiheadAttention, _attention),
     (nn.ConvTranspose1d, _conv_transpose), (nn.ConvTranspose2d, _conv_transpose),
     (nn.ConvTranspose3d, _conv_transpose), (nn.GroupNorm, _group_norm),
     (operator.getitem, _getitem), (F.pad, _pad),

@@ -18,6 +18,7 @@ from torch import nn
 from ..core.errors import ConfigError, TorchslimError, UnsupportedModelError
 from ..core.rates import capped_removals
 from ..data.batches import as_example_inputs, call_model
+from ..nn.attention import PrunedMultiheadAttention
 from ..nn.masks import masked_names
 from ..nn.modules import check_patterns, copy_model, match
 from ..training.losses import LossFn
@@ -184,6 +185,33 @@ def apply_keep(model: nn.Module, groups: list[Group], keeps: list[list[int]]) ->
             module._buffers[pname] = new
     for mname, count in counts.items():
         _update_attributes(model.get_submodule(mname), count)
+    _swap_attention(model)
+
+
+def _sliced(mha: nn.MultiheadAttention) -> bool:
+    """Whether ``mha``'s tensors no longer have the shapes its ``embed_dim``, ``kdim`` and ``vdim`` imply."""
+    e = mha.embed_dim
+    if mha.in_proj_weight is not None:
+        shapes = [(mha.in_proj_weight, (3 * e, e))]
+    else:
+        shapes = [(mha.q_proj_weight, (e, e)), (mha.k_proj_weight, (e, mha.kdim)), (mha.v_proj_weight, (e, mha.vdim))]
+    shapes.append((mha.out_proj.weight, (e, e)))
+    return any(tuple(t.shape) != shape for t, shape in shapes)
+
+
+def _swap_attention(model: nn.Module) -> None:
+    """Put a PrunedMultiheadAttention in place of every nn.MultiheadAttention that lost heads or channels, which
+    it cannot run with (embed_dim = num_heads * head_dim on every side); update the sizes of the others."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PrunedMultiheadAttention) and all(
+                isinstance(getattr(module, p), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
+            module.resized()
+        elif isinstance(module, nn.MultiheadAttention) and _sliced(module):
+            if not name:
+                raise UnsupportedModelError("structured pruning of a bare nn.MultiheadAttention cannot replace the "
+                                            "model itself; wrap it in a module")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, PrunedMultiheadAttention.from_attention(module))
 
 
 def _update_attributes(module: nn.Module, count: int) -> None:
@@ -316,7 +344,7 @@ def masked_like(original: nn.Module, summary: dict) -> nn.Module:
         members = [Member(**m) for m in summary["members"][leader]]
         removed = sorted(set(range(summary["removed_channels"][leader][0])) - set(keep))
         for m in members:
-            if m.role in ("out", "norm") and m.param.startswith(("weight", "bias")) and removed:
+            if m.role in ("out", "norm") and ("weight" in m.param or "bias" in m.param) and removed:
                 t = getattr(masked.get_submodule(m.module), m.param)
                 idx = torch.tensor([m.offset + k * m.rep + j for k in removed for j in range(m.rep)])
                 with torch.no_grad():

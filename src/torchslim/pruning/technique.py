@@ -10,6 +10,8 @@ from torch import nn
 from ..core.config import Config
 from ..core.rates import int_choice, soften_field
 from ..core.technique import FieldSpace, SearchSpace, Technique
+from ..export.checkpoint import ModuleCodec
+from ..nn.attention import PrunedMultiheadAttention
 from . import prune
 from . import nm
 from .config import Schedule, SemiStructuredPruning, StructuredPruning, UnstructuredPruning
@@ -60,8 +62,18 @@ UNSTRUCTURED = Technique(
         fields=(FieldSpace("sparsity", low=0.0, high=0.99, mild=0.0, grid=SPARSITY_GRID, layers=_prunable),),
         apply=_apply_unstructured, oneshot=_no_schedule, soften=soften_field("sparsity")))
 
+def _attention_args(m: PrunedMultiheadAttention) -> dict[str, Any]:
+    return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "head_dim": m.head_dim, "kdim": m.kdim,
+            "vdim": m.vdim, "out_dim": m.out_dim, "bias": m.has_bias,
+            "add_bias_kv": m.bias_k is not None, "add_zero_attn": m.add_zero_attn, "dropout": m.dropout,
+            "batch_first": m.batch_first}
+
+
+# Structured pruning swaps nn.MultiheadAttention layers that lose heads for this one.
+ATTENTION_CODEC = ModuleCodec(PrunedMultiheadAttention, _attention_args, lambda a: PrunedMultiheadAttention(**a))
+
 STRUCTURED = Technique(
-    config=StructuredPruning, apply=prune, family="structured",
+    config=StructuredPruning, apply=prune, family="structured", codecs=(ATTENTION_CODEC,),
     cannot_follow={"unstructured": "structured pruning refuses layers that carry unstructured masks; put "
                                    "StructuredPruning before UnstructuredPruning",
                    "quantize": _QUANTIZED},
