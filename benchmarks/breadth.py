@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     for name in args.only or SECTIONS:
         print(f"== {name}: {SECTIONS[name].__doc__.split(chr(10))[0]}", flush=True)
         section = SECTIONS[name](args)
+        section["environment"] = environment(args)  # --only keeps the other sections: each says how it ran
         result[name] = section
         print_table(section["rows"], section["columns"])
         print_table([{"target": k, "value": v["value"], "met": v["met"]} for k, v in section["targets"].items()],
