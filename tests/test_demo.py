@@ -10,7 +10,7 @@ from torchslim.data import digits
 from torchslim.cli.demo import demo_recipe_text
 from torchslim.pipeline.recipe import parse_recipe
 
-KEYS = {"accuracy", "params", "nonzero_params", "macs", "latency_ms", "size_bytes"}
+KEYS = {"accuracy", "params", "nonzero_params", "table_params", "macs", "latency_ms", "size_bytes"}
 
 
 @pytest.fixture(scope="module")
