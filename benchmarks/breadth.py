@@ -5,7 +5,9 @@ Targets (issue 14):
 - CPU latency at batch 64 >= 75% of the MAC ratio on ResNet-50-like and MobileNetV2 (side by side);
 - LSTM, 50% of the hidden units: outputs equal the masked original before fine-tuning, latency >= 1.8x lower;
 - one-shot 50% unstructured without fine-tuning: OBS loses at most half of what magnitude loses; GPTQ 4-bit
-  weight-only at most half of round-to-nearest's loss at the same group size (LeNet-300-100 on MNIST).
+  weight-only at most half of round-to-nearest's loss at the same group size (LeNet-300-100 on MNIST);
+- the same on MiniLM (all-MiniLM-L6-v2, STS-B dev Spearman), and 2:4 one-shot with OBS within 1.0 Spearman point
+  of fp32.
 
 Each section is a function ``section(args) -> {"rows": [...], "columns": [...], "targets": {...}}`` listed
 in SECTIONS; adding a section is one entry there.
@@ -146,10 +148,21 @@ def oneshot_section(args) -> dict:
     return result
 
 
+def minilm_oneshot_section(args) -> dict:
+    """One-shot 50% unstructured and 2:4 pruning of all-MiniLM-L6-v2's encoder Linear layers, magnitude vs OBS,
+    no fine-tuning: STS-B dev Spearman against fp32."""
+    result = _oneshot.run_minilm(args)
+    result["rows"] = _oneshot.minilm_rows(result)
+    result["targets"] = {t["name"]: {"value": t["value"], "met": t["met"]} for t in result["targets"]}
+    result["columns"] = ["setting", "method", "spearman", "loss_points", "prune_seconds"]
+    return result
+
+
 SECTIONS: dict[str, Callable[..., dict]] = {
     "structured": structured_section,
     "lstm": lstm_section,
     "oneshot": oneshot_section,
+    "minilm_oneshot": minilm_oneshot_section,
 }
 
 
@@ -165,6 +178,7 @@ def main(argv=None) -> int:
     for name in args.only or SECTIONS:
         print(f"== {name}: {SECTIONS[name].__doc__.split(chr(10))[0]}", flush=True)
         section = SECTIONS[name](args)
+        section["environment"] = environment(args)  # --only keeps the other sections: each says how it ran
         result[name] = section
         print_table(section["rows"], section["columns"])
         print_table([{"target": k, "value": v["value"], "met": v["met"]} for k, v in section["targets"].items()],

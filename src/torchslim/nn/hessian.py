@@ -81,13 +81,25 @@ def _batched(module: nn.Module, x: torch.Tensor) -> bool:
     return x.dim() == (4 if isinstance(module, nn.Conv2d) else 3)
 
 
+def _real_tokens(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's ``[batch, seq, ...]`` input without the padding positions of ``mask`` ([batch, seq], True for
+    real tokens): padding is no input the layer serves, and its share would grow with the padded length."""
+    if mask is None or not isinstance(mod, nn.Linear) or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
+
+
 def layer_hessian(module: nn.Module, run: Callable[[int], None], batches: int) -> tuple[torch.Tensor, int]:
     """``2 X X^T / n`` of ``module``'s inputs over ``batches`` calibration batches (``run(batches)`` feeds them
-    through the model), in float64 for a stable inverse, and the number of input rows ``n`` it saw."""
+    through the model), in float64 for a stable inverse, and the number of input rows ``n`` it saw.
+
+    Where ``run.token_mask()`` gives the batch's attention mask (dict batches of a transformer), the padding
+    tokens' rows of a Linear's ``[batch, seq, features]`` inputs are left out."""
     state: dict = {"H": None, "n": 0}
+    token_mask = getattr(run, "token_mask", lambda: None)
 
     def hook(mod: nn.Module, inputs: tuple) -> None:
-        x = inputs[0].detach()
+        x = _real_tokens(mod, inputs[0].detach(), token_mask())
         # A few samples at a time: unfolded Conv inputs (and their float64 copy) are large.
         for part in (x.split(_SAMPLES) if _batched(mod, x) else (x,)):
             rows = layer_rows(mod, part).double()

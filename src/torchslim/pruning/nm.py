@@ -32,7 +32,7 @@ from ..nn.modules import check_patterns
 from ..training.losses import LossFn
 from .config import SemiStructuredPruning
 from .obs import _nm_block_mask, obs_prune
-from .unstructured import _check_finite, apply_masks, hessian_scores, layer_sparsity, prunable_layers
+from .unstructured import _check_finite, apply_masks, hessian_scores, layer_sparsity, prunable_layers, untied
 
 __all__ = ["semi_structured_prune", "nm_masks", "is_nm", "encode_nm", "decode_nm", "accelerate_semi_structured",
            "CODECS"]
@@ -64,7 +64,7 @@ def semi_structured_prune(model: nn.Module, config: SemiStructuredPruning, *, da
                           loss_fn: LossFn | str | None = None) -> dict[str, float]:
     """Mask ``model`` in place to the ``config.n``:``config.m`` pattern; returns per-layer sparsity."""
     check_patterns(f"{type(config).__name__}.exclude", config.exclude, prunable_layers(model), "Linear/Conv")
-    candidates = prunable_layers(model, config.exclude)
+    candidates = untied(model, prunable_layers(model, config.exclude), type(config).__name__)
     layers = {k: v for k, v in candidates.items() if _rows(v) % config.m == 0}
     odd = sorted(set(candidates) - set(layers))
     if not layers:

@@ -4,6 +4,7 @@ masks (weights stay zero while training)."""
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -25,6 +26,27 @@ def prunable_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str
     """Linear and Conv layers of ``model`` by name, minus those matching an ``exclude`` pattern."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, PRUNABLE) and match(name, exclude) is None}
+
+
+def untied(model: nn.Module, layers: dict[str, nn.Module], what: str) -> dict[str, nn.Module]:
+    """``layers`` minus those whose weight another module shares (tied input/output embeddings): a mask, or an
+    OBS reconstruction written into the shared tensor, would change the other module too. Those left dense are
+    named in a warning."""
+    owners: dict[int, list[str]] = {}
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    tied = {}
+    for name, m in layers.items():
+        others = [o for o in owners.get(id(_weight_param(m)), []) if o != name]
+        if others:
+            tied[name] = others[0]
+    if tied:
+        named = ", ".join(f"{n!r} (weight tied to {o!r})" for n, o in tied.items())
+        warnings.warn(f"{what} leaves {named} dense: pruning a tied weight would change the module sharing it "
+                      "too. Add it to exclude= to silence this, or untie the weights (e.g. "
+                      "config.tie_word_embeddings=False) to prune it.", RuntimeWarning, stacklevel=4)
+    return {n: m for n, m in layers.items() if n not in tied}
 
 
 def _check_finite(layers: dict[str, nn.Module]) -> None:
@@ -223,9 +245,9 @@ def unstructured_prune(model: nn.Module, config: UnstructuredPruning,
     """Mask ``model`` in place to ``sparsity`` (default ``config.sparsity``) by ``config.method``; returns
     per-layer sparsity. ``data`` (and ``loss_fn``, for ``hessian``) feed the second-order methods."""
     check_patterns(f"{type(config).__name__}.exclude", config.exclude, prunable_layers(model), "Linear/Conv")
-    layers = prunable_layers(model, config.exclude)
+    layers = untied(model, prunable_layers(model, config.exclude), type(config).__name__)
     if not layers:
-        raise UnsupportedModelError(f"{type(model).__name__} has no Linear/Conv layer to prune "
+        raise UnsupportedModelError(f"{type(model).__name__} has no untied Linear/Conv layer to prune "
                                     f"(after exclude={list(config.exclude)})")
     _check_finite(layers)
     sparsity = config.sparsity if sparsity is None else sparsity
