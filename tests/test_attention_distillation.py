@@ -100,14 +100,15 @@ def test_identical_student_has_zero_attention_loss(batches):
                               shuffled.encoder.layer[0].attention.self.query.weight)
 
 
-def test_layer_dropped_student_learns_the_teachers_attention(batches):
+@pytest.mark.parametrize("cache", [False, True])
+def test_layer_dropped_student_learns_the_teachers_attention(batches, cache):
     teacher = _bert()
     impl = teacher.config._attn_implementation
     before = {n: p.clone() for n, p in teacher.named_parameters()}
     student = drop_layers(teacher, [0, 2])
     pairs = [(0, 1), (1, 3)]  # each kept layer learns the map of the layer after it
     gap0 = _gap(student, teacher, batches, pairs)
-    config = ts.Distillation(mode="outputs", output_loss="cosine", attention_weight=1.0,
+    config = ts.Distillation(mode="outputs", output_loss="cosine", attention_weight=1.0, cache_teacher=cache,
                              attention_layers={ATTN.format(i): ATTN.format(j) for i, j in pairs},
                              train=ts.TrainConfig(epochs=8, lr=3e-3, progress=False))
     out = ts.distill(student, config, teacher=teacher, data=batches)
@@ -115,6 +116,20 @@ def test_layer_dropped_student_learns_the_teachers_attention(batches):
     assert teacher.config._attn_implementation == impl and out.config._attn_implementation == impl
     assert all(torch.equal(p, before[n]) for n, p in teacher.named_parameters())
     assert not teacher._forward_hooks and not any(m._forward_hooks or m._forward_pre_hooks for m in out.modules())
+
+
+def test_distilbert_attention_modules(batches):
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                        max_position_embeddings=32, initializer_range=0.3)
+    teacher = transformers.DistilBertModel(cfg).eval()
+    student = drop_layers(teacher, [0])
+    gap0 = _gap(student, teacher, batches, [(0, 1)])
+    config = ts.Distillation(mode="outputs", attention_layers={"transformer.layer.0.attention":
+                                                               "transformer.layer.1.attention"},
+                             train=ts.TrainConfig(epochs=8, lr=3e-3, progress=False))
+    out = ts.distill(student, config, teacher=teacher, data=batches)
+    assert _gap(out, teacher, batches, [(0, 1)]) < 0.7 * gap0
 
 
 def test_bad_attention_layers_are_refused_before_training(batches):
