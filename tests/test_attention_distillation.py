@@ -150,6 +150,13 @@ def test_bad_attention_layers_are_refused_before_training(batches):
         ts.distill(copy.deepcopy(teacher), ts.Distillation(
             mode="outputs", attention_layers={ATTN.format(0): "encoder.layer.1.intermediate"}, train=fast),
             teacher=teacher, data=batches)
+    sdpa_only = copy.deepcopy(teacher)
+    sdpa_only.set_attn_implementation = lambda impl: None  # as a model that cannot switch to eager attention
+    with pytest.raises(UnsupportedModelError, match=r"teacher's module 'encoder.layer.1.attention.self' gives no "
+                                                    r"attention probabilities.*attn_implementation='eager'"):
+        ts.distill(copy.deepcopy(teacher), ts.Distillation(
+            mode="outputs", attention_layers={ATTN.format(0): ATTN.format(1)}, train=fast),
+            teacher=sdpa_only, data=batches)
     assert teacher.config._attn_implementation == impl and not teacher._forward_hooks
     for bad in (dict(attention_layers={}), dict(attention_layers={"a": 1}), dict(attention_weight=-1.0),
                 dict(attention_layers=["a"])):
