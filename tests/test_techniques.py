@@ -38,7 +38,8 @@ EXAMPLES = {
     "SVD": torchslim.SVD(rank=8),
     "Tucker": torchslim.Tucker(ranks=(4, 4)),
     "CP": torchslim.CP(rank=6),
-    "Distillation": torchslim.Distillation(temperature=3.0),
+    "Distillation": torchslim.Distillation(temperature=3.0, attention_weight=0.5,
+                                           attention_layers={"layer.0.attention": "layer.1.attention"}),
     "Finetune": torchslim.Finetune(torchslim.TrainConfig(epochs=2, lr=1e-3)),
 }
 

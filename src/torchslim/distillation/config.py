@@ -22,7 +22,14 @@ class Distillation(Config):
     (weighted by ``feature_weight``); a learned 1x1 conv / linear projection maps student widths to teacher
     widths when they differ; a layer returning a tuple (``transformers`` blocks) is matched on its first element.
     ``pooling="mean"`` averages (N, L, C) outputs over the batch's ``attention_mask`` before matching (sentence
-    embeddings: ``mode="outputs", output_loss="cosine", pooling="mean"``). ``cache_teacher`` memoises teacher
+    embeddings: ``mode="outputs", output_loss="cosine", pooling="mean"``). ``attention_layers`` maps student
+    attention modules to teacher attention modules (MiniLM / TinyBERT style): their attention probabilities,
+    averaged over heads (head counts may differ), are matched with KL(teacher || student) over the keys, padded
+    keys and queries left out by the batch's ``attention_mask``, weighted by ``attention_weight``. The modules must
+    return ``(output, probabilities, ...)`` as ``transformers``' eager attention does (BERT-family
+    ``...attention.self``, DistilBERT ``...attention``); ``transformers`` models are switched to eager attention
+    while they distil and switched back afterwards, and the matched student modules run without attention
+    dropout. ``cache_teacher`` memoises teacher
     outputs per input sample, which pays off when the same fixed (unaugmented) data set is seen for several
     epochs. ``train`` defaults to 10 epochs: a student starts untrained, and one epoch leaves a half-width LeNet-5
     on digits at about 30% accuracy.
@@ -34,6 +41,8 @@ class Distillation(Config):
     output_loss: str = "mse"
     feature_layers: dict[str, str] | None = None
     feature_weight: float = 1.0
+    attention_layers: dict[str, str] | None = None
+    attention_weight: float = 1.0
     cache_teacher: bool = False
     pooling: str | None = None
     train: TrainConfig = TrainConfig(epochs=10)
@@ -46,12 +55,18 @@ class Distillation(Config):
         if self.pooling is not None:
             check_choice("pooling", self.pooling, ("mean",))
         check_nonnegative("feature_weight", self.feature_weight)
-        if self.feature_layers is not None:
-            if not isinstance(self.feature_layers, dict) or not self.feature_layers:
-                raise ConfigError("feature_layers must be a non-empty mapping {student layer: teacher layer} "
-                                  f"or None, got {self.feature_layers!r}")
-            for s, t in self.feature_layers.items():
-                if not isinstance(s, str) or not isinstance(t, str):
-                    raise ConfigError(f"feature_layers entries must map layer names to layer names, got {s!r}: {t!r}")
+        check_nonnegative("attention_weight", self.attention_weight)
+        _check_layer_map("feature_layers", self.feature_layers)
+        _check_layer_map("attention_layers", self.attention_layers)
         if not isinstance(self.train, TrainConfig):
             raise ConfigError(f"train must be a TrainConfig, got {type(self.train).__name__}")
+
+
+def _check_layer_map(name: str, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{name} must be a non-empty mapping {{student layer: teacher layer}} or None, got {value!r}")
+    for s, t in value.items():
+        if not isinstance(s, str) or not isinstance(t, str):
+            raise ConfigError(f"{name} entries must map layer names to layer names, got {s!r}: {t!r}")

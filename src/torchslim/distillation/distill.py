@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checks import did_you_mean
 from ..core.errors import ConfigError, DataError, UnsupportedModelError
 from ..core.history import record
 from ..data import Splits, first_batch
@@ -18,16 +19,49 @@ from ..nn.modules import copy_model
 from ..training.losses import Loss, LossFn, resolve_loss
 from ..training.train import default_device, train
 from .config import Distillation
-from .losses import feature_loss, make_projection, masked_mean, output_matching_loss, soft_target_loss
+from .losses import (attention_kl, feature_loss, head_mean, make_projection, masked_mean, output_matching_loss,
+                     soft_target_loss)
+
+_ATTN = "attention:"  # prefix of the teacher's captured attention maps among its features
 
 
-def _module(model: nn.Module, name: str, role: str) -> nn.Module:
+def _module(model: nn.Module, name: str, role: str, field: str = "feature_layers") -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n]
+        close = did_you_mean(name, names, n=3)
         shown = ", ".join(names[:30]) + (" ..." if len(names) > 30 else "")
-        raise ConfigError(f"feature_layers: the {role} has no layer {name!r}; its layers are: {shown}") from None
+        raise ConfigError(f"{field}: the {role} has no layer {name!r}{close}; its layers are: {shown}") from None
+
+
+def _attention_probs(out, role: str, name: str) -> torch.Tensor:
+    probs = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+    if not torch.is_tensor(probs) or probs.dim() != 4:
+        raise UnsupportedModelError(
+            f"attention_layers: the {role}'s module {name!r} gives no attention probabilities (it returned "
+            f"{type(out).__name__}{'' if probs is None else ' whose second element is not (N, heads, L, L)'}); "
+            "name a transformers self-attention module that returns (output, probabilities), e.g. "
+            "'encoder.layer.0.attention.self' (BERT) or 'transformer.layer.0.attention' (DistilBERT), on a model "
+            "whose attention can run eagerly (attn_implementation='eager'; SDPA and flash kernels give none)")
+    return probs
+
+
+class _EagerAttention:
+    """Switches ``transformers`` models to eager attention (the one that returns probabilities) and back."""
+
+    def __init__(self, models: list[nn.Module]):
+        self.saved = []
+        for model in models:
+            config = getattr(model, "config", None)
+            impl = getattr(config, "_attn_implementation", None)
+            if impl not in (None, "eager") and hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("eager")
+                self.saved.append((model, impl))
+
+    def restore(self) -> None:
+        for model, impl in self.saved:
+            model.set_attn_implementation(impl)
 
 
 def _tensor_output(out, role: str, where: str = "output") -> torch.Tensor:
@@ -62,18 +96,27 @@ class _Teacher:
     getting stale targets.
     """
 
-    def __init__(self, teacher: nn.Module, layers: list[str], cache: bool):
+    def __init__(self, teacher: nn.Module, layers: list[str], cache: bool, attention: list[str] = ()):
         self.teacher = teacher
         self.device = model_device(teacher)
-        self.layers = layers
+        self.layers = list(layers) + [_ATTN + name for name in attention]
         self.features: dict[str, torch.Tensor] = {}
-        modules = [_module(teacher, name, "teacher") for name in layers]  # all looked up before any hook
+        # all looked up before any hook
+        modules = [_module(teacher, name, "teacher") for name in layers]
+        attn_modules = [_module(teacher, name, "teacher", "attention_layers") for name in attention]
         self.hooks = [m.register_forward_hook(self._hook(name)) for m, name in zip(modules, layers)]
+        self.hooks += [m.register_forward_hook(self._attention_hook(name)) for m, name in zip(attn_modules, attention)]
         self.cache: dict[bytes, tuple[torch.Tensor, dict[str, torch.Tensor]]] | None = {} if cache else None
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             self.features[name] = _tensor_output(output, "teacher", f"layer {name!r} output").detach()
+        return hook
+
+    def _attention_hook(self, name: str):
+        def hook(module, inputs, output):
+            # averaged over heads here: the student's head count may differ, and the cache holds less
+            self.features[_ATTN + name] = head_mean(_attention_probs(output, "teacher", name)).detach()
         return hook
 
     def remove(self) -> None:
@@ -184,6 +227,7 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
     device = torch.device(config.train.device) if config.train.device else default_device()
     student.to(device)
     pairs = list((config.feature_layers or {}).items())
+    attn_pairs = list((config.attention_layers or {}).items())
     student_feats: dict[str, torch.Tensor] = {}
 
     def student_hook(name: str):
@@ -191,13 +235,29 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
             student_feats[name] = _tensor_output(output, "student", f"layer {name!r} output")
         return hook
 
+    def student_attention_hook(name: str):
+        def hook(module, inputs, output):
+            student_feats[_ATTN + name] = head_mean(_attention_probs(output, "student", name))
+        return hook
+
+    def no_attention_dropout(module, inputs):
+        module.eval()  # dropped-out probabilities are no distribution; re-applied as train() resets it each epoch
+
     teacher_modes = {m: m.training for m in teacher.modules()}
     hooks: list = []
     runner = None
+    eager = None
+    attn_modules = []
     try:
         for s_name, _ in pairs:
             hooks.append(_module(student, s_name, "student").register_forward_hook(student_hook(s_name)))
-        runner = _Teacher(teacher, [t for _, t in pairs], config.cache_teacher)
+        for s_name, _ in attn_pairs:
+            attn_modules.append(_module(student, s_name, "student", "attention_layers"))
+            hooks.append(attn_modules[-1].register_forward_hook(student_attention_hook(s_name)))
+            hooks.append(attn_modules[-1].register_forward_pre_hook(no_attention_dropout))
+        runner = _Teacher(teacher, [t for _, t in pairs], config.cache_teacher, [t for _, t in attn_pairs])
+        if attn_pairs:
+            eager = _EagerAttention([student, teacher])
         teacher.eval()
         projections = _probe(student, runner, to_device(inputs0, device), pairs, student_feats, config)
         projections.to(device)
@@ -222,6 +282,11 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
             for s_name, t_name in pairs:
                 loss = loss + config.feature_weight * feature_loss(student_feats[s_name], t_feats[t_name],
                                                                    proj_for[s_name])
+            if attn_pairs:
+                mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+                for s_name, t_name in attn_pairs:
+                    loss = loss + config.attention_weight * attention_kl(
+                        student_feats[_ATTN + s_name], t_feats[_ATTN + t_name], mask)
             return loss
 
         train(student, data, config.train, val_loader=val_data, metric=metric,
@@ -232,6 +297,10 @@ def distill(model: nn.Module, config: Distillation | None = None, *legacy: Any, 
             h.remove()
         if runner is not None:
             runner.remove()
+        if eager is not None:
+            eager.restore()
+        for m in attn_modules:
+            m.train(student.training)
         for m, mode in teacher_modes.items():
             m.training = mode
     return record(student, config)
@@ -272,6 +341,17 @@ def _probe(student: nn.Module, runner: _Teacher, inputs: Inputs, pairs: list[tup
                                         f"{tuple(t_shape)} cannot be matched")
         if proj is not None:
             projections[_key(s_name)] = proj
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    for s_name, t_name in (config.attention_layers or {}).items():
+        s_shape, t_shape = student_feats[_ATTN + s_name].shape, t_feats[_ATTN + t_name].shape
+        if s_shape != t_shape or s_shape[-1] != s_shape[-2]:
+            raise UnsupportedModelError(f"attention_layers {s_name!r} -> {t_name!r}: attention maps of "
+                                        f"(batch, query, key) shapes {tuple(s_shape)} and {tuple(t_shape)} (averaged "
+                                        "over heads) cannot be matched; both need the same batch and sequence length")
+        if torch.is_tensor(mask) and tuple(mask.shape) != tuple(s_shape[:2]):
+            raise UnsupportedModelError(f"attention_layers {s_name!r}: the batch's attention_mask has shape "
+                                        f"{tuple(mask.shape)}, not (batch, sequence) = {tuple(s_shape[:2])}; "
+                                        "pass one mask entry per token")
     return projections
 
 

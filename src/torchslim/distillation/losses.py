@@ -83,4 +83,22 @@ def feature_loss(student_feat: torch.Tensor, teacher_feat: torch.Tensor,
     return F.mse_loss(student_feat, teacher_feat)
 
 
-__all__ = ["soft_target_loss", "kd_loss", "output_matching_loss", "masked_mean", "make_projection", "feature_loss"]
+def head_mean(attention: torch.Tensor) -> torch.Tensor:
+    """(N, H, Lq, Lk) attention probabilities averaged over heads, so that head counts may differ."""
+    return attention.mean(1)
+
+
+def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
+                 mask: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """KL(teacher || student) between head-averaged (N, Lq, Lk) attention distributions (MiniLM, Wang et al.
+    2020), summed over keys and averaged over queries; ``mask`` (N, L) leaves padded keys and queries out."""
+    kl = teacher_attn * (teacher_attn.clamp_min(eps).log() - student_attn.clamp_min(eps).log())
+    if mask is None:
+        return kl.sum(-1).mean()
+    valid = mask.to(kl.dtype)
+    per_query = (kl * valid[:, None, :]).sum(-1)  # padded keys carry no teacher mass; eps guards the logs
+    return (per_query * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+__all__ = ["soft_target_loss", "kd_loss", "output_matching_loss", "masked_mean", "make_projection", "feature_loss",
+           "head_mean", "attention_kl"]
