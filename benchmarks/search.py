@@ -7,7 +7,7 @@ Targets (recipes / search issue):
 - 2-process DDP fine-tuning (torchrun, gloo on CPU) reaches the accuracy of 1 process (+-0.3 point) for the
   same global batch;
 - seeds (``--seeds N``, default 10, 3 with --quick; ``--only seeds`` runs this section alone): the README's search
-  example (recipes/lenet5_prune_quantize_finetune.yaml, --max-accuracy-drop 0.005) and the demo (1-point budget),
+  example (recipes/lenet5_prune_quantize_finetune.yaml, --max-accuracy-drop 0.01) and the demo (1-point budget),
   each run as written with the recipe's seed set to 0..N-1: the chosen model meets the budget on the test split in
   at least 9 of 10 seeds; the size ratio of each seed is reported.
 
@@ -238,7 +238,7 @@ def seeds_section(args, out: Path, only: str | None = None) -> dict:
     """The README's search example and the demo, as written, over ``args.seeds`` seeds (``only``: one of them)."""
     from torchslim.cli.demo import demo_recipe_text
 
-    setups = {"readme_search": (lambda seed: load_recipe(SEARCH_RECIPE).replace(seed=seed), 0.005),
+    setups = {"readme_search": (lambda seed: load_recipe(SEARCH_RECIPE).replace(seed=seed), 0.01),
               "demo": (lambda seed: parse_recipe(demo_recipe_text(False, seed), source="<demo recipe>"), None)}
     result = {}
     for name, (make, drop) in setups.items():
