@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 import torchslim as ts  # noqa: E402
 from torchslim.core.errors import ConfigError, DataError  # noqa: E402
 from torchslim.hf.data import read_columns, stsb, stsb_sentences, text_loader  # noqa: E402
+from torchslim.data.batches import output_tensor  # noqa: E402
 from torchslim.hf.metrics import embed, mean_pool, rank, spearman, spearman_metric  # noqa: E402
 
 WORDS = ("the a man woman dog cat is are plays runs eats on in with guitar park ball food red big small quickly "
@@ -143,6 +144,23 @@ def test_dynamic_weight_only_svd_on_dict_batches(kind, tok, batches):
         assert not any(type(compressed.get_submodule(n)) is torch.nn.Linear for n in linears)
     for compressed, floor in ((dyn, 0.99), (w4, 0.95), (svd, 0.98)):
         assert _cos_to(model, compressed, batches) > floor
+
+
+def test_static_int8_on_dynamically_padded_batches(tok, batches):
+    """Static int8 of a transformer: calibrated on batches of several lengths, it runs any batch size and
+    sequence length, and the additive attention mask (about -3.4e38 where padded) stays float."""
+    pytest.importorskip("onnxruntime")
+    model = _bert(len(tok))
+    with torch.no_grad():  # peaked attention, so that a quantized mask (all scores -> one value) shows
+        for layer in model.encoder.layer:
+            layer.attention.self.query.weight.mul_(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = ts.quantize(model, ts.StaticQuantization(calibration_batches=4), data=batches[:3])
+    assert q.info["float_for_huge_range"]  # the mask's Add nodes
+    longer = dict(tok([" ".join(WORDS[:20])] * 7, return_tensors="pt"))  # a length and size not calibrated
+    assert output_tensor(q(**longer)).shape == (7, longer["input_ids"].shape[1], 32)
+    assert _cos_to(model, q, [*batches, longer]) > 0.99
 
 
 def test_qat_with_a_cosine_loss_to_the_teachers_embeddings(tok, batches):

@@ -61,8 +61,12 @@ def export_onnx(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, p
 
 
 def to_onnx_proto(model: nn.Module, example_inputs: tuple | dict | torch.Tensor, *, opset: int | None = None,
-                  dynamic_batch: bool = True):
-    """The ``onnx.ModelProto`` of ``model`` (see :func:`export_onnx`), without writing a file."""
+                  dynamic_batch: bool = True, dynamic_dims: dict[str | int, set[int]] | None = None):
+    """The ``onnx.ModelProto`` of ``model`` (see :func:`export_onnx`), without writing a file.
+
+    ``dynamic_dims`` names further dimensions, beyond the batch, that may change from call to call (e.g. the
+    sequence length of token inputs): ``{input name or position: {dim, ...}}``. The exporter keeps one static
+    where the model's code fixes it."""
     if not isinstance(model, nn.Module):
         raise OnnxExportError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
     if hasattr(model, "to_onnx"):  # quantized models carry their own (quantized) graph
@@ -75,11 +79,11 @@ def to_onnx_proto(model: nn.Module, example_inputs: tuple | dict | torch.Tensor,
         kwargs = {k: _double_batch_of_one(a) for k, a in kwargs.items()}
     with _quiet():
         try:
-            program = _torch_export(model, args, kwargs, dynamic_batch)
+            program = _torch_export(model, args, kwargs, dynamic_batch, dynamic_dims or {})
         except OnnxExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow etc.: try the older exporter
-            return _torchscript_export(model, args, kwargs, opset, dynamic_batch, exc)
+            return _torchscript_export(model, args, kwargs, opset, dynamic_batch, exc, dynamic_dims or {})
         try:
             onnx_program = torch.onnx.export(program, args, kwargs=kwargs or None, dynamo=True,
                                              opset_version=opset, verbose=False, optimize=True)
@@ -202,27 +206,36 @@ def _export_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool):
+def _torch_export(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool,
+                  dynamic_dims: dict[str | int, set[int]]):
     dynamic_shapes = None
-    if dynamic_batch:
+    if dynamic_batch or dynamic_dims:
         batch = torch.export.Dim("batch")
 
-        def spec(a: Any) -> dict | None:
-            return {0: batch} if torch.is_tensor(a) and a.dim() > 0 else None
+        def spec(key: str | int, a: Any) -> dict | None:
+            if not torch.is_tensor(a) or a.dim() == 0:
+                return None
+            # AUTO: a dimension the model's code pins (a fixed-size reshape) stays static instead of failing.
+            dims = {d: torch.export.Dim.AUTO for d in dynamic_dims.get(key, ()) if 0 < d < a.dim()}
+            return {**({0: batch} if dynamic_batch else {}), **dims} or None
 
         # Keyword inputs are matched to forward's parameters by name.
-        dynamic_shapes = {k: spec(a) for k, a in kwargs.items()} if kwargs else tuple(spec(a) for a in args)
+        dynamic_shapes = ({k: spec(k, a) for k, a in kwargs.items()} if kwargs
+                          else tuple(spec(i, a) for i, a in enumerate(args)))
     return torch.export.export(model, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def _torchscript_export(model: nn.Module, args: tuple, kwargs: dict, opset: int | None, dynamic_batch: bool,
-                        first: Exception):
+                        first: Exception, dynamic_dims: dict[str | int, set[int]]):
     import onnx
 
     names = list(kwargs) if kwargs else [f"input_{i}" for i in range(len(args))]
     values = list(kwargs.values()) if kwargs else list(args)
-    axes = ({n: {0: "batch"} for n, a in zip(names, values) if torch.is_tensor(a) and a.dim() > 0}
-            if dynamic_batch else None)
+    keys = list(kwargs) if kwargs else list(range(len(args)))
+    axes = {n: {**({0: "batch"} if dynamic_batch else {}),
+                **{d: f"{n}_dim{d}" for d in dynamic_dims.get(k, ()) if 0 < d < a.dim()}}
+            for n, k, a in zip(names, keys, values) if torch.is_tensor(a) and a.dim() > 0}
+    axes = {n: a for n, a in axes.items() if a} or None
     buf = _BytesSink()
     try:
         with warnings.catch_warnings():

@@ -57,7 +57,8 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
                                   config.calibration_batches)
     example = _detached(batches[0] if example_inputs is None else as_example_inputs(example_inputs))
     float_model, folded = _folded_copy(model)
-    proto = global_pool_rewrite(to_onnx_proto(float_model, example, opset=config.opset, dynamic_batch=True))
+    proto = global_pool_rewrite(to_onnx_proto(float_model, example, opset=config.opset, dynamic_batch=True,
+                                              dynamic_dims=dynamic_dims([example, *batches])))
 
     def factory(name: str):
         options = {"percentile": config.percentile} if name == "percentile" else {}
@@ -76,6 +77,8 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
     excluded = exclude_node_names(proto, config.exclude)
     if config.exclude and not excluded:
         raise ConfigError(f"exclude={list(config.exclude)} matches no layer of the model")
+    huge = huge_range_nodes(proto, observers)
+    excluded = sorted(set(excluded) | set(huge))
     qdq = quantize_graph(proto, observers, fmt="qdq", per_channel=config.per_channel, exclude_nodes=excluded,
                          reduce_range=reduce_range)
     float_layers = float_compute_nodes(qdq, excluded)
@@ -106,12 +109,46 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
         "reduce_range": {"on": reduce_range, "why": _reduce_range_reason(config.reduce_range, cpu.saturates)},
         "activations": "uint8 affine", "conv_bn_folded": folded, "calibration_batches": len(batches),
         "float_layers": float_layers, "excluded_layers": sorted(set(config.exclude)),
+        "float_for_huge_range": huge,
         "backend_latency_ms": {k: round(v, 4) for k, v in latency.items()}, "backends_skipped": skipped,
         "check": _check_agreement(proto, runners[chosen], example, chosen, reduce_range, cpu.saturates),
         # FlopCounterMode cannot see inside the integer kernels: record the float model's work for profiles.
         "macs_per_sample": _macs_per_sample(float_model, example),
     }
     return QuantizedGraphModel.from_onnx(graphs[chosen], backend=chosen, info=info)
+
+
+HUGE_RANGE = 1e4
+"""An activation whose calibrated range reaches this magnitude is left in float with the nodes that produce and
+consume it: in practice an additive attention mask, whose stand-in for -inf (about -3.4e38) would make one uint8
+step wider than every other value of the tensor."""
+
+
+def huge_range_nodes(proto, observers: dict) -> list[str]:
+    """Names of the nodes that produce or consume a tensor calibrated beyond ``HUGE_RANGE``."""
+    tensors = {name for name, obs in observers.items()
+               if max(abs(obs.data_min), abs(obs.data_max)) >= HUGE_RANGE}
+    return sorted(n.name for n in proto.graph.node if tensors & {*n.input, *n.output})
+
+
+def dynamic_dims(batches: list[tuple | dict]) -> dict[str | int, set[int]]:
+    """The non-batch dimensions of each input that may vary between calls: those whose size differs between
+    ``batches`` (dynamically padded text), and every dimension of integer inputs (token ids, attention masks,
+    positions), whose lengths follow the text rather than the model."""
+    dims: dict[str | int, set[int]] = {}
+    first = batches[0]
+    items = first.items() if isinstance(first, dict) else enumerate(first)
+    for key, t in items:
+        if not torch.is_tensor(t) or t.dim() < 2:
+            continue
+        others = [b.get(key) if isinstance(b, dict) else (b[key] if key < len(b) else None) for b in batches]
+        shapes = {tuple(o.shape) for o in others if torch.is_tensor(o) and o.dim() == t.dim()}
+        varying = {d for d in range(1, t.dim()) if len({s[d] for s in shapes}) > 1}
+        if not t.is_floating_point() and not t.is_complex():
+            varying |= set(range(1, t.dim()))
+        if varying:
+            dims[key] = varying
+    return dims
 
 
 def _detached(inputs: tuple | dict) -> tuple | dict:
