@@ -218,6 +218,30 @@ def test_onnx_export_two_shapes_and_int8(tmp_path, tok, batches):
     assert _cos_to(model, best, batches) > 0.98
 
 
+def test_int4_embedding_tables(tmp_path, tok, batches):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim.hf.serve import OrtModel, export_transformer, fuse, quantize_int8
+
+    model = _bert(len(tok), positions=256)  # a position table large enough to weigh in the file
+    path = export_transformer(model, batches[0], tmp_path / "m.onnx")
+    assert fuse(path, tmp_path / "fused_eln.onnx", model)
+    with pytest.raises(ConfigError, match="embed_layer_norm=False"):
+        quantize_int8(tmp_path / "fused_eln.onnx", tmp_path / "x.onnx", embedding_bits=4)
+    assert fuse(path, tmp_path / "fused.onnx", model, embed_layer_norm=False)
+    quantize_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx")
+    quantize_int8(tmp_path / "fused.onnx", tmp_path / "int4.onnx", embedding_bits=4)
+    graph = onnx.load(str(tmp_path / "int4.onnx")).graph
+    assert sum(n.op_type == "GatherBlockQuantized" for n in graph.node) == 3  # word, position, token type
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and list(i.dims) in ([len(tok), 32], [256, 32])
+                   for i in graph.initializer)  # no float table left
+    values = (len(tok) + 256 + 2) * 32  # 1 byte each in int8; 0.5 + a scale and zero point per 32 in int4
+    saved = (tmp_path / "int8.onnx").stat().st_size - (tmp_path / "int4.onnx").stat().st_size
+    assert saved > 0.3 * values
+    assert _cos_to(model, OrtModel(tmp_path / "int4.onnx"), batches) > 0.98
+
+
 def test_bad_inputs_fail_before_work(tmp_path, tok):
     model = _bert(len(tok))
     big = _vocab(tmp_path, n_extra=40)

@@ -23,8 +23,8 @@ from ..data.batches import as_example_inputs, output_tensor
 from ..quantization import DynamicQuantization, quantize
 from ..quantization.backends.cpu import cpu_int8
 
-__all__ = ["export_transformer", "fuse", "quantize_int8", "OrtModel", "compile_cpu", "OPTIMIZER_TYPES",
-           "file_bytes"]
+__all__ = ["export_transformer", "fuse", "quantize_int8", "int4_embeddings", "OrtModel", "compile_cpu",
+           "OPTIMIZER_TYPES", "file_bytes"]
 
 OPTIMIZER_TYPES = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert",
                    "electra": "bert", "mpnet": "bert", "gpt2": "gpt2", "vit": "vit"}
@@ -88,44 +88,126 @@ def _check_target(dst: str | os.PathLike, overwrite: bool) -> None:
         raise ConfigError(f"{dst} exists; pass overwrite=True to replace it")
 
 
-def fuse(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module, *, overwrite: bool = False) -> bool:
+def fuse(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module, *, embed_layer_norm: bool = True,
+         overwrite: bool = False) -> bool:
     """ONNX Runtime's transformer optimizer on ``src`` -> ``dst`` (fp32, fused attention where the model type
-    has it); False (``dst`` not written) when the model type has no fusions."""
+    has it); False (``dst`` not written) when the model type has no fusions. ``embed_layer_norm=False`` keeps
+    the embedding lookups as plain Gathers (what 4-bit embedding tables need)."""
     _check_target(dst, overwrite)
     config = getattr(model, "config", None)
     kind = OPTIMIZER_TYPES.get(getattr(config, "model_type", None))
     if kind is None:
         return False
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or getattr(config, "n_embd", 0)
+    options = FusionOptions(kind)
+    options.enable_embed_layer_norm = embed_layer_norm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimized = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden, opt_level=1,
-                                   use_gpu=False)
+                                   use_gpu=False, optimization_options=options)
     optimized.save_model_to_file(str(dst))
     return True
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False,
-                  reduce_range: bool | None = None, embeddings: bool = True, overwrite: bool = False) -> None:
+                  reduce_range: bool | None = None, embeddings: bool = True, embedding_bits: int = 8,
+                  overwrite: bool = False) -> None:
     """Dynamic int8 of an ONNX graph (QOperator: MatMulInteger, QAttention; ``embeddings`` also stores the
-    Gather / EmbedLayerNormalization tables in int8). ``reduce_range`` None: 7-bit weights where the CPU's u8s8
-    kernels saturate (x86 without VNNI)."""
+    Gather / EmbedLayerNormalization tables in int8, or with ``embedding_bits=4`` the Gather tables in 4 bits,
+    see :func:`int4_embeddings`). ``reduce_range`` None: 7-bit weights where the CPU's u8s8 kernels saturate
+    (x86 without VNNI)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     _check_target(dst, overwrite)
+    if embedding_bits not in (4, 8):
+        raise ConfigError(f"embedding_bits must be 4 or 8, got {embedding_bits!r}")
     if reduce_range is None:
         reduce_range = cpu_int8().saturates
     ops = ["MatMul", "Attention", "MultiHeadAttention"] + (["Gather", "EmbedLayerNormalization"] if embeddings else [])
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if embeddings and embedding_bits == 4:
+            proto = onnx.load(str(src))
+            int4_embeddings(proto)
+            src = Path(tmp) / "int4_embeddings.onnx"
+            onnx.save(proto, str(src))
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8,
                          # fused contrib ops (Attention, SkipLayerNorm) defeat ONNX shape inference
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def int4_embeddings(proto, block_size: int = 32) -> list[str]:
+    """Replace, in place, every ``Gather`` from a 2-D float initializer (word, position and token-type
+    embeddings) by ONNX Runtime's ``GatherBlockQuantized``: the table stored as 4-bit codes, asymmetric, one
+    scale and zero point per ``block_size`` values of a row, dequantized only for the rows looked up. Returns
+    the tables converted. A table that ``EmbedLayerNormalization`` reads (``fuse(..., embed_layer_norm=True)``)
+    or whose width ``block_size`` does not divide is refused with the fix."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    fused = [n.name or n.op_type for n in proto.graph.node if n.op_type == "EmbedLayerNormalization"]
+    if fused:
+        raise ConfigError("4-bit embeddings need plain Gather lookups, but the graph fuses them into "
+                          f"EmbedLayerNormalization ({fused[0]}); fuse with embed_layer_norm=False")
+    uses: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    converted = []
+    for i, node in enumerate(proto.graph.node):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.input[0] not in inits or axis != 0:
+            continue
+        name = node.input[0]
+        table = numpy_helper.to_array(inits[name])
+        if table.dtype != np.float32 or table.ndim != 2:
+            continue
+        rows, width = table.shape
+        if width % block_size:
+            raise ConfigError(f"embedding table {name!r} is {width} wide, not a multiple of block_size={block_size}; "
+                              "pass a block_size that divides it (a power of two >= 16)")
+        codes, scales, zeros = _quantize_rows_4bit(table, block_size)
+        q = f"{name}_int4"
+        proto.graph.initializer.extend([numpy_helper.from_array(codes, q),
+                                        numpy_helper.from_array(scales, f"{q}_scales"),
+                                        numpy_helper.from_array(zeros, f"{q}_zero_points")])
+        proto.graph.node[i].CopyFrom(helper.make_node(
+            "GatherBlockQuantized", [q, node.input[1], f"{q}_scales", f"{q}_zero_points"], list(node.output),
+            name=node.name, domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size, bits=4))
+        uses[name] -= 1
+        if uses[name] == 0:  # a table also read elsewhere (a tied output layer) stays as it is
+            proto.graph.initializer.remove(inits[name])
+        converted.append(name)
+    if converted and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return converted
+
+
+def _quantize_rows_4bit(table, block: int):
+    """(packed uint8 codes (rows, width/2), float32 scales (rows, width/block), packed uint8 zero points)."""
+    import numpy as np
+
+    rows, width = table.shape
+    blocks = table.reshape(rows, width // block, block)
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)  # 0 stays exact (padding rows)
+    scale = ((hi - lo) / 15).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 15).astype(np.uint8)
+    q = np.clip(np.round(blocks / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8).reshape(rows, width)
+
+    def pack(a):  # two 4-bit values per byte, low nibble first; an odd count gets a zero nibble
+        if a.shape[1] % 2:
+            a = np.concatenate([a, np.zeros((rows, 1), np.uint8)], axis=1)
+        return (a[:, 0::2] | (a[:, 1::2] << 4)).astype(np.uint8)
+
+    return pack(q), scale, pack(zero)
 
 
 def file_bytes(path: str | os.PathLike) -> int:
