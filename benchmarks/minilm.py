@@ -71,8 +71,8 @@ def ort_fused_int8(ctx) -> Built:
     from torchslim.hf.serve import OrtModel, file_bytes, fuse, quantize_int8
 
     fused, path = ctx.work / "fused.onnx", ctx.work / "fused_int8.onnx"
-    fuse(ctx.fp32_onnx, fused, ctx.model, overwrite=True)
-    quantize_int8(fused, path, overwrite=True)
+    fuse(ctx.fp32_onnx, fused, ctx.model, embed_layer_norm=False, overwrite=True)
+    quantize_int8(fused, path, embedding_bits=4, overwrite=True)
     return Built(OrtModel(path, threads=ctx.threads), file_bytes(path), str(path), "onnxruntime")
 
 
@@ -94,31 +94,10 @@ def svd_energy_95(ctx) -> Built:
                  "matmuls cost about what one full one does")
 
 
-class _VocabRemap(torch.nn.Module):
-    """The model with its word-embedding table cut to ``keep`` token ids: tokenizer ids are mapped to rows of the
-    smaller table inside the graph (one int32 lookup), so callers keep the original tokenizer; ids outside
-    ``keep`` read the [UNK] row."""
-
-    def __init__(self, model: torch.nn.Module, keep: list[int], unk: int):
-        super().__init__()
-        emb = model.get_input_embeddings()
-        remap = torch.full((emb.num_embeddings,), keep.index(unk), dtype=torch.int32)
-        remap[torch.tensor(keep)] = torch.arange(len(keep), dtype=torch.int32)
-        small = torch.nn.Embedding(len(keep), emb.embedding_dim, padding_idx=None)
-        small.weight.data = emb.weight.data[torch.tensor(keep)].clone()
-        model.set_input_embeddings(small)
-        model.config.vocab_size = len(keep)
-        self.model, self.config = model, model.config
-        self.register_buffer("remap", remap)
-
-    def forward(self, input_ids: torch.Tensor, **inputs: torch.Tensor):
-        return self.model(input_ids=self.remap[input_ids].long(), **inputs)
-
-
 def pruned_distilled_int8(ctx) -> Built:
     """Heads and FFN neurons pruned (COMBO; Taylor importance on STS-B train pairs), distilled from the fp32 model on
-    mean-pooled embeddings (cosine, no labels, STS-B train sentences), the vocabulary cut to the tokens of the
-    training text, then ONNX Runtime fusions + dynamic int8 with the embedding table in int8."""
+    mean-pooled embeddings (cosine, no labels, STS-B train sentences), then ONNX Runtime fusions + dynamic int8
+    with the embedding tables in 4 bits."""
     from hf_structure import cosine_regression, pair_batches, read_pairs
 
     import torchslim as ts
@@ -139,23 +118,19 @@ def pruned_distilled_int8(ctx) -> Built:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         student = ts.distill(student, kd, teacher=ctx.model, data=sentences).eval()
-    seen = {i for batch in sentences for i in batch["input_ids"].flatten().tolist()}
-    keep = sorted(seen | set(ctx.tokenizer.all_special_ids))
-    served = _VocabRemap(student, keep, ctx.tokenizer.unk_token_id).eval()
     onnx_fp32, fused, path = (ctx.work / f"combo{s}.onnx" for s in ("", "_fused", "_fused_int8"))
-    export_transformer(served, ctx.example, onnx_fp32, overwrite=True)
-    src = fused if fuse(onnx_fp32, fused, student, overwrite=True) else onnx_fp32
-    quantize_int8(src, path, overwrite=True)
+    export_transformer(student, ctx.example, onnx_fp32, overwrite=True)
+    src = fused if fuse(onnx_fp32, fused, student, embed_layer_norm=False, overwrite=True) else onnx_fp32
+    quantize_int8(src, path, embedding_bits=4, overwrite=True)
     ctx.notes["pruned_distilled_int8"] = (
         f"heads -{COMBO['heads']:.0%}, FFN neurons -{COMBO['ffn']:.0%} per layer (Taylor, 8x16 STS-B train pairs), "
         f"distilled {kd.train.epochs} epochs on "
-        f"{len(sentences.dataset)} STS-B train sentences (cosine of mean-pooled embeddings, no labels), vocabulary "
-        f"cut to the {len(keep)} token ids of those sentences (of {len(served.remap)}; other ids read [UNK]), "
-        "ORT fusions + dynamic int8 with the embedding table in int8")
+        f"{len(sentences.dataset)} STS-B train sentences (cosine of mean-pooled embeddings, no labels), "
+        "ORT fusions + dynamic int8, embedding tables in 4 bits (blocks of 32)")
     return Built(OrtModel(path, threads=ctx.threads), file_bytes(path), str(path), "onnxruntime")
 
 
-COMBO = {"heads": 0.67, "ffn": 0.75, "epochs": 2, "lr": 1e-4}
+COMBO = {"heads": 0.5, "ffn": 0.5, "epochs": 3, "lr": 1e-4}
 """Settings of the pruned_distilled_int8 row."""
 
 

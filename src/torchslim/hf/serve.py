@@ -256,22 +256,23 @@ def _latency(model: nn.Module, inputs: dict, repeats: int) -> float:
 
 
 def compile_cpu(model: nn.Module, example_inputs: dict, out_dir: str | os.PathLike, *, threads: int = 1,
-                repeats: int = 3, overwrite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+                repeats: int = 3, embedding_bits: int = 8, overwrite: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """int8 serving candidates of a ``transformers`` encoder, timed side by side on ``example_inputs``; returns
     the fastest and a report ``{"chosen", "latency_s": {name: s}, "paths": {name: file}}``.
 
-    Candidates: ``ort_fused_int8`` (fusions + dynamic int8, embeddings included; the file in ``out_dir``),
-    ``ort_int8`` (dynamic int8 without fusions) and ``torch_int8`` (PyTorch dynamic int8 Linear kernels)."""
+    Candidates: ``ort_fused_int8`` (fusions + dynamic int8, embedding tables in ``embedding_bits`` 8 or 4; the
+    file in ``out_dir``), ``ort_int8`` (the same without fusions) and ``torch_int8`` (PyTorch dynamic int8 Linear
+    kernels, float embeddings)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fp32 = export_transformer(model, example_inputs, out / "model_fp32.onnx", overwrite=overwrite)
     paths: dict[str, Path] = {}
     fused = out / "model_fused.onnx"
-    if fuse(fp32, fused, model, overwrite=overwrite):
+    if fuse(fp32, fused, model, embed_layer_norm=embedding_bits == 8, overwrite=overwrite):
         paths["ort_fused_int8"] = out / "model_fused_int8.onnx"
-        quantize_int8(fused, paths["ort_fused_int8"], overwrite=overwrite)
+        quantize_int8(fused, paths["ort_fused_int8"], embedding_bits=embedding_bits, overwrite=overwrite)
     paths["ort_int8"] = out / "model_int8.onnx"
-    quantize_int8(fp32, paths["ort_int8"], overwrite=overwrite)
+    quantize_int8(fp32, paths["ort_int8"], embedding_bits=embedding_bits, overwrite=overwrite)
     candidates: dict[str, nn.Module] = {name: OrtModel(p, threads=threads) for name, p in paths.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # embeddings and LayerNorm stay float on this path, by design
