@@ -169,8 +169,15 @@ def plot_accuracy_vs_size(report: dict, path: Path) -> None:
     accs = [100 * report["baseline"]["accuracy"]] + [100 * s["accuracy"] for s in report["stages"]]
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=100)
     ax.plot([s / 1024 for s in sizes], accs, "o-", zorder=3)
+    groups: list[tuple[float, float, list[str]]] = []  # one label for stages that land on (nearly) the same point
     for n, s, a in zip(names, sizes, accs):
-        ax.annotate(n, (s / 1024, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        near = next((g for g in groups if abs(s / g[0] - 1) < 0.02 and abs(a - g[1]) < 0.05), None)
+        if near:
+            near[2].append(n)
+        else:
+            groups.append((s, a, [n]))
+    for s, a, group in groups:
+        ax.annotate(", ".join(group), (s / 1024, a), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ys = list(accs)
     drop = (report.get("budget") or {}).get("max_accuracy_drop")
     if drop is not None:
