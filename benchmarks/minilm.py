@@ -106,10 +106,10 @@ def pruned_distilled_int8(ctx) -> Built:
     from torchslim.hf.serve import OrtModel, export_transformer, file_bytes, fuse, quantize_int8
 
     train_csv = ctx.data_dir / "sts-train.csv"
-    taylor = pair_batches(ctx.tokenizer, read_pairs(train_csv, 128), 16)
+    taylor = pair_batches(ctx.tokenizer, read_pairs(train_csv, 16 * COMBO["taylor_batches"]), 16)
     student = copy.deepcopy(ctx.model)
     hf.prune_structure(student, heads=COMBO["heads"], ffn=COMBO["ffn"], importance="taylor", data=taylor,
-                       loss_fn=cosine_regression, batches=8, example_inputs=ctx.example)
+                       loss_fn=cosine_regression, batches=COMBO["taylor_batches"], example_inputs=ctx.example)
     limit = 512 if ctx.quick else None
     sentences = stsb_sentences(ctx.tokenizer, ctx.data_dir, "train", batch_size=32, shuffle=True, limit=limit)
     kd = ts.Distillation(mode="outputs", output_loss="cosine", pooling="mean", cache_teacher=True,
@@ -123,14 +123,14 @@ def pruned_distilled_int8(ctx) -> Built:
     src = fused if fuse(onnx_fp32, fused, student, embed_layer_norm=False, overwrite=True) else onnx_fp32
     quantize_int8(src, path, embedding_bits=4, overwrite=True)
     ctx.notes["pruned_distilled_int8"] = (
-        f"heads -{COMBO['heads']:.0%}, FFN neurons -{COMBO['ffn']:.0%} per layer (Taylor, 8x16 STS-B train pairs), "
-        f"distilled {kd.train.epochs} epochs on "
+        f"heads -{COMBO['heads']:.0%}, FFN neurons -{COMBO['ffn']:.0%} per layer (Taylor, "
+        f"{COMBO['taylor_batches']}x16 STS-B train pairs), distilled {kd.train.epochs} epochs on "
         f"{len(sentences.dataset)} STS-B train sentences (cosine of mean-pooled embeddings, no labels), "
         "ORT fusions + dynamic int8, embedding tables in 4 bits (blocks of 32)")
     return Built(OrtModel(path, threads=ctx.threads), file_bytes(path), str(path), "onnxruntime")
 
 
-COMBO = {"heads": 0.5, "ffn": 0.5, "epochs": 3, "lr": 1e-4}
+COMBO = {"heads": 0.5, "ffn": 0.5, "taylor_batches": 32, "epochs": 3, "lr": 1e-4}
 """Settings of the pruned_distilled_int8 row."""
 
 

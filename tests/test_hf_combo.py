@@ -83,6 +83,10 @@ def test_prune_distill_int8_export_keeps_shapes_and_dynamic_axes(tmp_path):
 
     fp32 = export_transformer(student, val[0], tmp_path / "student.onnx")
     assert fuse(fp32, tmp_path / "fused.onnx", student)
+    fused = OrtModel(tmp_path / "fused.onnx")  # fused attention with the pruned head count, not the config's
+    assert "Attention" in {n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
+    for batch in val:
+        assert torch.allclose(fused(**batch), student(**batch).last_hidden_state, atol=1e-4)
     quantize_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx")
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
     ops = {n.op_type for n in graph.node}

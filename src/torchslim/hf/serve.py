@@ -22,6 +22,7 @@ from ..core.files import atomic_write
 from ..data.batches import as_example_inputs, output_tensor
 from ..quantization import DynamicQuantization, quantize
 from ..quantization.backends.cpu import cpu_int8
+from .arch import arch_of, layer_list, layer_shapes
 
 __all__ = ["export_transformer", "fuse", "quantize_int8", "int4_embeddings", "OrtModel", "compile_cpu",
            "OPTIMIZER_TYPES", "file_bytes"]
@@ -101,16 +102,34 @@ def fuse(src: str | os.PathLike, dst: str | os.PathLike, model: nn.Module, *, em
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or getattr(config, "n_embd", 0)
     options = FusionOptions(kind)
     options.enable_embed_layer_norm = embed_layer_norm
+    heads, hidden = _attention_shape(model)
+    if heads is None:  # layers with different head counts: one fused-attention setting would be wrong for some
+        options.enable_attention = False
+        heads = hidden = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimized = optimize_model(str(src), model_type=kind, num_heads=heads, hidden_size=hidden, opt_level=1,
                                    use_gpu=False, optimization_options=options)
     optimized.save_model_to_file(str(dst))
     return True
+
+
+def _attention_shape(model: nn.Module) -> tuple[int | None, int | None]:
+    """(heads, heads x head size) of every layer's attention, read from the weights (a head-pruned BERT keeps
+    ``num_attention_heads`` of the original in its config); (None, None) when layers differ."""
+    config = model.config
+    try:
+        shapes, (_, layers), arch = layer_shapes(model), layer_list(model), arch_of(model)
+    except UnsupportedModelError:  # no adapter, so nothing was pruned by torchslim.hf: the config holds
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or getattr(config, "n_embd", 0)
+        return heads, hidden
+    if not shapes or any(s[0] != shapes[0][0] for s in shapes):
+        return None, None
+    size = int(getattr(layers[0].get_submodule(arch.attention), arch.head_size_attr))
+    return shapes[0][0], shapes[0][0] * size
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False,
