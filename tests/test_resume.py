@@ -34,11 +34,12 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSI
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
-# Long enough (8 per-epoch checkpoints) that a kill lands in the middle of the training.
+# Long enough (40 per-epoch checkpoints, about a second on a quiet machine; 8 finished before the kill there)
+# that a kill lands in the middle of the training.
 LONG = """\
 name: long
 seed: 3
-model: {builtin: lenet300, kwargs: {in_features: 64}, train: {epochs: 8, lr: 3.0e-3, progress: false}}
+model: {builtin: lenet300, kwargs: {in_features: 64}, train: {epochs: 40, lr: 3.0e-3, progress: false}}
 data: {builtin: digits, kwargs: {image_size: 8, val_fraction: 0.25}}
 stages:
   - {name: prune, type: UnstructuredPruning, sparsity: 0.5}
