@@ -154,8 +154,7 @@ def test_static_int8_on_dynamically_padded_batches(tok, batches):
     with torch.no_grad():  # peaked attention, so that a quantized mask (all scores -> one value) shows
         for layer in model.encoder.layer:
             layer.attention.self.query.weight.mul_(8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with pytest.warns(UserWarning, match="calibrated beyond"):
         q = ts.quantize(model, ts.StaticQuantization(calibration_batches=4), data=batches[:3])
     assert q.info["float_for_huge_range"]  # the mask's Add nodes
     longer = dict(tok([" ".join(WORDS[:20])] * 7, return_tensors="pt"))  # a length and size not calibrated
@@ -240,6 +239,25 @@ def test_int4_embedding_tables(tmp_path, tok, batches):
     saved = (tmp_path / "int8.onnx").stat().st_size - (tmp_path / "int4.onnx").stat().st_size
     assert saved > 0.3 * values
     assert _cos_to(model, OrtModel(tmp_path / "int4.onnx"), batches) > 0.98
+
+
+@pytest.mark.parametrize("remove", [{0: [1], 1: [1]}, {0: [1, 2]}])  # uniform, then different head counts
+def test_fused_graph_of_a_head_pruned_model_equals_the_model(tmp_path, tok, batches, remove):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from torchslim import hf
+    from torchslim.hf.serve import OrtModel, export_transformer, fuse
+
+    model = hf.prune_heads(_bert(len(tok)), remove)  # the config still says 4 heads
+    path = export_transformer(model, batches[0], tmp_path / "m.onnx")
+    assert fuse(path, tmp_path / "fused.onnx", model)
+    uniform = len({len(v) for v in remove.values()}) == 1 and len(remove) == 2
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
+    assert ("Attention" in ops) == uniform  # one head count for every layer, or attention left unfused
+    fused = OrtModel(tmp_path / "fused.onnx")
+    for b in batches:
+        assert torch.allclose(fused(**b), model(**b).last_hidden_state, atol=1e-4)
 
 
 def test_bad_inputs_fail_before_work(tmp_path, tok):

@@ -78,6 +78,11 @@ def apply_static(model: nn.Module, config: StaticQuantization, *, calibration_da
     if config.exclude and not excluded:
         raise ConfigError(f"exclude={list(config.exclude)} matches no layer of the model")
     huge = huge_range_nodes(proto, observers)
+    if huge:
+        warnings.warn(f"StaticQuantization: {len(huge)} node(s) stay in float because an activation they produce or "
+                      f"read was calibrated beyond +-{HUGE_RANGE:g} (an additive attention mask, typically), where one "
+                      f"uint8 step would swallow every other value: {', '.join(huge[:8])}"
+                      + (f" and {len(huge) - 8} more" if len(huge) > 8 else ""), UserWarning, stacklevel=3)
     excluded = sorted(set(excluded) | set(huge))
     qdq = quantize_graph(proto, observers, fmt="qdq", per_channel=config.per_channel, exclude_nodes=excluded,
                          reduce_range=reduce_range)
