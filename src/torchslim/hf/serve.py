@@ -6,6 +6,7 @@ the PyTorch model. :func:`compile_cpu` builds the candidates, times them side by
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import tempfile
@@ -22,7 +23,7 @@ from ..core.files import atomic_write
 from ..data.batches import as_example_inputs, output_tensor
 from ..quantization import DynamicQuantization, quantize
 from ..quantization.backends.cpu import cpu_int8
-from .arch import arch_of, layer_list, layer_shapes
+from .arch import arch_of, layer_list, layer_shape
 
 __all__ = ["export_transformer", "fuse", "quantize_int8", "int4_embeddings", "OrtModel", "compile_cpu",
            "OPTIMIZER_TYPES", "file_bytes"]
@@ -121,15 +122,17 @@ def _attention_shape(model: nn.Module) -> tuple[int | None, int | None]:
     ``num_attention_heads`` of the original in its config); (None, None) when layers differ."""
     config = model.config
     try:
-        shapes, (_, layers), arch = layer_shapes(model), layer_list(model), arch_of(model)
+        arch = arch_of(model)
     except UnsupportedModelError:  # no adapter, so nothing was pruned by torchslim.hf: the config holds
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
         hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or getattr(config, "n_embd", 0)
         return heads, hidden
-    if not shapes or any(s[0] != shapes[0][0] for s in shapes):
+    _, layers = layer_list(model)
+    counts = {layer_shape(layer, arch)[0] for layer in layers}
+    if len(counts) != 1:
         return None, None
-    size = int(getattr(layers[0].get_submodule(arch.attention), arch.head_size_attr))
-    return shapes[0][0], shapes[0][0] * size
+    heads = counts.pop()
+    return heads, heads * int(getattr(layers[0].get_submodule(arch.attention), arch.head_size_attr))
 
 
 def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, *, per_channel: bool = False,
@@ -175,10 +178,7 @@ def int4_embeddings(proto, block_size: int = 32) -> list[str]:
     if fused:
         raise ConfigError("4-bit embeddings need plain Gather lookups, but the graph fuses them into "
                           f"EmbedLayerNormalization ({fused[0]}); fuse with embed_layer_norm=False")
-    uses: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
+    uses = collections.Counter(name for node in proto.graph.node for name in node.input)
     converted = []
     for i, node in enumerate(proto.graph.node):
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
