@@ -58,13 +58,17 @@ def _embedding_energy(outputs, batch) -> torch.Tensor:
     return F.normalize(hf.mean_pool(outputs.last_hidden_state, batch["attention_mask"]), dim=-1).sum(-1).pow(2).mean()
 
 
-def test_prune_distill_int8_export_keeps_shapes_and_dynamic_axes(tmp_path):
-    tok = _tokenizer()
+def _teacher(tok) -> torch.nn.Module:
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                      intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                                      attention_probs_dropout_prob=0.0, initializer_range=0.2)
-    teacher = transformers.BertModel(config).eval()
+    return transformers.BertModel(config).eval()
+
+
+def test_prune_distill_int8_export_keeps_shapes_and_dynamic_axes(tmp_path):
+    tok = _tokenizer()
+    teacher = _teacher(tok)
     train, val = _batches(tok, (16,) * 6, seed=1), _batches(tok, (3, 7), seed=2)
 
     student = hf.drop_layers(teacher, keep=[0, 2])
@@ -101,4 +105,44 @@ def test_prune_distill_int8_export_keeps_shapes_and_dynamic_axes(tmp_path):
         out = served(**batch)
         ref = student(**batch).last_hidden_state
         assert out.shape == ref.shape == (*batch["input_ids"].shape, 32)
+    assert _cos(student, served, val) > 0.98
+
+
+def _similarity_gap(a: torch.nn.Module, b: torch.nn.Module, batches: list[dict]) -> float:
+    """Mean absolute difference of the two models' pairwise cosine similarities within each batch."""
+    gaps = []
+    for x in batches:
+        ea, eb = embed(a, x), embed(b, x)
+        gaps.append((ea @ ea.T - eb @ eb.T).abs().mean())
+    return float(torch.stack(gaps).mean())
+
+
+def test_hidden_pruned_student_distils_by_similarity_and_serves_int8(tmp_path):
+    """Half the hidden size removed (heads kept, so fused attention reads 16 channels and computes 32): the
+    narrower student learns the teacher's sentence similarities and exports, fuses and quantizes as before."""
+    tok = _tokenizer()
+    teacher = _teacher(tok)
+    train, val = _batches(tok, (16,) * 6, seed=1), _batches(tok, (5, 7), seed=2)
+    student = ts.prune(teacher, ts.StructuredPruning(0.0, hidden_ratio=0.5, importance="taylor", importance_batches=4),
+                       data=train, loss_fn=_embedding_energy, example_inputs=val[0])
+    assert student.config.hidden_size == 16 and student.embeddings.word_embeddings.weight.shape[1] == 16
+    before = _similarity_gap(teacher, student, val)
+    kd = ts.Distillation(mode="outputs", output_loss="similarity", pooling="mean",
+                         train=ts.TrainConfig(epochs=8, lr=1e-3, optimizer="adamw", progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student = ts.distill(student, kd, teacher=teacher, data=train).eval()
+    after = _similarity_gap(teacher, student, val)
+    assert after < 0.7 * before, (before, after)
+
+    fp32 = export_transformer(student, val[0], tmp_path / "student.onnx")
+    assert fuse(fp32, tmp_path / "fused.onnx", student)
+    assert "Attention" in {n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node}
+    fused = OrtModel(tmp_path / "fused.onnx")
+    for batch in val:
+        assert torch.allclose(fused(**batch), student(**batch).last_hidden_state, atol=1e-4)
+    quantize_int8(tmp_path / "fused.onnx", tmp_path / "int8.onnx")
+    served = OrtModel(tmp_path / "int8.onnx")
+    for batch in val:
+        assert served(**batch).shape == (*batch["input_ids"].shape, 16)
     assert _cos(student, served, val) > 0.98

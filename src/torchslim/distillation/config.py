@@ -17,7 +17,8 @@ class Distillation(Config):
     ``mode="logits"``: loss = ``alpha`` * T^2 * KL(teacher_T || student_T) + (1 - ``alpha``) * cross-entropy
     on the labels, with T = ``temperature`` (``alpha=1`` needs no labels).
     ``mode="outputs"``: pure output matching, no labels at all (unlabelled data, embedding models);
-    ``output_loss`` is ``mse`` or ``cosine`` (1 - cosine similarity along dim 1).
+    ``output_loss`` is ``mse``, ``cosine`` (1 - cosine similarity along dim 1) or ``similarity`` (the batch's
+    pairwise cosine similarities matched, so student and teacher widths may differ: a hidden-size-pruned student).
     ``feature_layers`` maps student layer names to teacher layer names whose outputs are matched with MSE
     (weighted by ``feature_weight``); a learned 1x1 conv / linear projection maps student widths to teacher
     widths when they differ; a layer returning a tuple (``transformers`` blocks) is matched on its first element.
@@ -51,7 +52,7 @@ class Distillation(Config):
         check_positive("temperature", self.temperature)
         check_fraction("alpha", self.alpha, allow_one=True)
         check_choice("mode", self.mode, ("logits", "outputs"))
-        check_choice("output_loss", self.output_loss, ("mse", "cosine"))
+        check_choice("output_loss", self.output_loss, ("mse", "cosine", "similarity"))
         if self.pooling is not None:
             check_choice("pooling", self.pooling, ("mean",))
         check_nonnegative("feature_weight", self.feature_weight)

@@ -322,10 +322,12 @@ def _probe(student: nn.Module, runner: _Teacher, inputs: Inputs, pairs: list[tup
             t_out, t_feats = runner._run(inputs, _input_device(inputs))
     finally:
         student.train(was_training)
-    if s_out.shape != t_out.shape:
+    widths_may_differ = config.mode == "outputs" and config.output_loss == "similarity"
+    if s_out.shape[:-1 if widths_may_differ else None] != t_out.shape[:-1 if widths_may_differ else None]:
         raise UnsupportedModelError(f"teacher and student outputs differ in shape: teacher {tuple(t_out.shape)}, "
                                     f"student {tuple(s_out.shape)}; distillation needs the same output shape "
-                                    "(same number of classes / embedding size)")
+                                    "(same number of classes / embedding size), or with output_loss='similarity' "
+                                    "the same shape but the last (feature) dimension")
     if config.mode == "logits" and s_out.dim() < 2:
         raise UnsupportedModelError(f"mode='logits' needs (N, C) logits, got shape {tuple(s_out.shape)}; "
                                     "use mode='outputs' for other outputs")

@@ -33,14 +33,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
 
 
 def output_matching_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Label-free output matching: mean squared error, or 1 - cosine similarity along dim 1."""
+    """Label-free output matching: mean squared error, 1 - cosine similarity along dim 1, or ``similarity``: the
+    mean squared difference of the batch's pairwise cosine-similarity matrices (similarity-preserving distillation,
+    Tung & Mori 2019), which lets the student's width differ from the teacher's."""
+    if kind == "similarity":
+        s, t = (F.normalize(x.flatten(1), dim=1) for x in (student_out, teacher_out))
+        return F.mse_loss(s @ s.T, t @ t.T)
     if kind == "mse":
         return F.mse_loss(student_out, teacher_out)
     if kind == "cosine":
         return (1 - F.cosine_similarity(student_out.flatten(2) if student_out.dim() > 2 else student_out,
                                         teacher_out.flatten(2) if teacher_out.dim() > 2 else teacher_out,
                                         dim=1)).mean()
-    raise ValueError(f"unknown output loss {kind!r}; use 'mse' or 'cosine'")
+    raise ValueError(f"unknown output loss {kind!r}; use 'mse', 'cosine' or 'similarity'")
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -33,8 +33,8 @@ def prune_transformer(model: nn.Module, config: StructuredPruning, *, data=None,
                       loss_fn: LossFn | str | None = None, inplace: bool = False) -> nn.Module:
     """``StructuredPruning`` on a ``transformers`` model: ``config.ratio`` of the attention heads and of the FFN
     neurons of every layer removed (a mapping names the leaders of :func:`torchslim.hf.leaders`: attention modules
-    for heads, first FFN projections for neurons), or of the whole model with ``scope="global"``, scored by
-    ``l1``/``l2``/``taylor``."""
+    for heads, first FFN projections for neurons), or of the whole model with ``scope="global"``, and
+    ``config.hidden_ratio`` of the hidden size, scored by ``l1``/``l2``/``taylor``."""
     if config.schedule != Schedule():
         raise ConfigError("StructuredPruning on a Hugging Face model prunes once: use the default schedule and "
                           "fine-tune or distill afterwards (torchslim.finetune / torchslim.distill)")
@@ -42,7 +42,7 @@ def prune_transformer(model: nn.Module, config: StructuredPruning, *, data=None,
         raise ConfigError("bn_penalty applies to BatchNorm scales, which transformer models do not have; set it to 0")
     if not inplace:
         model = copy_model(model)
-    prune_structure(model, heads=config.ratio, ffn=config.ratio, importance=config.importance, data=data,
+    prune_structure(model, heads=config.ratio, ffn=config.ratio, hidden=config.hidden_ratio, importance=config.importance, data=data,
                     loss_fn=loss_fn, batches=config.importance_batches, round_to=config.round_to,
                     exclude=tuple(config.exclude), scope=config.scope, max_ratio=config.max_ratio,
                     example_inputs=example_inputs)

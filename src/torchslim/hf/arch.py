@@ -229,7 +229,8 @@ def model_class(architecture: str, error: type) -> type:
 
 def build_model(architecture: str, config: dict[str, Any]) -> nn.Module:
     """A fresh ``transformers.<architecture>`` built from the ``config`` dict, with the per-layer sizes of
-    ``config["torchslim_layers"]`` when present (weights are initialised, not loaded).
+    ``config["torchslim_layers"]`` and the hidden size of ``config["torchslim_hidden"]`` when present (weights
+    are initialised, not loaded).
 
     Only transformers model classes of the supported architectures are built, and their constructors only
     build layers: a checkpoint naming this factory cannot make ``load`` run other code.
@@ -237,8 +238,10 @@ def build_model(architecture: str, config: dict[str, Any]) -> nn.Module:
     cls = model_class(architecture, CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"build_model: config must be a dict, got {type(config).__name__}")
+    from .width import construct  # the hidden-size adapter builds on this module
+
     cfg = cls.config_class.from_dict(dict(config))
-    model = cls(cfg)
+    model = construct(cls, cfg)
     apply_shapes(model, getattr(cfg, STRUCTURE_FIELD, None))
     return model
 

@@ -13,6 +13,7 @@ from ..core.errors import CheckpointError
 from ..export import save as export_save
 from ..export.checkpoint import register_factory
 from .arch import STRUCTURE_FIELD, apply_shapes, arch_of, build_model, model_class
+from .width import construct
 
 __all__ = ["save", "factory_kwargs", "from_pretrained"]
 
@@ -36,7 +37,8 @@ def save(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> Path:
 
 def from_pretrained(folder: str | os.PathLike, architecture: str | None = None, **kwargs: Any) -> nn.Module:
     """Load a model written by ``save_pretrained`` whose layers differ from what its config's own fields
-    describe (``config.torchslim_layers``, e.g. per-layer head counts); plain folders load too.
+    describe (``config.torchslim_layers``, e.g. per-layer head counts; ``config.torchslim_hidden``, a pruned
+    hidden size); plain folders load too.
 
     ``architecture`` (a transformers class name) defaults to the config's ``architectures[0]``; ``kwargs`` go to
     the class's ``from_pretrained`` (which reads the weights, in whatever layout that transformers version writes).
@@ -52,7 +54,7 @@ def from_pretrained(folder: str | os.PathLike, architecture: str | None = None, 
     cls = model_class(name, CheckpointError)
 
     def init(self, config, *args, **kw):
-        cls.__init__(self, config, *args, **kw)
+        construct(lambda c: cls.__init__(self, c, *args, **kw) or self, config)
         apply_shapes(self, getattr(config, STRUCTURE_FIELD, None))
 
     # The class's own loader (key renames, tied weights) on a subclass that builds the recorded layer sizes.

@@ -30,6 +30,7 @@ from .arch import (
     layer_shapes,
     shrink_layer,
 )
+from .width import hidden_scores, hidden_size, keep_hidden, record_hidden, shrink_hidden, stream_readers
 
 __all__ = ["prune_structure", "prune_heads", "sync_config", "leaders", "IMPORTANCES"]
 
@@ -181,22 +182,23 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...
 
 
 def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, ffn: float | dict[str, float] = 0.0,
-                    importance: str = "l1", data: Iterable | None = None, loss_fn: LossFn | str | None = None,
+                    hidden: float = 0.0, importance: str = "l1", data: Iterable | None = None, loss_fn: LossFn | str | None = None,
                     batches: int = 4, round_to: int = 1, exclude: tuple[str, ...] = (), scope: str = "layer",
                     max_ratio: float = 0.9, example_inputs: Any = None) -> dict[str, Any]:
     """Remove the ``heads`` share of attention heads and the ``ffn`` share of FFN neurons of every layer of the
-    ``transformers`` ``model``, IN PLACE, and return a summary.
+    ``transformers`` ``model`` and the ``hidden`` share of its residual channels (the hidden size, see
+    :mod:`torchslim.hf.width`), IN PLACE, and return a summary.
 
     Each rate is a fraction or {name or fnmatch pattern: fraction} over the names of :func:`leaders` (unlisted
     layers are kept). ``importance``: ``l1``/``l2`` weight magnitude or ``taylor`` (|weight x gradient| summed
     over ``batches`` batches of ``data`` with ``loss_fn(outputs, batch)``). ``round_to`` keeps FFN widths
-    multiples of it. ``exclude`` names leaders left alone. With GQA the same number of query heads is removed
+    (and the hidden size) multiples of it. ``exclude`` names leaders left alone. With GQA the same number of query heads is removed
     from each key/value group. ``scope="global"`` removes each rate's share of all heads (and of all neurons) of
     the model where the scores, normalised per layer, are lowest, at most ``max_ratio`` of any layer (rates are
     then single fractions; the layers end up with different sizes). With ``example_inputs`` the output shapes are
-    checked before and after.
+    checked before and after (with ``hidden`` the last dimension may shrink).
     The summary: ``{"layers": [[heads, kv heads, neurons] before], "after": [...], "kept_heads": {i: [...]},
-    "kept_ffn": {i: [...]}}``.
+    "kept_ffn": {i: [...]}, "hidden": [width before, after], "kept_hidden": [...] or None}``.
     """
     if importance not in IMPORTANCES:
         raise ConfigError(f"importance for Hugging Face models must be one of {list(IMPORTANCES)}, got {importance!r}")
@@ -204,6 +206,7 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
         raise ConfigError(f"batches and round_to must be positive integers, got {batches!r} and {round_to!r}")
     check_choice("scope", scope, ("layer", "global"))
     check_fraction("max_ratio", max_ratio)
+    check_fraction("hidden", hidden)
     if scope == "global" and (isinstance(heads, dict) or isinstance(ffn, dict)):
         raise ConfigError("scope='global' ranks heads and neurons across layers with one rate each; use "
                           "scope='layer' for per-layer rate mappings")
@@ -216,7 +219,9 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
     if example_inputs is not None:
         example_inputs = as_example_inputs(example_inputs)
         shapes = _output_shapes(model, example_inputs)
-    if importance == "taylor" and any(head_r + ffn_r):
+    width = hidden_size(model)
+    readers = stream_readers(model, example_inputs) if hidden > 0 else []
+    if importance == "taylor" and (any(head_r + ffn_r) or hidden > 0):
         params = list(model.parameters())
         saved = [(p.requires_grad, p.grad) for p in params]
         for p in params:
@@ -225,6 +230,7 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
         try:
             _taylor_grads(model, data, loss_fn, batches)
             plans = _plan(layers, arch, head_r, ffn_r, importance, round_to, scope, max_ratio)
+            keep_h = keep_hidden(hidden_scores(model, readers, importance), hidden, round_to) if hidden else None
         finally:
             for p, (req, grad) in zip(params, saved):
                 p.requires_grad_(req)
@@ -232,20 +238,26 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
     else:
         with torch.no_grad():
             plans = _plan(layers, arch, head_r, ffn_r, importance, round_to, scope, max_ratio)
+            keep_h = keep_hidden(hidden_scores(model, readers, importance), hidden, round_to) if hidden else None
     for layer, (keep_q, keep_kv, keep_ffn) in zip(layers, plans):
         shrink_layer(layer, arch, keep_q, keep_kv, keep_ffn)
+    if keep_h is not None:
+        shrink_hidden(model, keep_h, readers)
     sync_config(model)
+    if keep_h is not None:
+        record_hidden(model, width, readers)
     if example_inputs is not None:
         try:
             after = _output_shapes(model, example_inputs)
         except Exception as exc:  # an adapter bug must not pass silently
             raise TorchslimError(f"the pruned model no longer runs ({type(exc).__name__}: {exc}); please report "
                                  "this") from exc
-        if after != shapes:
+        if [s[:-1] for s in after] != [s[:-1] for s in shapes] or (keep_h is None and after != shapes):
             raise TorchslimError(f"pruning changed the output shapes {shapes} -> {after}; please report this")
     return {"layers": [list(s) for s in before], "after": [list(s) for s in layer_shapes(model)],
             "kept_heads": {i: p[0] for i, p in enumerate(plans) if p[0] is not None},
-            "kept_ffn": {i: p[2] for i, p in enumerate(plans) if p[2] is not None}}
+            "kept_ffn": {i: p[2] for i, p in enumerate(plans) if p[2] is not None},
+            "hidden": [width, hidden_size(model)], "kept_hidden": keep_h}
 
 
 def _plan(layers: nn.ModuleList, arch: Arch, head_r: list[float], ffn_r: list[float], importance: str,

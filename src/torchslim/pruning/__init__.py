@@ -49,6 +49,9 @@ def prune(model: nn.Module, config: UnstructuredPruning | StructuredPruning | Se
     if isinstance(config, StructuredPruning) and example_inputs is None:
         raise ConfigError("structured pruning traces the model: pass example_inputs= (a batch of inputs: a tensor, "
                           "a tuple of positional inputs or a dict of keyword inputs)")
+    if isinstance(config, StructuredPruning) and config.hidden_ratio:
+        raise ConfigError("StructuredPruning.hidden_ratio prunes the hidden size of transformers models (through "
+                          "torchslim.prune / torchslim.hf); this model is not one: set hidden_ratio=0")
     if not inplace:
         model = copy_model(model)
     if isinstance(config, SemiStructuredPruning):

@@ -130,6 +130,8 @@ class StructuredPruning(Config):
     ``round_to`` keeps channel counts multiples of it (hardware friendly). ``bn_penalty`` adds an L1
     penalty on BN scales during the schedule's fine-tuning (network slimming, Liu et al. 2017).
     ``exclude`` names layers (fnmatch patterns) whose output channels are kept.
+    ``hidden_ratio`` (``transformers`` models only) also removes that share of the hidden size: the residual
+    stream's channels in the embeddings, every layer, the norms and the heads (see :mod:`torchslim.hf.width`).
     """
 
     ratio: float | dict[str, float] = 0.5
@@ -141,9 +143,11 @@ class StructuredPruning(Config):
     bn_penalty: float = 0.0
     exclude: tuple[str, ...] = ()
     schedule: Schedule = Schedule()
+    hidden_ratio: float = 0.0
 
     def validate(self) -> None:
         _check_rates("ratio", self.ratio)
+        check_fraction("hidden_ratio", self.hidden_ratio)
         if not isinstance(self.importance, str) or self.importance not in IMPORTANCES:
             raise ConfigError(f"importance must be one of {importance_names()} or a name registered with "
                               f"torchslim.pruning.register_importance, got {self.importance!r}")
