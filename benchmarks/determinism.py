@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print_table([{"recipe": n, **r} for n, r in rows.items()], ["recipe", "same_model", "same_report",
                                                                   "report_differs_at"])
     env = environment(args)
-    rows = {n: {**r, "date": env["date"], "quick": env["quick"]} for n, r in rows.items()}
+    rows = {n: {**r, "date": env["date"], "quick": env["quick"], "threads": args.threads} for n, r in rows.items()}
     previous = Path(args.out) / "determinism.json"
     if named and previous.exists():  # named recipes are added to (or replace theirs in) the last run's table
         rows = {**json.loads(previous.read_text()).get("recipes", {}), **rows}
