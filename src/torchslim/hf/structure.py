@@ -1,4 +1,5 @@
-"""Structured pruning of ``transformers`` models: attention heads, FFN neurons and whole layers, removed for real.
+"""Structured pruning of ``transformers`` models: attention heads, FFN neurons, the hidden size (``width.py``) and
+whole layers (``students.py``), removed for real.
 
 Heads and neurons are scored per layer (weight magnitude, or Taylor |weight x gradient| from data batches and a
 loss), the plan is checked as a whole (no layer may lose every head) before any weight changes, the projections
