@@ -322,8 +322,8 @@ def _probe(student: nn.Module, runner: _Teacher, inputs: Inputs, pairs: list[tup
             t_out, t_feats = runner._run(inputs, _input_device(inputs))
     finally:
         student.train(was_training)
-    widths_may_differ = config.mode == "outputs" and config.output_loss == "similarity"
-    if s_out.shape[:-1 if widths_may_differ else None] != t_out.shape[:-1 if widths_may_differ else None]:
+    compared = -1 if config.mode == "outputs" and config.output_loss == "similarity" else None  # widths may differ
+    if s_out.shape[:compared] != t_out.shape[:compared]:
         raise UnsupportedModelError(f"teacher and student outputs differ in shape: teacher {tuple(t_out.shape)}, "
                                     f"student {tuple(s_out.shape)}; distillation needs the same output shape "
                                     "(same number of classes / embedding size), or with output_loss='similarity' "

@@ -15,8 +15,8 @@ from .students import drop_layers
 from .width import hidden_size
 
 __all__ = ["prune", "prune_transformer", "prune_structure", "prune_heads", "drop_layers", "save", "from_pretrained",
-           "factory_kwargs", "leaders", "layer_shapes", "hidden_size", "sync_config", "arch_of", "build_model", "supported",
-           "is_transformers_model", "ARCHS",
+           "factory_kwargs", "leaders", "layer_shapes", "hidden_size", "sync_config", "arch_of", "build_model",
+           "supported", "is_transformers_model", "ARCHS",
            "text_loader", "read_columns", "stsb", "stsb_sentences", "check_tokenizer", "mean_pool", "embed",
            "spearman", "spearman_metric", "spearman_unit", "pretrained", "text_splits", "stsb_splits",
            "export_transformer", "fuse", "quantize_int8", "OrtModel", "compile_cpu"]

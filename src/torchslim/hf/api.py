@@ -42,10 +42,10 @@ def prune_transformer(model: nn.Module, config: StructuredPruning, *, data=None,
         raise ConfigError("bn_penalty applies to BatchNorm scales, which transformer models do not have; set it to 0")
     if not inplace:
         model = copy_model(model)
-    prune_structure(model, heads=config.ratio, ffn=config.ratio, hidden=config.hidden_ratio, importance=config.importance, data=data,
-                    loss_fn=loss_fn, batches=config.importance_batches, round_to=config.round_to,
-                    exclude=tuple(config.exclude), scope=config.scope, max_ratio=config.max_ratio,
-                    example_inputs=example_inputs)
+    prune_structure(model, heads=config.ratio, ffn=config.ratio, hidden=config.hidden_ratio,
+                    importance=config.importance, data=data, loss_fn=loss_fn, batches=config.importance_batches,
+                    round_to=config.round_to, exclude=tuple(config.exclude), scope=config.scope,
+                    max_ratio=config.max_ratio, example_inputs=example_inputs)
     return record(model, config)
 
 

@@ -183,20 +183,21 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> list[tuple[int, ...
 
 
 def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, ffn: float | dict[str, float] = 0.0,
-                    hidden: float = 0.0, importance: str = "l1", data: Iterable | None = None, loss_fn: LossFn | str | None = None,
-                    batches: int = 4, round_to: int = 1, exclude: tuple[str, ...] = (), scope: str = "layer",
-                    max_ratio: float = 0.9, example_inputs: Any = None) -> dict[str, Any]:
+                    hidden: float = 0.0, importance: str = "l1", data: Iterable | None = None,
+                    loss_fn: LossFn | str | None = None, batches: int = 4, round_to: int = 1,
+                    exclude: tuple[str, ...] = (), scope: str = "layer", max_ratio: float = 0.9,
+                    example_inputs: Any = None) -> dict[str, Any]:
     """Remove the ``heads`` share of attention heads and the ``ffn`` share of FFN neurons of every layer of the
     ``transformers`` ``model`` and the ``hidden`` share of its residual channels (the hidden size, see
     :mod:`torchslim.hf.width`), IN PLACE, and return a summary.
 
     Each rate is a fraction or {name or fnmatch pattern: fraction} over the names of :func:`leaders` (unlisted
     layers are kept). ``importance``: ``l1``/``l2`` weight magnitude or ``taylor`` (|weight x gradient| summed
-    over ``batches`` batches of ``data`` with ``loss_fn(outputs, batch)``). ``round_to`` keeps FFN widths
-    (and the hidden size) multiples of it. ``exclude`` names leaders left alone. With GQA the same number of query heads is removed
-    from each key/value group. ``scope="global"`` removes each rate's share of all heads (and of all neurons) of
-    the model where the scores, normalised per layer, are lowest, at most ``max_ratio`` of any layer (rates are
-    then single fractions; the layers end up with different sizes). With ``example_inputs`` the output shapes are
+    over ``batches`` batches of ``data`` with ``loss_fn(outputs, batch)``). ``round_to`` keeps FFN widths and the
+    hidden size multiples of it. ``exclude`` names leaders left alone. With GQA the same number of query heads is
+    removed from each key/value group. ``scope="global"`` removes each rate's share of all heads (and of all
+    neurons) of the model where the scores, normalised per layer, are lowest, at most ``max_ratio`` of any layer
+    (rates are then single fractions; the layers end up with different sizes). With ``example_inputs`` the output shapes are
     checked before and after (with ``hidden`` the last dimension may shrink).
     The summary: ``{"layers": [[heads, kv heads, neurons] before], "after": [...], "kept_heads": {i: [...]},
     "kept_ffn": {i: [...]}, "hidden": [width before, after], "kept_hidden": [...] or None}``.

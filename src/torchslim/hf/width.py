@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.errors import CheckpointError, ConfigError
 from ..data.batches import call_model
-from .arch import Arch, arch_of, layer_list
+from .arch import arch_of, layer_list
 
 __all__ = ["HIDDEN_FIELD", "hidden_size", "stream_readers", "hidden_scores", "keep_hidden", "shrink_hidden",
            "record_hidden", "construct", "built_width"]
@@ -60,12 +60,11 @@ def _rows_from(x: torch.Tensor, streams: list[torch.Tensor], width: int, sample:
 def stream_readers(model: nn.Module, example_inputs: Any = None) -> list[str]:
     """Names of the Linear modules outside the layer list that read the residual stream (pooler, classifier, LM
     head), found by running ``example_inputs`` (``model.dummy_inputs`` by default)."""
-    arch = arch_of(model)
     width = hidden_size(model)
     _, layers = layer_list(model)
     inside = {id(m) for m in layers.modules()}
     candidates = {name: m for name, m in model.named_modules() if id(m) not in inside and
-                  _in_features(m, arch) == width}
+                  _in_features(m) == width}
     if not candidates:
         return []
     if example_inputs is None:
@@ -103,7 +102,7 @@ def stream_readers(model: nn.Module, example_inputs: Any = None) -> list[str]:
     return sorted(n for n, x in seen.items() if _rows_from(x, streams, width))
 
 
-def _in_features(module: nn.Module, arch: Arch) -> int | None:
+def _in_features(module: nn.Module) -> int | None:
     if isinstance(module, nn.Linear):
         return module.in_features
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 projection, weight (in, out)
@@ -128,7 +127,7 @@ def _slots(model: nn.Module, readers: list[str]) -> list[Slot]:
                 slots.append((module, "bias", 0))
     inside = {id(m) for m in layers.modules()}
     names = dict(model.named_modules())
-    missing = [r for r in readers if r not in names or _in_features(names[r], arch) != width]
+    missing = [r for r in readers if r not in names or _in_features(names[r]) != width]
     if missing:
         raise CheckpointError(f"config.{HIDDEN_FIELD}: readers {missing} are not Linear modules {width} wide")
     for name, module in names.items():
