@@ -9,7 +9,8 @@ import torch
 import torchslim
 from torchslim import hf
 from torchslim.core.errors import CheckpointError, ConfigError
-from torchslim.hf.width import HIDDEN_FIELD, hidden_size, stream_readers
+from torchslim.hf.arch import HIDDEN_FIELD, hidden_size
+from torchslim.hf.width import stream_readers
 
 from test_hf_structure import MODELS, _inputs, _model, _out
 

@@ -6,8 +6,9 @@ the layer list, the attention projections (q/k/v/out or GPT-2's fused ``c_attn``
 up/gate/down for Llama), the attributes the attention module keeps about its heads, and the config fields.
 
 A model whose structure changed in a way its config cannot express records it as
-``config.torchslim_layers = [[query heads, key/value heads, FFN neurons], ...]``; :func:`build_model` rebuilds
-such a model from its class name and config dict (the factory torchslim checkpoints record).
+``config.torchslim_layers = [[query heads, key/value heads, FFN neurons], ...]`` (and a pruned hidden size as
+``config.torchslim_hidden``, see :mod:`torchslim.hf.width`); :func:`build_model` rebuilds such a model from its
+class name and config dict (the factory torchslim checkpoints record).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.errors import CheckpointError, UnsupportedModelError
+from ..core.errors import CheckpointError, ConfigError, UnsupportedModelError
 
 __all__ = ["Arch", "ARCHS", "LayerShape", "arch_of", "is_transformers_model", "layer_list", "layer_shapes",
            "build_model", "model_class", "apply_shapes", "shrink_layer", "config_layers", "STRUCTURE_FIELD",
-           "supported"]
+           "supported", "HIDDEN_FIELD", "hidden_size", "stream_slots", "shrink_hidden", "built_width", "construct"]
 
 STRUCTURE_FIELD = "torchslim_layers"
 """The config attribute holding per-layer sizes when the config's own fields cannot express them."""
@@ -211,6 +212,150 @@ def shrink_layer(layer: nn.Module, arch: Arch, keep_q: list[int] | None, keep_kv
 
 
 # ----------------------------------------------------------------------------------------------
+# The residual stream (hidden size): where its channels live, slicing them, rebuilding a narrower model
+
+
+HIDDEN_FIELD = "torchslim_hidden"
+"""Config attribute {"base": width the layers were built with, "readers": [Linear heads reading the stream]}."""
+
+Slot = tuple[nn.Module, str, int]  # (module, parameter name, dimension indexing the residual channels)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream, read from the first layer's FFN output projection."""
+    arch = arch_of(model)
+    w = layer_list(model)[1][0].get_submodule(arch.ffn_out).weight
+    return int(w.shape[1] if arch.conv1d else w.shape[0])
+
+
+def is_norm(module: nn.Module, width: int) -> bool:
+    """A LayerNorm / RMSNorm over ``width`` channels."""
+    w = getattr(module, "weight", None)
+    return (isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")) and \
+        isinstance(w, nn.Parameter) and tuple(w.shape) == (width,)
+
+
+def in_features(module: nn.Module) -> int | None:
+    """Input width of a Linear or transformers Conv1D (None for other modules)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 projection, weight (in, out)
+        return int(module.weight.shape[0])
+    return None
+
+
+def stream_slots(model: nn.Module, readers: list[str]) -> list[Slot]:
+    """Every parameter dimension that indexes the residual channels."""
+    arch = arch_of(model)
+    width = hidden_size(model)
+    in_dim, out_dim = (0, 1) if arch.conv1d else (1, 0)
+    _, layers = layer_list(model)
+    slots: list[Slot] = []
+    for layer in layers:
+        for path in ((arch.q,) if arch.fused else (arch.q, arch.k, arch.v)) + tuple(arch.ffn_in):
+            slots.append((layer.get_submodule(path), "weight", in_dim))
+        for path in (arch.out, arch.ffn_out):
+            module = layer.get_submodule(path)
+            slots.append((module, "weight", out_dim))
+            if module.bias is not None:
+                slots.append((module, "bias", 0))
+    inside = {id(m) for m in layers.modules()}
+    names = dict(model.named_modules())
+    missing = [r for r in readers if r not in names or in_features(names[r]) != width]
+    if missing:
+        raise CheckpointError(f"config.{HIDDEN_FIELD}: readers {missing} are not Linear modules {width} wide")
+    for name, module in names.items():
+        if is_norm(module, width):
+            slots += [(module, p, 0) for p in ("weight", "bias") if getattr(module, p, None) is not None]
+        elif id(module) in inside:
+            continue
+        elif name in readers:
+            slots.append((module, "weight", 0 if type(module).__name__ == "Conv1D" else 1))
+        elif isinstance(module, nn.Embedding) and module.embedding_dim == width:
+            slots.append((module, "weight", 1))
+        elif isinstance(module, nn.modules.conv._ConvNd) and module.out_channels == width:
+            slots += [(module, p, 0) for p in ("weight", "bias") if getattr(module, p, None) is not None]
+        elif not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)):
+            # class and position tokens held by an embeddings module (ViT)
+            slots += [(module, p, t.dim() - 1) for p, t in module.named_parameters(recurse=False)
+                      if t.dim() >= 1 and t.shape[-1] == width]
+    return slots
+
+
+def by_parameter(slots: list[Slot]) -> dict[int, tuple[nn.Parameter, int, list[tuple[nn.Module, str]]]]:
+    """Slots grouped by parameter (tied embeddings and LM heads are one parameter, sliced once)."""
+    out: dict[int, tuple[nn.Parameter, int, list[tuple[nn.Module, str]]]] = {}
+    for module, name, dim in slots:
+        p = getattr(module, name)
+        if id(p) in out:
+            if out[id(p)][1] != dim:
+                raise ConfigError(f"{type(module).__name__}.{name} is shared with a module that indexes the hidden "
+                                  "size along another dimension; hidden-size pruning cannot keep the tie")
+            out[id(p)][2].append((module, name))
+        else:
+            out[id(p)] = (p, dim, [(module, name)])
+    return out
+
+
+def shrink_hidden(model: nn.Module, keep: list[int], readers: list[str]) -> None:
+    """Keep the ``keep`` residual channels of ``model`` IN PLACE (ties between parameters kept)."""
+    index = torch.as_tensor(keep, dtype=torch.long)
+    for p, dim, owners in by_parameter(stream_slots(model, readers)).values():
+        new = nn.Parameter(p.detach().index_select(dim, index.to(p.device)).clone(), requires_grad=p.requires_grad)
+        for module, name in owners:
+            setattr(module, name, new)
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(module, nn.Linear):
+            module.out_features, module.in_features = (int(s) for s in w.shape)
+        elif type(module).__name__ == "Conv1D":
+            module.nx, module.nf = (int(s) for s in w.shape)
+        elif isinstance(module, nn.Embedding):
+            module.embedding_dim = int(w.shape[1])
+        elif isinstance(module, nn.LayerNorm):
+            module.normalized_shape = (int(w.shape[0]),)
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            module.out_channels = int(w.shape[0])
+    base = model.base_model
+    if isinstance(getattr(base, "embed_dim", None), int):  # GPT-2 keeps its width on the base model
+        base.embed_dim = len(keep)
+
+
+def built_width(config: Any) -> tuple[int, list[str]] | None:
+    """(base width, readers) from ``config.torchslim_hidden``, validated; None when absent."""
+    record = getattr(config, HIDDEN_FIELD, None)
+    if record is None:
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("base"), int) and record["base"] > 0 and
+            isinstance(record.get("readers"), list) and all(isinstance(r, str) for r in record["readers"])):
+        raise CheckpointError(f"config.{HIDDEN_FIELD} must be {{'base': width, 'readers': [names]}}, got {record!r}")
+    width = getattr(config, "hidden_size", None)
+    if not (isinstance(width, int) and 0 < width <= record["base"]):
+        raise CheckpointError(f"config.hidden_size {width!r} does not fit the recorded base width {record['base']}")
+    return record["base"], list(record["readers"])
+
+
+def construct(make: Callable[[Any], nn.Module], config: Any) -> nn.Module:
+    """``make(config)``, with the layers built at the width ``config.torchslim_hidden`` records and the stream then
+    cut to ``config.hidden_size`` (the first channels: weights are loaded afterwards)."""
+    record = built_width(config)
+    if record is None:
+        return make(config)
+    base, readers = record
+    width = config.hidden_size
+    config.hidden_size = base
+    try:
+        model = make(config)
+    finally:
+        config.hidden_size = width
+    model.config.hidden_size = width
+    shrink_hidden(model, list(range(width)), readers)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
 # Rebuilding a restructured model (the checkpoint factory and from_pretrained)
 
 
@@ -238,8 +383,6 @@ def build_model(architecture: str, config: dict[str, Any]) -> nn.Module:
     cls = model_class(architecture, CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"build_model: config must be a dict, got {type(config).__name__}")
-    from .width import construct  # the hidden-size adapter builds on this module
-
     cfg = cls.config_class.from_dict(dict(config))
     model = construct(cls, cfg)
     apply_shapes(model, getattr(cfg, STRUCTURE_FIELD, None))

@@ -12,8 +12,7 @@ from torch import nn
 from ..core.errors import CheckpointError
 from ..export import save as export_save
 from ..export.checkpoint import register_factory
-from .arch import STRUCTURE_FIELD, apply_shapes, arch_of, build_model, model_class
-from .width import construct
+from .arch import STRUCTURE_FIELD, apply_shapes, arch_of, build_model, construct, model_class
 
 __all__ = ["save", "factory_kwargs", "from_pretrained"]
 

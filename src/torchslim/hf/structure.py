@@ -26,12 +26,14 @@ from .arch import (
     Arch,
     arch_of,
     config_layers,
+    hidden_size,
     layer_list,
     layer_shape,
     layer_shapes,
+    shrink_hidden,
     shrink_layer,
 )
-from .width import hidden_scores, hidden_size, keep_hidden, record_hidden, shrink_hidden, stream_readers
+from .width import hidden_scores, keep_hidden, record_hidden, stream_readers
 
 __all__ = ["prune_structure", "prune_heads", "sync_config", "leaders", "IMPORTANCES"]
 
