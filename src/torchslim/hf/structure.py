@@ -33,7 +33,7 @@ from .arch import (
     shrink_hidden,
     shrink_layer,
 )
-from .width import hidden_scores, keep_hidden, record_hidden, stream_readers
+from .width import hidden_scores, record_hidden, stream_readers
 
 __all__ = ["prune_structure", "prune_heads", "sync_config", "leaders", "IMPORTANCES"]
 
@@ -154,12 +154,20 @@ def _keep_heads(score: torch.Tensor, heads: int, kv: int, remove: int) -> list[i
     return sorted(g * size + i for g in range(groups) for i in _top(score[g * size:(g + 1) * size], size - remove))
 
 
-def _keep_ffn(score: torch.Tensor, remove: int, round_to: int) -> list[int] | None:
+def _keep_top(score: torch.Tensor, remove: int, round_to: int) -> list[int] | None:
+    """The highest-scoring units kept when ``remove`` leave (at least one; counts rounded up to ``round_to``)."""
     n = score.numel()
     keep = max(1, n - remove)
     if round_to > 1:
         keep = min(n, math.ceil(keep / round_to) * round_to)
     return None if keep == n else _top(score, keep)
+
+
+def _keep_hidden(model: nn.Module, readers: list[str], importance: str, ratio: float, width: int,
+                 round_to: int) -> list[int] | None:
+    if not ratio:
+        return None
+    return _keep_top(hidden_scores(model, readers, importance), math.floor(ratio * width), round_to)
 
 
 def _global_counts(scores: list[torch.Tensor], rates: list[float], max_ratio: float) -> list[int]:
@@ -234,7 +242,7 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
         try:
             _taylor_grads(model, data, loss_fn, batches)
             plans = _plan(layers, arch, head_r, ffn_r, importance, round_to, scope, max_ratio)
-            keep_h = keep_hidden(hidden_scores(model, readers, importance), hidden, round_to) if hidden else None
+            keep_h = _keep_hidden(model, readers, importance, hidden, width, round_to)
         finally:
             for p, (req, grad) in zip(params, saved):
                 p.requires_grad_(req)
@@ -242,7 +250,7 @@ def prune_structure(model: nn.Module, *, heads: float | dict[str, float] = 0.0, 
     else:
         with torch.no_grad():
             plans = _plan(layers, arch, head_r, ffn_r, importance, round_to, scope, max_ratio)
-            keep_h = keep_hidden(hidden_scores(model, readers, importance), hidden, round_to) if hidden else None
+            keep_h = _keep_hidden(model, readers, importance, hidden, width, round_to)
     for layer, (keep_q, keep_kv, keep_ffn) in zip(layers, plans):
         shrink_layer(layer, arch, keep_q, keep_kv, keep_ffn)
     if keep_h is not None:
@@ -278,7 +286,7 @@ def _plan(layers: nn.ModuleList, arch: Arch, head_r: list[float], ffn_r: list[fl
                  for s, (h, kv, _) in zip(head_s, shapes)]
         head_n = _global_counts(units, head_r, max_ratio)
         ffn_n = _global_counts(ffn_s, ffn_r, max_ratio)
-    return [(_keep_heads(hs, h, kv, hn), list(range(kv)), _keep_ffn(fs, fn, round_to))
+    return [(_keep_heads(hs, h, kv, hn), list(range(kv)), _keep_top(fs, fn, round_to))
             for (h, kv, _), hs, fs, hn, fn in zip(shapes, head_s, ffn_s, head_n, ffn_n)]
 
 

@@ -16,7 +16,6 @@ approximates the original rather than equalling it: distil or fine-tune afterwar
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from ..data.batches import call_model
 from .arch import (HIDDEN_FIELD, arch_of, built_width, by_parameter, hidden_size, in_features, is_norm, layer_list,
                    stream_slots)
 
-__all__ = ["stream_readers", "hidden_scores", "keep_hidden", "record_hidden"]
+__all__ = ["stream_readers", "hidden_scores", "record_hidden"]
 
 
 def _rows_from(x: torch.Tensor, streams: list[torch.Tensor], width: int, sample: int = 16) -> bool:
@@ -96,17 +95,6 @@ def hidden_scores(model: nn.Module, readers: list[str], kind: str) -> torch.Tens
             t = p.detach().abs() if kind == "l1" else p.detach().pow(2)
         total += t.float().movedim(dim, 0).reshape(t.shape[dim], -1).sum(1).cpu()
     return total
-
-
-def keep_hidden(scores: torch.Tensor, ratio: float, round_to: int) -> list[int] | None:
-    """The channels kept when ``ratio`` of them leave by lowest score (widths rounded up to ``round_to``)."""
-    width = scores.numel()
-    keep = max(1, width - math.floor(ratio * width))
-    if round_to > 1:
-        keep = min(width, math.ceil(keep / round_to) * round_to)
-    if keep == width:
-        return None
-    return sorted(torch.argsort(scores, descending=True, stable=True)[:keep].tolist())
 
 
 def record_hidden(model: nn.Module, base: int, readers: list[str]) -> None:
