@@ -25,6 +25,7 @@ from .arch import (
     STRUCTURE_FIELD,
     Arch,
     arch_of,
+    by_parameter,
     config_layers,
     hidden_size,
     layer_list,
@@ -32,8 +33,9 @@ from .arch import (
     layer_shapes,
     shrink_hidden,
     shrink_layer,
+    stream_slots,
 )
-from .width import hidden_scores, record_hidden, stream_readers
+from .width import record_hidden, stream_readers
 
 __all__ = ["prune_structure", "prune_heads", "sync_config", "leaders", "IMPORTANCES"]
 
@@ -163,11 +165,20 @@ def _keep_top(score: torch.Tensor, remove: int, round_to: int) -> list[int] | No
     return None if keep == n else _top(score, keep)
 
 
+def _hidden_scores(model: nn.Module, readers: list[str], kind: str) -> torch.Tensor:
+    """One score per residual channel, summed over every parameter entry on that channel."""
+    total = torch.zeros(hidden_size(model))
+    for p, dim, _ in by_parameter(stream_slots(model, readers)).values():
+        t = _transform(p, kind).float()
+        total += t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1).cpu()
+    return total
+
+
 def _keep_hidden(model: nn.Module, readers: list[str], importance: str, ratio: float, width: int,
                  round_to: int) -> list[int] | None:
     if not ratio:
         return None
-    return _keep_top(hidden_scores(model, readers, importance), math.floor(ratio * width), round_to)
+    return _keep_top(_hidden_scores(model, readers, importance), math.floor(ratio * width), round_to)
 
 
 def _global_counts(scores: list[torch.Tensor], rates: list[float], max_ratio: float) -> list[int]:

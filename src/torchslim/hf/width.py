@@ -23,10 +23,9 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..data.batches import call_model
-from .arch import (HIDDEN_FIELD, arch_of, built_width, by_parameter, hidden_size, in_features, is_norm, layer_list,
-                   stream_slots)
+from .arch import HIDDEN_FIELD, arch_of, built_width, hidden_size, in_features, is_norm, layer_list
 
-__all__ = ["stream_readers", "hidden_scores", "record_hidden"]
+__all__ = ["stream_readers", "record_hidden"]
 
 
 def _rows_from(x: torch.Tensor, streams: list[torch.Tensor], width: int, sample: int = 16) -> bool:
@@ -82,19 +81,6 @@ def stream_readers(model: nn.Module, example_inputs: Any = None) -> list[str]:
         for h in hooks:
             h.remove()
     return sorted(n for n, x in seen.items() if _rows_from(x, streams, width))
-
-
-def hidden_scores(model: nn.Module, readers: list[str], kind: str) -> torch.Tensor:
-    """One score per residual channel: ``l1``/``l2`` magnitude or ``taylor`` |weight x gradient| summed over every
-    parameter entry on that channel (parameters with no gradient count zero under ``taylor``)."""
-    total = torch.zeros(hidden_size(model))
-    for p, dim, _ in by_parameter(stream_slots(model, readers)).values():
-        if kind == "taylor":
-            t = (p.detach() * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
-        else:
-            t = p.detach().abs() if kind == "l1" else p.detach().pow(2)
-        total += t.float().movedim(dim, 0).reshape(t.shape[dim], -1).sum(1).cpu()
-    return total
 
 
 def record_hidden(model: nn.Module, base: int, readers: list[str]) -> None:
